@@ -1,0 +1,24 @@
+"""Kernel: one generated CUDA kernel and how it is launched (a row of kernels.json)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str                          # extern "C" symbol, llmq_<op>_<variant>
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    args: tuple[tuple[str, str], ...]  # (name, C type) in signature order, e.g. ("out", "__nv_bfloat16*")
+    smem: int = 0                      # dynamic shared memory, bytes
+    doc: str = ""                      # one line: the math it does
+    meta: dict = field(default_factory=dict, compare=False)  # family-specific facts (e.g. rows, tile)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["args"] = [{"name": n, "type": t} for n, t in self.args]
+        return d
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
