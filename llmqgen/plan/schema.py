@@ -124,7 +124,10 @@ class MemRow(_Frozen):
     bytes: int                 # one instance, rounded up to the arena alignment
     count: int = 1             # instances (num_layers for per-layer rows)
     place: Literal["device", "host"]
-    lifetime: Literal["persistent", "per_layer", "shared"]
+    # persistent: lives for the whole run; per_layer: one instance per block, saved in forward for
+    # backward; shared: scratch reused by every block; reserve: counted, never allocated by llmqgen
+    # (the CUDA context and library handles take it)
+    lifetime: Literal["persistent", "per_layer", "shared", "reserve"]
     dtype: str
     shape: tuple[int, ...]
     note: str = ""

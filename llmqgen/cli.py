@@ -1,0 +1,154 @@
+"""The `llmqgen` command line: plan, build, and the catalogs; data and export come from their packages."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from . import __version__
+from .plan import calibration as K
+
+PLANS_DIR = Path("plans")
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def _parse_sets(items: tuple[str, ...]) -> dict:
+    pins = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. recompute.ffn=true", param_hint="--set")
+        key, value = item.split("=", 1)
+        pins[key.strip()] = _parse_value(value.strip())
+    return pins
+
+
+def _inventory(gpus: str, host_mem: Optional[str]):
+    """Named inventories plan for a machine that may not be this one: unless --host-mem says
+    otherwise, assume 128 GiB of host RAM per GPU (or this machine's, if larger)."""
+    from .hardware.host import detect_host_memory
+    from .hardware.inventory import parse_inventory
+
+    inv = parse_inventory(gpus, host_mem)
+    if host_mem is None and gpus.strip().lower() != "auto":
+        assumed = max(detect_host_memory(), 128 * K.GiB * inv.count)
+        inv = inv.model_copy(update={"host_mem_bytes": assumed, "host_mem_source": "assumed"})
+    return inv
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="llmqgen")
+def main():
+    """llmqgen: plan, generate and compile FP8 training programs for Llama/Qwen models."""
+
+
+@main.command()
+@click.option("--model", "model_name", default="0.5b", show_default=True,
+              help="Catalog name (qwen2.5-7b, llama3.1-8b, 32b...) or a local Hugging Face model directory.")
+@click.option("--gpus", default="1xH200", show_default=True, help="GPUs, e.g. 4x4090, 1xH200, or auto (NVML).")
+@click.option("--host-mem", default=None, help="Host RAM, e.g. 128G (default: detected for auto, else assumed).")
+@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
+              help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores).")
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--tokens-per-step", type=int, default=524288, show_default=True,
+              help="Tokens per optimizer step over all GPUs.")
+@click.option("--micro-batch", type=int, default=None, help="Pin the sequences per GPU per micro-step.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Pin any plan input, e.g. --set recompute.ffn=true --set offload.residual=true.")
+@click.option("--name", default=None, help="Plan name (default: <model>-<dtype>-<gpus>).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=PLANS_DIR,
+              show_default=True, help="Where the plan file goes.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
+@click.option("--show", "show_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Re-print a saved plan and exit.")
+def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batch, sets, name, out_dir,
+         as_json, show_path):
+    """Solve a plan: what fits where, and how fast it will be. Writes plans/<name>.json."""
+    from .plan.schema import Plan
+    from .plan.show import render_plan
+    from .plan.solver import NoFitError, solve
+
+    if show_path is not None:
+        p = Plan.from_json(show_path.read_text())
+        click.echo(p.to_json() if as_json else render_plan(p, str(show_path)))
+        return
+    from .models.catalog import resolve_model
+
+    pins = _parse_sets(sets)
+    if micro_batch is not None:
+        pins["batch.micro_batch"] = micro_batch
+    try:
+        model = resolve_model(model_name)
+        inv = _inventory(gpus, host_mem)
+        p = solve(model, inv, seq_len=seq_len, tokens_per_step=tokens_per_step,
+                  dtype="e4m3" if dtype == "fp8" else dtype, pins=pins, name=name)
+    except NoFitError as e:
+        _fail(str(e))
+    except ValueError as e:             # pydantic's ValidationError is a ValueError too
+        _fail(str(e))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{p.name}.json"
+    path.write_text(p.to_json())
+    click.echo(p.to_json() if as_json else render_plan(p, str(path)))
+
+
+@main.command()
+@click.option("--detect", is_flag=True, help="Also ask the driver (NVML) which GPUs this machine has.")
+def gpus(detect):
+    """List the GPU catalog (dense FP32-accumulate tensor rates), and detected GPUs with --detect."""
+    from .hardware.catalog import GPUS
+
+    click.echo(f"{'name':<10} {'GPU':<36} {'arch':<7} {'memory':>9} {'BF16':>6} {'FP8':>6} {'GB/s':>6} "
+               f"{'host link':<10} {'NVLink':>7} P2P")
+    seen = set()
+    for g in GPUS.values():
+        if g.name in seen:
+            continue
+        seen.add(g.name)
+        fp8 = f"{g.fp8_tflops:.0f}" if g.fp8_tflops else "-"
+        click.echo(f"{g.name:<10} {g.display_name:<36} {g.arch:<7} {g.memory_bytes / K.GiB:>5.1f} GiB "
+                   f"{g.bf16_tflops:>6.0f} {fp8:>6} {g.mem_bandwidth_gbs:>6.0f} "
+                   f"PCIe{g.pcie_gen} x{g.pcie_lanes:<3} {g.nvlink_gbs:>7.0f} {'yes' if g.peer_access else 'no'}")
+    click.echo("Rates are dense TFLOP/s with FP32 accumulation. Inventories: --gpus 4x4090, 1xH200, auto.")
+    if detect:
+        from .hardware.inventory import parse_inventory
+        try:
+            inv = parse_inventory("auto")
+        except ValueError as e:
+            _fail(str(e))
+        click.echo(f"detected: {inv.count} x {inv.gpu.display_name}, host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB")
+
+
+@main.command()
+def models():
+    """List the model catalog (size aliases 0.5b ... 72b name Qwen2.5)."""
+    from .models.catalog import list_models
+
+    click.echo(f"{'name':<16} {'arch':<6} {'params':>8} {'layers':>6} {'hidden':>6} {'ffn':>6} {'heads':>7} "
+               f"{'head_dim':>8} {'vocab':>7} tied")
+    for m in list_models():
+        click.echo(f"{m.name:<16} {m.architecture:<6} {m.num_params() / 1e9:>7.2f}B {m.num_layers:>6} "
+                   f"{m.hidden_size:>6} {m.intermediate_size:>6} {m.num_heads:>3}/{m.num_kv_heads:<3} "
+                   f"{m.head_dim:>8} {m.vocab_size:>7} {'yes' if m.tie_embeddings else 'no'}")
+    click.echo("Any local Hugging Face directory with a Qwen2/Qwen3/Llama config.json works too: --model PATH.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Predicted time of one optimizer step, per GPU, from the plan alone.
+
+Compute: GEMM FLOPs at the dtype's dense rate times a size-dependent efficiency; attention at a
+fraction of the BF16 rate; elementwise kernels as bytes over bandwidth; a launch cost per kernel.
+Transfers: offload streams over PCIe and copy-engine collectives overlap with compute up to
+OFFLOAD_OVERLAP of it; the optimizer's own streaming is exposed. Constants live in calibration.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+from ..metrics import sol_seconds_per_token, training_flops_per_token
+from . import calibration as K
+from .memory import DTYPE_BYTES, param_tensors
+from .schema import Plan
+
+
+def gemm_seconds(flops: float, tflops: float, dtype: str, consumer: bool = False) -> float:
+    eff = K.GEMM_EFF_MAX[dtype] * flops / (flops + K.GEMM_EFF_HALF_FLOPS)
+    if consumer:
+        eff *= K.CONSUMER_GEMM_SCALE
+    return flops / (tflops * 1e12 * eff)
+
+
+@dataclass
+class StepCost:
+    breakdown_ms: dict[str, float]
+    step_ms: float
+    tokens_per_s: float            # whole machine
+    sol_ms: float
+    sol_pct: float
+    mfu_pct: float
+    flops_per_token: float
+
+
+def _layer_gemms(plan: Plan) -> list[tuple[str, int, int, int]]:
+    """(name, M, N, K) of one block's forward matmuls for one micro-batch."""
+    m = plan.model
+    BT = plan.batch.micro_batch * plan.batch.seq_len
+    return [(name, BT, out, inp) for name, (out, inp) in m.block_matrix_shapes().items()]
+
+
+def step_cost(plan: Plan) -> StepCost:
+    m, b, r, o, s = plan.model, plan.batch, plan.recompute, plan.offload, plan.sharding
+    gpu, N = plan.inventory.gpu, plan.num_gpus
+    L, C, F, V = m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size
+    BT, T = b.micro_batch * b.seq_len, b.seq_len
+    mm = plan.precision.matmul
+    rate = gpu.fp8_tflops if mm == "e4m3" else gpu.bf16_tflops
+    bw = gpu.mem_bandwidth_gbs * 1e9 * K.MEM_EFF
+
+    # --- one micro-step ----------------------------------------------------------------------
+    recomputed = {"qkv": r.qkv, "attn_out": r.block, "gate_up": r.ffn, "down": r.block}
+    t_gemm = 0.0
+    for name, M, Nn, Kk in _layer_gemms(plan):
+        f = 2.0 * M * Nn * Kk
+        t_gemm += 3 * gemm_seconds(f, rate, mm, gpu.consumer)           # forward, dgrad, wgrad
+        if recomputed[name]:
+            t_gemm += gemm_seconds(f, rate, mm, gpu.consumer)
+    t_gemm *= L
+    f_head = 2.0 * BT * V * C
+    t_head = 3 * gemm_seconds(f_head / plan.lm_head_chunks, gpu.bf16_tflops, "bf16", gpu.consumer) * plan.lm_head_chunks
+
+    f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
+    t_att_f = f_att / (gpu.bf16_tflops * 1e12 * K.ATTN_EFF["fwd"])
+    t_att_b = 2.5 * f_att / (gpu.bf16_tflops * 1e12 * K.ATTN_EFF["bwd"])
+    t_att = L * (t_att_f * (2 if r.attention else 1) + t_att_b)
+
+    # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,
+    # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes).
+    q = 1 if mm == "e4m3" else 0
+    fwd_bytes = BT * (2 * (8 * C + 2 * m.qkv_dim + 3 * F) + q * 3 * (2 * C + m.q_dim + F))
+    re_frac = 1.0 if r.block else (0.3 * r.norm + 0.4 * r.ffn + 0.2 * r.swiglu + 0.2 * r.qkv)
+    t_elem = L * fwd_bytes * (1 + K.BWD_ELEMENTWISE_RATIO + min(re_frac, 1.0)) / bw
+    t_elem += 2 * BT * V * 2 / bw                   # cross-entropy reads and rewrites the logits
+    t_launch = L * 40 * K.KERNEL_LAUNCH_US * 1e-6
+
+    t_compute = t_gemm + t_head + t_att + t_elem + t_launch
+
+    # Streams during a micro-step (PCIe for offload, links for collectives), overlapped with compute.
+    pcie = gpu.pcie_gbs * 1e9 * K.PCIE_EFF
+    tensors = param_tensors(plan)
+    block_elems = sum(prod(sh) for _, sh, per_layer, _ in tensors if per_layer) * L
+    all_elems = sum(prod(sh) * (L if per_layer else 1) for _, sh, per_layer, _ in tensors)
+    w_bytes = sum(prod(sh) * (1 if (mm == "e4m3" and mat) else 2) for _, sh, pl, mat in tensors if pl) * L
+    t_pcie = 0.0
+    if o.residual:
+        t_pcie += 2 * L * BT * C * 2 / pcie
+    if o.quantized_weights or (s.weights and N == 1):
+        t_pcie += 2 * w_bytes / pcie                      # forward and backward pass
+    if o.gradients:
+        t_pcie += block_elems * 2 / pcie
+    link = _link_bytes_per_s(plan)
+    t_coll = 0.0
+    if N > 1:
+        frac = (N - 1) / N
+        if s.weights:
+            t_coll += 2 * w_bytes * frac / link           # all-gather per layer, forward and backward
+        if s.gradients:
+            t_coll += all_elems * 2 * frac / link         # reduce-scatter per layer as backward runs
+    exposed = max(0.0, t_pcie - K.OFFLOAD_OVERLAP * t_compute) + max(0.0, t_coll - K.OFFLOAD_OVERLAP * t_compute)
+    t_micro = t_compute + exposed
+
+    # --- once per optimizer step --------------------------------------------------------------
+    shard = N if s.optimizer else 1
+    p = plan.precision
+    state_bytes = all_elems / shard * (2 + 2 * DTYPE_BYTES[p.master] + 2 * DTYPE_BYTES[p.adam_m]
+                                       + 2 * DTYPE_BYTES[p.adam_v])
+    t_opt = state_bytes / bw + all_elems / shard * (3 if mm == "e4m3" else 2) / bw   # + work copy (+ transpose)
+    off_bytes = all_elems / shard * sum(DTYPE_BYTES[d] for d, f in ((p.master, o.master),
+                                        (p.adam_m, o.adam_m), (p.adam_v, o.adam_v)) if f)
+    t_opt += 2 * off_bytes / pcie                         # read and write back, exposed
+    if o.gradients:
+        t_opt += block_elems * 2 / shard / pcie
+    t_opt_coll = 0.0
+    if N > 1:
+        frac = (N - 1) / N
+        if not s.gradients:
+            t_opt_coll += 2 * all_elems * 2 * frac / link  # all-reduce of the accumulated gradients
+        if s.optimizer and not s.weights:
+            t_opt_coll += w_bytes * frac / link            # all-gather of the updated work weights
+
+    ga = b.grad_accum
+    breakdown = {
+        "matmul": ga * t_gemm * 1e3, "lm_head": ga * t_head * 1e3, "attention": ga * t_att * 1e3,
+        "elementwise": ga * (t_elem + t_launch) * 1e3, "exposed_transfers": ga * exposed * 1e3,
+        "optimizer": t_opt * 1e3, "collectives": t_opt_coll * 1e3,
+    }
+    step_s = ga * t_micro + t_opt + t_opt_coll
+    tokens = plan.tokens_per_step
+    tps = tokens / step_s
+    sol_s = sol_seconds_per_token(m, T, gpu, mm) * tokens / N
+    fpt = training_flops_per_token(m, T)
+    return StepCost(breakdown_ms=breakdown, step_ms=step_s * 1e3, tokens_per_s=tps,
+                    sol_ms=sol_s * 1e3, sol_pct=100 * sol_s / step_s,
+                    mfu_pct=100 * fpt * tps / N / (gpu.bf16_tflops * 1e12), flops_per_token=fpt)
+
+
+def _link_bytes_per_s(plan: Plan) -> float:
+    """GPU-to-GPU bandwidth a collective sees: NVLink, PCIe peer-to-peer, or staged through host."""
+    gpu = plan.inventory.gpu
+    if gpu.nvlink_gbs and gpu.peer_access:
+        return gpu.nvlink_gbs * 1e9
+    if gpu.peer_access:
+        return gpu.pcie_gbs * 1e9
+    return gpu.pcie_gbs * 1e9 / 2       # device -> pinned host -> device: each byte crosses twice

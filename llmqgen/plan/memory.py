@@ -1,0 +1,226 @@
+"""The memory table: every byte a plan needs, per GPU and on the host.
+
+One list of MemRow drives both the planner (it sums the rows) and the runtime (it allocates exactly
+these rows, in this order, at ARENA_ALIGN boundaries). The per-layer activations follow the block's op
+sequence (DESIGN.md):
+
+    res  = res_prev + delta            ln1 = rmsnorm(res)            [FP8: ln1 -> e4m3]
+    qkv  = ln1 @ Wqkv^T (+bias), rope  att = sdpa(qkv), lse
+    res2 = res + att @ Wo^T            ln2 = rmsnorm(res2)           [FP8: ln2 -> e4m3]
+    gu   = ln2 @ Wgu^T                 h = swiglu(gu)                [FP8: h -> e4m3]
+    delta = h @ Wd^T
+
+Backward needs, per layer: res, rstd1, ln1 (the matmul operand: e4m3 in FP8 plans), qkv (post-RoPE),
+att (bf16: cuDNN's backward reads O; its e4m3 transpose is made from it), lse, res2, rstd2, ln2, gu, h.
+A recompute flag moves the rows it names from per-layer to shared (one layer's worth of scratch).
+"""
+from __future__ import annotations
+
+from math import prod
+
+from .calibration import (ARENA_ALIGN, ATTN_WORKSPACE_MIN, CONTEXT_RESERVE, CUBLAS_WORKSPACE,
+                          GRADNORM_PARTIALS, STATS_SLOT)
+from .schema import MemRow, Plan
+
+DTYPE_BYTES = {"bf16": 2, "fp32": 4, "e4m3": 1, "e5m2": 1, "int32": 4, "uint8": 1}
+
+
+def align(n: int) -> int:
+    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
+
+
+class _Table:
+    def __init__(self):
+        self.rows: list[MemRow] = []
+
+    def add(self, name, dtype, shape, place="device", lifetime="persistent", count=1, note="", shard=1):
+        elems = prod(shape)
+        elems = -(-elems // shard)       # a shard holds ceil(n / gpus) elements
+        self.rows.append(MemRow(name=name, bytes=align(elems * DTYPE_BYTES[dtype]), count=count,
+                                place=place, lifetime=lifetime, dtype=dtype,
+                                shape=(elems,) if shard > 1 else tuple(shape), note=note))
+
+
+def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:
+    """(name, shape, per_layer, is_matrix) for every trainable tensor, in storage order."""
+    m = plan.model
+    C, HD = m.hidden_size, m.head_dim
+    out = [(f"{k}", shape, True, True) for k, shape in m.block_matrix_shapes().items()]
+    out += [("ln1", (C,), True, False), ("ln2", (C,), True, False)]
+    if m.qkv_bias:
+        out.append(("qkv_bias", (m.qkv_dim,), True, False))
+    if m.qk_norm:
+        out += [("q_norm", (HD,), True, False), ("k_norm", (HD,), True, False)]
+    out.append(("embedding", (m.vocab_size, C), False, False))
+    if not m.tie_embeddings:
+        out.append(("lm_head", (m.vocab_size, C), False, False))
+    out.append(("final_norm", (C,), False, False))
+    return out
+
+
+def saved_activations(plan: Plan) -> list[tuple[str, str, tuple[int, ...], bool]]:
+    """(name, dtype, shape, saved_per_layer) of the block activations backward reads."""
+    m, r = plan.model, plan.recompute
+    BT = plan.batch.micro_batch * plan.batch.seq_len
+    op = plan.precision.matmul          # the dtype a matmul operand is kept in
+    C, F = m.hidden_size, m.intermediate_size
+    acts = [
+        ("res", "bf16", (BT, C), True),                      # the block input: always kept
+        ("rstd1", "fp32", (BT,), not r.block),
+        ("ln1", op, (BT, C), not r.norm),
+        ("qkv", "bf16", (BT, m.qkv_dim), not r.qkv),
+    ]
+    if m.qk_norm:                                            # pre-norm q/k and their per-head rstd
+        acts += [("qkv_pre", "bf16", (BT, m.qkv_dim), not r.qkv),
+                 ("qk_rstd", "fp32", (BT, m.num_heads + m.num_kv_heads), not r.qkv)]
+    acts += [
+        ("att", "bf16", (BT, m.q_dim), not r.attention),
+        ("lse", "fp32", (plan.batch.micro_batch, m.num_heads, plan.batch.seq_len), not r.attention),
+        ("res2", "bf16", (BT, C), not r.block),
+        ("rstd2", "fp32", (BT,), not r.block),
+        ("ln2", op, (BT, C), not r.norm),
+        ("gu", "bf16", (BT, 2 * F), not r.ffn),
+        ("h", op, (BT, F), not r.swiglu),
+    ]
+    return acts
+
+
+def memory_table(plan: Plan) -> list[MemRow]:
+    m, p, o, s = plan.model, plan.precision, plan.offload, plan.sharding
+    N, L = plan.num_gpus, m.num_layers
+    B, T = plan.batch.micro_batch, plan.batch.seq_len
+    BT, C, F, V = B * T, m.hidden_size, m.intermediate_size, m.vocab_size
+    fp8 = plan.fp8
+    t = _Table()
+
+    # Weights: the work copy the matmuls read. FP8 plans keep block matrices in e4m3 (their
+    # transposes for dgrad are made per layer in backward); everything else is bf16.
+    # On one GPU, sharded weights = streamed from host, like offloaded quantized weights.
+    stream_w = o.quantized_weights or (s.weights and N == 1)
+    w_shard = N if (s.weights and N > 1) else 1
+    opt_shard = N if s.optimizer else 1
+    g_shard = N if s.gradients else 1
+    tensors = param_tensors(plan)
+    for name, shape, per_layer, is_matrix in tensors:
+        wdt = "e4m3" if (fp8 and is_matrix) else "bf16"
+        streamed = per_layer and stream_w
+        t.add(f"weights.{name}", wdt, shape, place="host" if streamed else "device",
+              count=L if per_layer else 1, shard=w_shard if per_layer else 1)
+    if stream_w or w_shard > 1:
+        # Double buffer: layer l+1's weights arrive (H2D or all-gather) while layer l computes.
+        for name, shape, per_layer, is_matrix in tensors:
+            if per_layer:
+                t.add(f"stage.weights.{name}", "e4m3" if (fp8 and is_matrix) else "bf16", shape,
+                      lifetime="shared", count=2, note="layer prefetch double buffer")
+
+    # Master weights: a separate copy unless the bf16 work copy can serve as master.
+    for name, shape, per_layer, is_matrix in tensors:
+        separate = (fp8 and is_matrix) or p.master == "fp32" or o.master or opt_shard > 1
+        if separate:
+            t.add(f"master.{name}", p.master, shape, place="host" if o.master else "device",
+                  count=L if per_layer else 1, shard=opt_shard)
+
+    # Gradients (bf16, accumulated over micro-steps) and Adam moments.
+    for name, shape, per_layer, _ in tensors:
+        t.add(f"grads.{name}", "bf16", shape, place="host" if o.gradients else "device",
+              count=L if per_layer else 1, shard=g_shard)
+    for name, shape, per_layer, _ in tensors:
+        t.add(f"adam_m.{name}", p.adam_m, shape, place="host" if o.adam_m else "device",
+              count=L if per_layer else 1, shard=opt_shard)
+        t.add(f"adam_v.{name}", p.adam_v, shape, place="host" if o.adam_v else "device",
+              count=L if per_layer else 1, shard=opt_shard)
+    if g_shard > 1 or o.gradients:
+        # One layer's full gradients, double-buffered, before reduce-scatter / D2H.
+        for name, shape, per_layer, _ in tensors:
+            if per_layer:
+                t.add(f"stage.grads.{name}", "bf16", shape, lifetime="shared", count=2,
+                      note="layer gradient double buffer")
+    if o.master or o.adam_m or o.adam_v:
+        # The optimizer streams offloaded states through the GPU one layer at a time.
+        for name, shape, per_layer, _ in tensors:
+            if per_layer:
+                for what, dt, off in (("master", p.master, o.master), ("adam_m", p.adam_m, o.adam_m),
+                                      ("adam_v", p.adam_v, o.adam_v)):
+                    if off:
+                        t.add(f"stage.{what}.{name}", dt, shape, lifetime="shared", count=2,
+                              shard=opt_shard, note="optimizer streaming double buffer")
+
+    # Saved activations: per layer unless recomputed (then one shared instance).
+    for name, dt, shape, saved in saved_activations(plan):
+        if saved and name == "res" and o.residual:
+            t.add("act.res", dt, shape, place="host", count=L, lifetime="per_layer")
+            t.add("stage.res", dt, shape, lifetime="shared", count=2, note="residual D2H/H2D buffer")
+        else:
+            t.add(f"act.{name}", dt, shape, lifetime="per_layer" if saved else "shared",
+                  count=L if saved else 1, note="" if saved else "recomputed in backward")
+
+    # One layer's working buffers (forward and backward), shared by all layers.
+    QKV, QDIM = m.qkv_dim, m.q_dim
+    widest = max(C, QDIM, QKV, 2 * F)
+    t.add("work.branch", "bf16", (BT, C), lifetime="shared", note="attn-out / down output")
+    if fp8:
+        t.add("work.ln", "bf16", (BT, C), lifetime="shared", note="norm output before e4m3")
+        t.add("work.h", "bf16", (BT, F), lifetime="shared", note="swiglu output before e4m3")
+        gd = p.gradient
+        t.add("work.dy_q", gd, (BT, widest), lifetime="shared", note="e4m3/e5m2 output gradient")
+        t.add("work.dy_qt", gd, (widest, BT), lifetime="shared", note="its transpose (wgrad)")
+        t.add("work.x_qt", "e4m3", (max(C, QDIM, F), BT), lifetime="shared", note="input transpose")
+        t.add("work.w_qt", "e4m3", (max(prod(sh) for sh in m.block_matrix_shapes().values()),),
+              lifetime="shared", note="weight transpose (dgrad)")
+    t.add("work.d_res", "bf16", (BT, C), lifetime="shared", note="residual-stream gradient")
+    t.add("work.d_ln", "bf16", (BT, C), lifetime="shared")
+    t.add("work.d_qkv", "bf16", (BT, QKV), lifetime="shared")
+    t.add("work.d_att", "bf16", (BT, QDIM), lifetime="shared")
+    t.add("work.d_gu", "bf16", (BT, 2 * F), lifetime="shared")
+    t.add("work.d_h", "bf16", (BT, F), lifetime="shared")
+    t.add("work.norm_partials", "fp32", (2 * plan.inventory.gpu.sm_count, C), lifetime="shared",
+          note="deterministic norm-weight gradient partials")
+
+    # LM head: final norm, a chunk of logits overwritten by its gradient, per-token loss and LSE.
+    rows = -(-BT // plan.lm_head_chunks)
+    t.add("lmhead.x", "bf16", (BT, C), lifetime="shared", note="final residual")
+    t.add("lmhead.ln", "bf16", (BT, C), lifetime="shared")
+    t.add("lmhead.rstd", "fp32", (BT,), lifetime="shared")
+    t.add("lmhead.logits", "bf16", (rows, V), lifetime="shared", note=f"{plan.lm_head_chunks} chunk(s)")
+    t.add("lmhead.losses", "fp32", (BT,), lifetime="shared")
+    t.add("lmhead.lse", "fp32", (BT,), lifetime="shared")
+
+    # Small persistent state.
+    n_fp8 = (4 + 4) * L + 4 if fp8 else 0         # act + grad operands per layer, + weights
+    t.add("stats.fp8", "uint8", ((n_fp8 + 4 * L) * STATS_SLOT,) if fp8 else (STATS_SLOT,),
+          note="amax / descale slots, 16-byte aligned")
+    t.add("stats.scalars", "fp32", (64,), note="loss, norm, clip scale, hyper-parameters")
+    t.add("stats.gradnorm", "fp32", (GRADNORM_PARTIALS,))
+    t.add("tokens.inputs", "int32", (BT,))
+    t.add("tokens.targets", "int32", (BT,))
+    t.add("tokens.sorted_pos", "int32", (BT,), note="embedding backward order")
+    t.add("tokens.segments", "int32", (BT + 2,), note="segment starts + unique count")
+    t.add("stage.tokens", "int32", (2, 4 * BT + 2), place="host", note="pinned staging, double buffer")
+    t.add("rope.cos", "fp32", (T, m.head_dim // 2))
+    t.add("rope.sin", "fp32", (T, m.head_dim // 2))
+    t.add("ws.cublas", "uint8", (CUBLAS_WORKSPACE,))
+    attn_ws = ATTN_WORKSPACE_MIN + -(-4 * BT * m.num_heads * m.head_dim // plan.attn_bwd_chunks)
+    t.add("ws.attention", "uint8", (attn_ws,), note="cuDNN SDPA (dq accumulator / chunk)")
+    t.add("reserve.context", "uint8", (CONTEXT_RESERVE,), lifetime="reserve",
+          note="CUDA context, library handles")
+    return t.rows
+
+
+def device_bytes(rows: list[MemRow]) -> int:
+    return sum(r.total for r in rows if r.place == "device")
+
+
+def host_bytes(rows: list[MemRow], num_gpus: int) -> int:
+    """Pinned host memory of the whole machine: per-GPU host rows times the GPU count, except rows
+    that one process shares between GPUs (none yet)."""
+    return num_gpus * sum(r.total for r in rows if r.place == "host")
+
+
+def group_totals(rows: list[MemRow], place: str) -> dict[str, int]:
+    """Bytes per table prefix (weights, master, grads, adam_m, act, work, ...) for one place."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if r.place == place:
+            key = r.name.split(".")[0]
+            out[key] = out.get(key, 0) + r.total
+    return out

@@ -1,0 +1,71 @@
+"""Printing a plan: allocator-style memory tables, the choices with their reasons, predicted speed."""
+from __future__ import annotations
+
+from . import calibration as K
+from .memory import group_totals
+from .schema import MemRow, Plan
+from .solver import usable_device, usable_host
+
+GROUP_TITLES = {
+    "weights": "weights (work copy)", "master": "master weights", "grads": "gradients",
+    "adam_m": "Adam m", "adam_v": "Adam v", "act": "saved activations", "work": "layer scratch",
+    "lmhead": "LM head + loss", "stage": "streaming buffers", "stats": "FP8 stats + scalars",
+    "tokens": "token batch", "rope": "RoPE tables", "ws": "cuBLASLt + attention workspaces",
+    "reserve": "CUDA context (reserved)",
+}
+
+
+def _fmt(n: float) -> str:
+    if n >= K.GiB:
+        return f"{n / K.GiB:8.2f} GiB"
+    return f"{n / K.MiB:8.1f} MiB"
+
+
+def _table(rows: list[MemRow], place: str, total_label: str, capacity: int, usable: int,
+           multiplier: int = 1) -> list[str]:
+    groups = group_totals(rows, place)
+    if not groups:
+        return []
+    out = [f"  {'':<34}{'bytes':>12}   {'%':>5}"]
+    total = multiplier * sum(groups.values())
+    for key, b in sorted(groups.items(), key=lambda kv: -kv[1]):
+        out.append(f"  {GROUP_TITLES.get(key, key):<34}{_fmt(multiplier * b):>12}   {100 * multiplier * b / total:5.1f}")
+    out.append(f"  {'-' * 53}")
+    out.append(f"  {total_label:<34}{_fmt(total):>12}   of {_fmt(usable).strip()} usable "
+               f"({_fmt(capacity).strip()} total, {100 * total / usable:.0f}% used)")
+    return out
+
+
+def render_plan(plan: Plan, path: str | None = None) -> str:
+    e = plan.estimate
+    if e is None:
+        raise ValueError("this plan has no estimate: re-solve it with `llmqgen plan`")
+    inv, m = plan.inventory, plan.model
+    lines = [f"Plan {plan.name}" + (f"  ->  {path}" if path else ""),
+             f"  model      {m.name}: {m.num_params() / 1e9:.2f}B parameters, {m.num_layers} layers, "
+             f"hidden {m.hidden_size}, vocab {m.vocab_size}",
+             f"  hardware   {inv.count} x {inv.gpu.display_name} ({inv.gpu.memory_bytes / K.GiB:.0f} GiB, "
+             f"{inv.gpu.arch}), host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB ({inv.host_mem_source}"
+             + ("; set it with --host-mem" if inv.host_mem_source == "assumed" else "") + ")",
+             f"  identity   {plan.inputs_hash()[:16]}", ""]
+    lines.append(f"Device memory, per GPU:")
+    lines += _table(e.memory, "device", "total per GPU", inv.gpu.memory_bytes, usable_device(inv))
+    host = _table(e.memory, "host", "total pinned host", inv.host_mem_bytes, usable_host(inv),
+                  multiplier=inv.count)
+    if host:
+        lines += ["", "Host memory (pinned, whole machine):"] + host
+    lines += ["", "Choices:"]
+    for k, v in e.reasons.items():
+        lines.append(f"  {k:<15} {v}")
+    lines += ["", "Predicted (cost model, calibrated on H200 measurements):",
+              f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens",
+              f"  throughput {e.tokens_per_s:,.0f} tokens/s ({e.tokens_per_s / inv.count:,.0f} per GPU)",
+              f"  SOL        {e.sol_pct:.0f}%  (speed-of-light step {e.sol_ms / 1e3:.3f} s)",
+              f"  MFU        {e.mfu_pct:.0f}%  (BF16-equivalent, {e.flops_per_token / 1e9:.2f} GFLOP/token)",
+              "  where the time goes: " + ", ".join(
+                  f"{k} {100 * v / e.step_ms:.0f}%" for k, v in sorted(e.breakdown_ms.items(), key=lambda kv: -kv[1]) if v > 0)]
+    if e.runners_up:
+        lines += ["", "Runners-up:"]
+        for c in e.runners_up:
+            lines.append(f"  {c.summary:<70} {c.tokens_per_s:>10,.0f} tok/s  {c.why_not}")
+    return "\n".join(lines)

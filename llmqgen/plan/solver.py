@@ -1,0 +1,234 @@
+"""The solver: enumerate plans, keep those that fit device and host memory, pick the fastest.
+
+Candidates vary micro-batch, sharding (several GPUs), an offload ladder and a recompute ladder;
+for each combination only the least recompute and the fewest LM-head chunks that fit are kept
+(more of either never makes a step faster). Deterministic: ties break on the candidate's order.
+Users pin any input with `pins` ({"recompute.ffn": True, "batch.micro_batch": 8, ...}).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from ..models.spec import ModelSpec
+from . import calibration as K
+from .cost import StepCost, step_cost
+from .memory import device_bytes, host_bytes, memory_table
+from .schema import Batch, Candidate, Estimate, Inventory, MemRow, Plan, Precision
+
+RECOMPUTE_LADDER = [
+    {}, {"swiglu": True}, {"swiglu": True, "norm": True}, {"ffn": True, "norm": True},
+    {"ffn": True, "norm": True, "qkv": True}, {"ffn": True, "norm": True, "attention": True},
+    {"block": True},
+]
+OFFLOAD_LADDER = [
+    {}, {"adam_m": True, "adam_v": True}, {"master": True, "adam_m": True, "adam_v": True},
+    {"master": True, "adam_m": True, "adam_v": True, "residual": True},
+    {"master": True, "adam_m": True, "adam_v": True, "gradients": True},
+    {"master": True, "adam_m": True, "adam_v": True, "quantized_weights": True},
+    {"master": True, "adam_m": True, "adam_v": True, "quantized_weights": True, "gradients": True},
+    {"master": True, "adam_m": True, "adam_v": True, "quantized_weights": True, "gradients": True,
+     "residual": True},
+]
+MICRO_BATCHES = [1, 2, 4, 8, 16, 32, 64]
+LM_HEAD_CHUNKS = [1, 2, 4, 8, 16, 32, 64]
+
+
+class NoFitError(ValueError):
+    """Nothing fits: the message names the smallest shortfall and what would make it fit."""
+
+
+@dataclass
+class Scored:
+    plan: Plan
+    rows: list[MemRow]
+    cost: StepCost
+    device: int
+    host: int
+
+
+def usable_device(inv: Inventory) -> int:
+    return int(inv.gpu.memory_bytes * (1 - K.DEVICE_MARGIN))
+
+
+def usable_host(inv: Inventory) -> int:
+    return int(inv.host_mem_bytes * K.HOST_USABLE)
+
+
+def _set(d: dict, path: str, value: Any) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def _score(fields: dict) -> Scored:
+    plan = Plan.model_validate(fields)
+    rows = memory_table(plan)
+    return Scored(plan, rows, step_cost(plan), device_bytes(rows), host_bytes(rows, plan.num_gpus))
+
+
+def _fits(s: Scored) -> bool:
+    inv = s.plan.inventory
+    return s.device <= usable_device(inv) and s.host <= usable_host(inv)
+
+
+def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
+          tokens_per_step: int = 524288, dtype: Optional[str] = None,
+          pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
+    pins = dict(pins or {})
+    gpu, N = inventory.gpu, inventory.count
+    if dtype is None:
+        dtype = "e4m3" if gpu.fp8_tflops else "bf16"
+    if dtype == "e4m3" and not gpu.fp8_tflops:
+        raise ValueError(f"{gpu.display_name} has no FP8 tensor cores: use --dtype bf16")
+    seq_len = pins.pop("batch.seq_len", seq_len)
+    per_micro = seq_len * N
+    if tokens_per_step % per_micro:
+        raise ValueError(f"--tokens-per-step {tokens_per_step} is not a multiple of seq_len x GPUs "
+                         f"= {per_micro}: pick e.g. {max(1, tokens_per_step // per_micro) * per_micro}")
+    seqs = tokens_per_step // per_micro
+    micros = [mb for mb in MICRO_BATCHES if seqs % mb == 0]
+    zeros = [0] if N == 1 else [1, 2, 3, 0]
+    name = name or f"{model.name}-{dtype}-{inventory.label}".lower()
+
+    seen: dict[str, bool] = {}         # inputs hash -> fits (pins can make candidates coincide)
+    fitting: list[Scored] = []
+    closest: Optional[Scored] = None
+    for mb in micros:
+        for zero in zeros:
+            for off in OFFLOAD_LADDER:
+                for rc in RECOMPUTE_LADDER:
+                    found = None
+                    for chunks in LM_HEAD_CHUNKS:
+                        if (mb * seq_len) % chunks:
+                            continue
+                        fields = {
+                            "name": name, "model": model.model_dump(), "inventory": inventory.model_dump(),
+                            "precision": Precision(matmul=dtype, gradient="e4m3" if dtype == "e4m3" else "bf16").model_dump(),
+                            "batch": {"micro_batch": mb, "seq_len": seq_len, "grad_accum": seqs // mb},
+                            "recompute": dict(rc), "offload": dict(off),
+                            "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
+                            "lm_head_chunks": chunks,
+                            "collectives": "copy_engine",
+                        }
+                        for path, value in pins.items():
+                            _set(fields, path, value)
+                        if fields["batch"]["micro_batch"] != mb:   # a pinned micro-batch fixes grad_accum
+                            pm = fields["batch"]["micro_batch"]
+                            if seqs % pm:
+                                raise ValueError(f"--micro-batch {pm} does not divide the {seqs} sequences "
+                                                 f"of a step per GPU: choose a divisor of {seqs}")
+                            fields["batch"]["grad_accum"] = seqs // pm
+                        s = _score(fields)
+                        key = s.plan.inputs_hash()
+                        if key in seen:
+                            if seen[key]:
+                                found = True
+                                break
+                            continue
+                        seen[key] = _fits(s)
+                        if seen[key]:
+                            fitting.append(s)
+                            found = s
+                            break
+                        if closest is None or _shortfall(s) < _shortfall(closest):
+                            closest = s
+                    if found:
+                        break          # least recompute that fits for this (micro, zero, offload)
+    if not fitting:
+        raise NoFitError(_no_fit_message(model, inventory, seq_len, closest))
+    fitting.sort(key=lambda s: s.cost.step_ms)     # stable: ladder order breaks ties
+    best = fitting[0]
+    others = _distinct(fitting[1:], best, runners_up)
+    return _with_estimate(best, others)
+
+
+def _shortfall(s: Scored) -> int:
+    inv = s.plan.inventory
+    return max(0, s.device - usable_device(inv)) + max(0, s.host - usable_host(inv))
+
+
+def _distinct(cands: list[Scored], best: Scored, n: int) -> list[Scored]:
+    out, seen = [], {_summary(best.plan)}
+    for c in cands:
+        sm = _summary(c.plan)
+        if sm not in seen:
+            seen.add(sm)
+            out.append(c)
+        if len(out) == n:
+            break
+    return out
+
+
+def _summary(p: Plan) -> str:
+    parts = [f"mb={p.batch.micro_batch}x{p.batch.grad_accum}"]
+    if p.num_gpus > 1:
+        parts.append(f"zero={p.sharding.zero}")
+    parts.append("recompute=" + ("+".join(p.recompute.names()) or "none"))
+    parts.append("offload=" + ("+".join(p.offload.names()) or "none"))
+    parts.append(f"lm_chunks={p.lm_head_chunks}")
+    return " ".join(parts)
+
+
+def _gib(n: float) -> str:
+    return f"{n / K.GiB:.1f} GiB"
+
+
+def _with_estimate(best: Scored, others: list[Scored]) -> Plan:
+    p, c = best.plan, best.cost
+    runners = [Candidate(summary=_summary(o.plan), step_ms=o.cost.step_ms, tokens_per_s=o.cost.tokens_per_s,
+                         device_bytes=o.device,
+                         why_not=f"{100 * (o.cost.step_ms / c.step_ms - 1):.1f}% slower")
+               for o in others]
+    est = Estimate(memory=best.rows, device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
+                   tokens_per_s=c.tokens_per_s, flops_per_token=c.flops_per_token, sol_ms=c.sol_ms,
+                   sol_pct=c.sol_pct, mfu_pct=c.mfu_pct, breakdown_ms=c.breakdown_ms,
+                   reasons=_reasons(best), runners_up=runners)
+    return p.model_copy(update={"estimate": est})
+
+
+def _reasons(best: Scored) -> dict[str, str]:
+    p = best.plan
+    gpu = p.inventory.gpu
+    act = sum(r.total for r in best.rows if r.name.startswith("act.") and r.place == "device")
+    why = {
+        "precision": (f"e4m3 matmuls: {gpu.fp8_tflops:.0f} vs {gpu.bf16_tflops:.0f} TFLOP/s BF16 on "
+                      f"{gpu.display_name}" if p.fp8 else
+                      f"bf16 matmuls" + ("" if gpu.fp8_tflops else f": {gpu.display_name} has no FP8 tensor cores")),
+        "batch": (f"{p.batch.micro_batch} x {p.batch.seq_len} tokens per micro-step, {p.batch.grad_accum} "
+                  f"micro-steps: {p.tokens_per_step:,} tokens per optimizer step"),
+        "recompute": ("none: every activation fits" if not p.recompute.names() else
+                      "+".join(p.recompute.names()) + f": the least recompute that fits (saved activations {_gib(act)})"),
+        "offload": ("none: optimizer state and weights fit on the GPU" if not p.offload.names() else
+                    "+".join(p.offload.names()) + " to pinned host memory: the device is too small otherwise"),
+        "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
+                           f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"),
+        "collectives": ("none: one GPU" if p.num_gpus == 1 else
+                        "copy engines (no SMs spent); one machine needs no NCCL"),
+    }
+    if p.num_gpus > 1:
+        why["sharding"] = f"ZeRO-{p.sharding.zero}: fastest sharding that fits"
+    return why
+
+
+def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, s: Optional[Scored]) -> str:
+    head = f"{model.name} does not fit {inv.label}"
+    if s is None:
+        return head + "."
+    dev_short = s.device - usable_device(inv)
+    host_short = s.host - usable_host(inv)
+    lines = [f"{head}: the closest plan ({_summary(s.plan)}) needs"]
+    lines.append(f"  {_gib(s.device)} per GPU, {_gib(usable_device(inv))} usable"
+                 + (f" (short {_gib(dev_short)})" if dev_short > 0 else ""))
+    lines.append(f"  {_gib(s.host)} pinned host RAM, {_gib(usable_host(inv))} usable of {_gib(inv.host_mem_bytes)}"
+                 + (f" (short {_gib(host_short)})" if host_short > 0 else ""))
+    hints = []
+    if dev_short > 0:
+        hints.append(f"more or larger GPUs (e.g. --gpus {inv.count * 2}x{inv.gpu.name})")
+        if seq_len > 256:
+            hints.append(f"shorter sequences (--seq-len {seq_len // 2})")
+    if host_short > 0:
+        hints.append(f"more host RAM (--host-mem {int((s.host / K.HOST_USABLE) / K.GiB) + 1}G)")
+    lines.append("What would make it fit: " + "; ".join(hints or ["a larger machine"]))
+    return "\n".join(lines)
