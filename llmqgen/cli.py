@@ -150,5 +150,15 @@ def models():
     click.echo("Any local Hugging Face directory with a Qwen2/Qwen3/Llama config.json works too: --model PATH.")
 
 
+def _register_subcommands() -> None:
+    from .checkpoint.cli import export
+    from .data.cli import data
+
+    main.add_command(data)
+    main.add_command(export)
+
+
+_register_subcommands()
+
 if __name__ == "__main__":
     main()
