@@ -123,7 +123,7 @@ def gpus(detect):
             continue
         seen.add(g.name)
         fp8 = f"{g.fp8_tflops:.0f}" if g.fp8_tflops else "-"
-        click.echo(f"{g.name:<10} {g.display_name:<36} {g.arch:<7} {g.memory_bytes / K.GiB:>5.1f} GiB "
+        click.echo(f"{g.name:<10} {g.display_name[:36]:<36} {g.arch:<7} {g.memory_bytes / K.GiB:>5.1f} GiB "
                    f"{g.bf16_tflops:>6.0f} {fp8:>6} {g.mem_bandwidth_gbs:>6.0f} "
                    f"PCIe{g.pcie_gen} x{g.pcie_lanes:<3} {g.nvlink_gbs:>7.0f} {'yes' if g.peer_access else 'no'}")
     click.echo("Rates are dense TFLOP/s with FP32 accumulation. Inventories: --gpus 4x4090, 1xH200, auto.")
