@@ -55,7 +55,8 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
     if host:
         lines += ["", "Host memory (pinned, whole machine):"] + host
     lines += ["", "Choices:"]
-    for k, v in e.reasons.items():
+    order = ["precision", "batch", "recompute", "offload", "sharding", "lm_head_chunks", "collectives"]
+    for k, v in sorted(e.reasons.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         lines.append(f"  {k:<15} {v}")
     lines += ["", "Predicted (cost model, calibrated on H200 measurements):",
               f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens",

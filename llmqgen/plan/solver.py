@@ -141,7 +141,7 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     fitting.sort(key=lambda s: s.cost.step_ms)     # stable: ladder order breaks ties
     best = fitting[0]
     others = _distinct(fitting[1:], best, runners_up)
-    return _with_estimate(best, others)
+    return _with_estimate(best, others, pins)
 
 
 def _shortfall(s: Scored) -> int:
@@ -175,7 +175,7 @@ def _gib(n: float) -> str:
     return f"{n / K.GiB:.1f} GiB"
 
 
-def _with_estimate(best: Scored, others: list[Scored]) -> Plan:
+def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any]) -> Plan:
     p, c = best.plan, best.cost
     runners = [Candidate(summary=_summary(o.plan), step_ms=o.cost.step_ms, tokens_per_s=o.cost.tokens_per_s,
                          device_bytes=o.device,
@@ -184,11 +184,11 @@ def _with_estimate(best: Scored, others: list[Scored]) -> Plan:
     est = Estimate(memory=best.rows, device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
                    tokens_per_s=c.tokens_per_s, flops_per_token=c.flops_per_token, sol_ms=c.sol_ms,
                    sol_pct=c.sol_pct, mfu_pct=c.mfu_pct, breakdown_ms=c.breakdown_ms,
-                   reasons=_reasons(best), runners_up=runners)
+                   reasons=_reasons(best, pins), runners_up=runners)
     return p.model_copy(update={"estimate": est})
 
 
-def _reasons(best: Scored) -> dict[str, str]:
+def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
     p = best.plan
     gpu = p.inventory.gpu
     act = sum(r.total for r in best.rows if r.name.startswith("act.") and r.place == "device")
@@ -209,6 +209,10 @@ def _reasons(best: Scored) -> dict[str, str]:
     }
     if p.num_gpus > 1:
         why["sharding"] = f"ZeRO-{p.sharding.zero}: fastest sharding that fits"
+    for path in pins:                      # a pinned choice was the user's, not the solver's
+        key = path.split(".")[0]
+        if key in why:
+            why[key] = why[key].split(":")[0] + ": pinned by the user"
     return why
 
 
