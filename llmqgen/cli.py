@@ -150,6 +150,58 @@ def models():
     click.echo("Any local Hugging Face directory with a Qwen2/Qwen3/Llama config.json works too: --model PATH.")
 
 
+def _newest_plan() -> Path:
+    plans = sorted(PLANS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    if not plans:
+        _fail("no plan given and none in plans/: run `llmqgen plan --model ... --gpus ...` first, "
+              "or pass --plan FILE or --model/--gpus")
+    return plans[-1]
+
+
+@main.command()
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plan file (default: the newest in plans/, unless --model/--gpus are given).")
+@click.option("--model", "model_name", default=None, help="Solve a plan for this model first (with --gpus).")
+@click.option("--gpus", default=None, help="GPUs for --model, e.g. 1x4090.")
+@click.option("--arch", default=None, help="Target, e.g. sm_89, sm_90, sm_90a, sm_120 (default: the plan's GPU).")
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path), default=Path("build"),
+              show_default=True)
+def build(plan_path, model_name, gpus, arch, out_root):
+    """Render the plan's CUDA program and compile it with NVRTC into build/<uri>/."""
+    from .compile.cache import build as build_program
+    from .compile.nvrtc import CompileError, NvrtcUnavailable
+    from .plan.schema import Plan
+
+    if model_name or gpus:
+        from .models.catalog import resolve_model
+        from .plan.solver import NoFitError, solve
+        try:
+            p = solve(resolve_model(model_name or "0.5b"), _inventory(gpus or "1xH200", None))
+        except (NoFitError, ValueError) as e:
+            _fail(str(e))
+        source = f"solved for --model {model_name or '0.5b'} --gpus {gpus or '1xH200'}"
+    else:
+        plan_path = plan_path or _newest_plan()
+        p = Plan.from_json(plan_path.read_text())
+        source = str(plan_path)
+    from .codegen.context import check_arch
+    click.echo(f"building {p.name} ({source}) for {arch or p.inventory.gpu.arch} ...")
+    if arch:
+        try:
+            check_arch(arch, p.inventory.gpu)
+        except ValueError as e:
+            click.echo(f"note: {e} (compiling anyway, as a check)", err=True)
+    try:
+        r = build_program(p, arch, out_root=out_root)
+    except (CompileError, NvrtcUnavailable, ValueError) as e:
+        _fail(str(e))
+    how = "cache hit" if r.cache_hit else f"compiled in {r.compile_seconds:.1f} s"
+    click.echo(f"program  {r.path}/program.cu")
+    click.echo(f"cubin    {r.cubin_path} ({r.cubin_bytes / 1024:.0f} KiB, {how})")
+    if r.spills:
+        click.echo(f"warning: kernels that spill registers: {', '.join(r.spills)}", err=True)
+
+
 def _register_subcommands() -> None:
     from .checkpoint.cli import export
     from .data.cli import data

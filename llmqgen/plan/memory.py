@@ -173,8 +173,13 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("work.d_att", "bf16", (BT, QDIM), lifetime="shared")
     t.add("work.d_gu", "bf16", (BT, 2 * F), lifetime="shared")
     t.add("work.d_h", "bf16", (BT, F), lifetime="shared")
-    t.add("work.norm_partials", "fp32", (2 * plan.inventory.gpu.sm_count, C), lifetime="shared",
+    from ..codegen.scratch import scratch_needs   # the kernels' grids decide these sizes
+    needs = scratch_needs(plan)
+    t.add("work.norm_partials", "uint8", (needs["dw_scratch_bytes"],), lifetime="shared",
           note="deterministic norm-weight gradient partials")
+    if "delta_bytes" in needs:
+        t.add("work.attn_delta", "uint8", (needs["delta_bytes"],), lifetime="shared",
+              note="flash-attention fallback: rowsum(dO*O)")
 
     # LM head: final norm, a chunk of logits overwritten by its gradient, per-token loss and LSE.
     rows = -(-BT // plan.lm_head_chunks)
@@ -196,14 +201,21 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("tokens.sorted_pos", "int32", (BT,), note="embedding backward order")
     t.add("tokens.segments", "int32", (BT + 2,), note="segment starts + unique count")
     t.add("stage.tokens", "int32", (2, 4 * BT + 2), place="host", note="pinned staging, double buffer")
-    t.add("rope.cos", "fp32", (T, m.head_dim // 2))
-    t.add("rope.sin", "fp32", (T, m.head_dim // 2))
+    t.add("rope.table", "fp32", (T, m.head_dim // 2, 2), note="(cos, sin) pairs")
     t.add("ws.cublas", "uint8", (CUBLAS_WORKSPACE,))
-    attn_ws = ATTN_WORKSPACE_MIN + -(-4 * BT * m.num_heads * m.head_dim // plan.attn_bwd_chunks)
-    t.add("ws.attention", "uint8", (attn_ws,), note="cuDNN SDPA (dq accumulator / chunk)")
+    t.add("ws.attention", "uint8", (attention_workspace(plan),), note="cuDNN SDPA deterministic backward")
     t.add("reserve.context", "uint8", (CONTEXT_RESERVE,), lifetime="reserve",
           note="CUDA context, library handles")
     return t.rows
+
+
+def attention_workspace(plan: Plan) -> int:
+    """cuDNN SDPA's deterministic backward workspace, fitted to sizes measured on an H200 (cuDNN 9.19):
+    B*T*Hq*D*4 * (T/128 + 1) for D=64, (T/256 + 1) for D=128; split by attn_bwd_chunks."""
+    m, b = plan.model, plan.batch
+    per_tile = 128 if m.head_dim <= 64 else 256
+    ws = b.micro_batch * b.seq_len * m.num_heads * m.head_dim * 4 * (b.seq_len // per_tile + 1)
+    return ATTN_WORKSPACE_MIN + -(-ws // plan.attn_bwd_chunks)
 
 
 def device_bytes(rows: list[MemRow]) -> int:

@@ -1,0 +1,88 @@
+"""Quantize family (FP8 plans): per-tensor current scaling of the FP8 matmul operands.
+
+Per distinct (rows, cols, source dtype, fp8 dtype) of the sites below, four kernels named by the first
+site holding that shape: `llmq_quantize_<s>` bf16|f32 [R,K] -> fp8 [R,K]; `llmq_quantize_t_<s>` ->
+fp8 [K,R] (tiled through shared memory, coalesced both ways); `llmq_quantize_dual_<s>` both from one
+read; and per distinct (R, K) `llmq_transpose_fp8_<s>` fp8 [R,K] -> fp8 [K,R].
+Each quantizer reads amax from the tensor's stats slot (slot[0]), scales by FMAX/amax with saturation
+and writes the descale amax/FMAX (1 when amax == 0) into slot[1] for cuBLASLt."""
+from __future__ import annotations
+
+from ..kernel import Kernel, cdiv
+from .swiglu import grid_stride_blocks
+
+TEMPLATE = "_quantize.cu.j2"
+TILE = 64            # transposing kernels: 64x64 tiles, 256 threads
+TILE_THREADS = 256
+FLAT_THREADS = 256   # non-transposing kernel: 16 elements per thread per iteration
+FMAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def enabled(ctx: dict) -> bool:
+    return bool(ctx["FP8"])
+
+
+def site_shapes(ctx: dict) -> list[tuple[str, int, int, str, str]]:
+    """(site, rows, cols, source dtype, fp8 dtype) of every tensor an FP8 matmul reads."""
+    BT, C, F, QDIM, QKV = ctx["BT"], ctx["C"], ctx["F"], ctx["QDIM"], ctx["QKV"]
+    g, w = ctx["GRAD_DTYPE"], "float" if ctx["MASTER_FP32"] else "bf16"
+    return [("ln1", BT, C, "bf16", "e4m3"), ("att", BT, QDIM, "bf16", "e4m3"),
+            ("ln2", BT, C, "bf16", "e4m3"), ("swiglu", BT, F, "bf16", "e4m3"),
+            ("d_qkv", BT, QKV, "bf16", g), ("d_att_out", BT, C, "bf16", g),
+            ("d_gate_up", BT, 2 * F, "bf16", g), ("d_down", BT, C, "bf16", g),
+            ("qkv", QKV, C, w, "e4m3"), ("att_out", C, QDIM, w, "e4m3"),
+            ("gate_up", 2 * F, C, w, "e4m3"), ("down", C, F, w, "e4m3")]
+
+
+def _dedupe(rows, key) -> list[dict]:
+    out: dict = {}
+    for site, R, K, src, dst in rows:
+        k = key(R, K, src, dst)
+        if k not in out:
+            out[k] = dict(name=site, R=R, K=K, src=src, dst=dst, sites=[])
+        out[k]["sites"].append(site)
+    return list(out.values())
+
+
+def quant_sites(ctx: dict) -> list[dict]:
+    rows = site_shapes(ctx)
+    for site, R, K, *_ in rows:
+        if R % 16 or K % 16:
+            raise ValueError(f"FP8 quantize of '{site}' [{R}, {K}] needs both dims divisible by 16 (TN FP8 "
+                             f"matmuls do too): pick micro_batch*seq_len and model widths that are multiples of 16")
+    return _dedupe(rows, lambda R, K, s, d: (R, K, s, d))
+
+
+def transpose_sites(ctx: dict) -> list[dict]:
+    return _dedupe(site_shapes(ctx), lambda R, K, s, d: (R, K))
+
+
+def context(ctx: dict) -> dict:
+    return dict(QUANT_SITES=quant_sites(ctx), TRANSPOSE_SITES=transpose_sites(ctx), QUANT_TILE=TILE,
+                QUANT_TILE_THREADS=TILE_THREADS, QUANT_FLAT_THREADS=FLAT_THREADS)
+
+
+def kernels(ctx: dict) -> list[Kernel]:
+    out = []
+    for s in quant_sites(ctx):
+        R, K, name = s["R"], s["K"], s["name"]
+        src = "const float*" if s["src"] == "float" else "const bf16*"
+        meta = dict(sites=s["sites"], rows=R, cols=K, src=s["src"], dst=s["dst"], fmax=FMAX[s["dst"]])
+        tiles = (cdiv(K, TILE), cdiv(R, TILE), 1)
+        out += [
+            Kernel(f"llmq_quantize_{name}", (grid_stride_blocks(ctx, R * K // 16, FLAT_THREADS), 1, 1),
+                   (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
+                   doc=f"out = sat_{s['dst']}(in * FMAX/amax) [R,K]; stats[1] = amax/FMAX", meta=meta),
+            Kernel(f"llmq_quantize_t_{name}", tiles, (TILE_THREADS, 1, 1),
+                   (("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
+                   doc=f"out_t = sat_{s['dst']}(in * FMAX/amax)^T [K,R]; stats[1] = amax/FMAX", meta=meta),
+            Kernel(f"llmq_quantize_dual_{name}", tiles, (TILE_THREADS, 1, 1),
+                   (("out", "uint8_t*"), ("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
+                   doc="quantize and quantize_t from one read of in", meta=meta),
+        ]
+    for s in transpose_sites(ctx):
+        out.append(Kernel(f"llmq_transpose_fp8_{s['name']}", (cdiv(s["K"], TILE), cdiv(s["R"], TILE), 1),
+                          (TILE_THREADS, 1, 1), (("out_t", "uint8_t*"), ("in", "const uint8_t*")),
+                          doc="out_t [K,R] = in [R,K]^T, fp8 bytes",
+                          meta=dict(sites=s["sites"], rows=s["R"], cols=s["K"])))
+    return out
