@@ -16,14 +16,6 @@ from llmqgen.codegen.context import build_context  # noqa: E402
 
 FAMILIES = ("embedding", "rmsnorm", "rope", "swiglu", "quantize")
 
-# Workaround until _common.cu.j2 is fixed: NVRTC's bundled headers have no libc <stdint.h> or <math.h>
-# (INFINITY). Replaced here in the rendered text only, so the templates stay as the framework ships them.
-_STDINT = ("#include <cuda/std/cstdint>\nusing cuda::std::int8_t; using cuda::std::int32_t; "
-           "using cuda::std::int64_t; using cuda::std::uint8_t; using cuda::std::uint16_t; "
-           "using cuda::std::uint32_t; using cuda::std::uint64_t;\n#include <math_constants.h>\n"
-           "#ifndef INFINITY\n#define INFINITY CUDART_INF_F\n#endif")
-
-
 def family(name: str):
     return importlib.import_module(f"llmqgen.codegen.families.{name}")
 
@@ -46,12 +38,6 @@ def render(ctx: dict, names=FAMILIES):
     ctx.update(COMMON_TEMPLATE=R.COMMON_TEMPLATE, FAMILY_TEMPLATES=[m.TEMPLATE for m in mods])
     source, source_map = R.render_template(R.PROGRAM_TEMPLATE, ctx)
     R.check_kernels(kernels, source, ctx["MAX_SMEM"])
-    lines = source.split("\n")
-    if "#include <stdint.h>" in lines:
-        at = lines.index("#include <stdint.h>")
-        lines[at:at + 1] = _STDINT.split("\n")
-        source_map = source_map[:at] + [source_map[at]] * (_STDINT.count("\n") + 1) + source_map[at + 1:]
-        source = "\n".join(lines)
     return source, kernels, source_map
 
 

@@ -6,31 +6,16 @@ CUBIN with NVRTC's bundled headers (NVRTC >= 13.3) or, failing that, $CUDA_HOME/
 """
 from __future__ import annotations
 
-import atexit
-import functools
 import importlib
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import jinja2
-from cuda.bindings import nvrtc
 
 import llmqgen
+from llmqgen.compile.nvrtc import compile_program
 
 TEMPLATES = Path(llmqgen.__file__).resolve().parent / "templates"
-
-# NVRTC has no libc headers; _common.cu.j2 includes <stdint.h>, so hand it the few typedefs it needs.
-_STDINT = b"""#pragma once
-typedef signed char int8_t; typedef short int16_t; typedef int int32_t; typedef long long int64_t;
-typedef unsigned char uint8_t; typedef unsigned short uint16_t; typedef unsigned int uint32_t;
-typedef unsigned long long uint64_t;
-"""
-
-# NVRTC has no <math.h> either; _common.cu.j2 and the families use INFINITY.
-_PRELUDE = "#include <math_constants.h>\n#ifndef INFINITY\n#define INFINITY CUDART_INF_F\n#endif\n"
 
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -56,7 +41,7 @@ def render(names: list[str], ctx: dict) -> tuple[str, list]:
     """program source and Kernel rows of the given families."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True)
-    full, kernels, parts = dict(ctx), [], [_PRELUDE + '{% include "_common.cu.j2" %}']
+    full, kernels, parts = dict(ctx), [], ['{% include "_common.cu.j2" %}']
     for n in names:
         mod = family(n)
         if hasattr(mod, "context"):
@@ -66,38 +51,10 @@ def render(names: list[str], ctx: dict) -> tuple[str, list]:
     return env.from_string("\n".join(parts)).render(**full), kernels
 
 
-def _nvrtc_str(prog, size_fn, get_fn) -> bytes:
-    _, n = size_fn(prog)
-    buf = b" " * n
-    get_fn(prog, buf)
-    return buf
-
-
-@functools.cache
-def _header_dir() -> str:
-    """Where NVRTC unpacks its bundled headers: once per process (unpacking costs ~1 s a compile)."""
-    d = tempfile.mkdtemp(prefix="llmq-nvrtc-headers-")
-    atexit.register(shutil.rmtree, d, True)
-    return d
-
-
 def compile_cubin(source: str, arch: str) -> tuple[bytes, str]:
-    """CUBIN and the compile log (ptxas -v); raises RuntimeError with the log on failure."""
-    err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"program.cu", 1, [_STDINT], [b"stdint.h"])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS, err
-    opts = [f"-arch={arch}".encode(), b"-std=c++17", b"-Xptxas=-v", b"-default-device"]
-    _, major, minor = nvrtc.nvrtcVersion()
-    if (major, minor) >= (13, 3):
-        opts.append(f"--use-bundled-headers={_header_dir()}".encode())
-    else:
-        opts.append(f"-I{os.environ.get('CUDA_HOME', '/usr/local/cuda')}/include".encode())
-    (res,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
-    log = _nvrtc_str(prog, nvrtc.nvrtcGetProgramLogSize, nvrtc.nvrtcGetProgramLog).decode(errors="replace")
-    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-        raise RuntimeError(f"NVRTC failed for {arch}:\n{log}")
-    cubin = _nvrtc_str(prog, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
-    nvrtc.nvrtcDestroyProgram(prog)
-    return cubin, log
+    """CUBIN and the compile log (ptxas -v), through the project's compiler."""
+    r = compile_program(source, "program.cu", arch)
+    return r.cubin, r.log
 
 
 def spills(log: str) -> list[tuple[int, int]]:
