@@ -25,7 +25,11 @@ def run_norm(prog, grads, max_norm):
     out = torch.full((4,), float("nan"), device="cuda")
     for g, grid, off in zip(grads, grids, offsets):
         prog.launch("llmq_gradnorm_partial", g, g.numel(), partials, off, grid=(grid, 1, 1))
-    assert not partials[:total].isnan().any() and partials[total:].isnan().all()
+    # Every partial slot written (the poison is gone), nothing past the layout touched; a NaN
+    # gradient legitimately makes its own partial NaN, so only finite inputs are checked for it.
+    if all(g.isfinite().all() for g in grads):
+        assert not partials[:total].isnan().any()
+    assert partials[total:].isnan().all()
     prog.launch("llmq_gradnorm_finalize", partials, total, hyper, out)
     return out.tolist(), partials[:total].clone()
 
