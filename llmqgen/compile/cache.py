@@ -16,6 +16,7 @@ from typing import Sequence
 from filelock import FileLock
 
 from ..codegen.render import render, write_build, write_if_different
+from ..codegen.schedule import build_schedule, iter_ops
 from ..plan.schema import Plan
 from .nvrtc import CompileError, cache_root, compile_options, compile_program, nvrtc_version
 from .ptxas import spilling
@@ -69,12 +70,18 @@ def compile_cached(source: str, arch: str, source_map=None, root: Path | None = 
     return CacheEntry(cubin, meta, hit=False)
 
 
-def build(plan: Plan, arch: str | None = None, out_root: str | Path = "build",
-          extra_files: dict[str, str] | None = None) -> BuildResult:
-    """Render the plan, write build/<uri>/, compile through the cache and put the CUBIN beside the source."""
+def build(plan: Plan, arch: str | None = None, out_root: str | Path = "build") -> BuildResult:
+    """Render the plan, write build/<uri>/ (program.cu, kernels.json, schedule.json, plan.json),
+    compile through the cache and put the CUBIN beside the source."""
     arch = arch or plan.inventory.gpu.arch
     rendered = render(plan, arch)
-    out = write_build(plan, arch, out_root, extra_files=extra_files, rendered=rendered)
+    kernel_names = {k.name for k in rendered.kernels}
+    schedule = build_schedule(plan)
+    missing = sorted({op["kernel"] for op in iter_ops(schedule) if op["op"] == "kernel"} - kernel_names)
+    if missing:
+        raise ValueError(f"the schedule launches kernels the program lacks: {', '.join(missing)}")
+    extra = {"schedule.json": json.dumps(schedule, indent=1) + "\n"}
+    out = write_build(plan, arch, out_root, extra_files=extra, rendered=rendered)
     try:
         entry = compile_cached(rendered.source, arch, rendered.source_map)
     except CompileError as e:

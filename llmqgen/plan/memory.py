@@ -161,6 +161,7 @@ def memory_table(plan: Plan) -> list[MemRow]:
     if fp8:
         t.add("work.ln", "bf16", (BT, C), lifetime="shared", note="norm output before e4m3")
         t.add("work.h", "bf16", (BT, F), lifetime="shared", note="swiglu output before e4m3")
+        t.add("work.att_q", "e4m3", (BT, QDIM), lifetime="shared", note="attention output in e4m3")
         gd = p.gradient
         t.add("work.dy_q", gd, (BT, widest), lifetime="shared", note="e4m3/e5m2 output gradient")
         t.add("work.dy_qt", gd, (widest, BT), lifetime="shared", note="its transpose (wgrad)")
