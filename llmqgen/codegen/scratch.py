@@ -7,15 +7,16 @@ from functools import lru_cache
 
 from ..plan.schema import Plan
 from .context import build_context
+from . import families as family_names
 from .families import load_families
 
 
 @lru_cache(maxsize=256)
-def _needs(key: str) -> dict[str, int]:
+def _needs(key: str, families: tuple[str, ...]) -> dict[str, int]:
     plan = Plan.model_validate_json(key)
     ctx = build_context(plan, plan.inventory.gpu.arch)
     out: dict[str, int] = {}
-    for fam in load_families():
+    for fam in load_families(list(families)):
         if hasattr(fam, "enabled") and not fam.enabled(ctx):
             continue
         extra = fam.context(ctx) if hasattr(fam, "context") else {}
@@ -32,4 +33,4 @@ def scratch_needs(plan: Plan) -> dict[str, int]:
     # Only what shapes the kernels matters: not the memory choices, so candidates share the result.
     key = plan.model_copy(update={"estimate": None, "offload": type(plan.offload)(),
                                   "sharding": type(plan.sharding)(), "name": "scratch"})
-    return _needs(key.model_dump_json())
+    return _needs(key.model_dump_json(), tuple(family_names.FAMILIES))

@@ -176,8 +176,9 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("work.d_h", "bf16", (BT, F), lifetime="shared")
     from ..codegen.scratch import scratch_needs   # the kernels' grids decide these sizes
     needs = scratch_needs(plan)
-    t.add("work.norm_partials", "uint8", (needs["dw_scratch_bytes"],), lifetime="shared",
-          note="deterministic norm-weight gradient partials")
+    if "dw_scratch_bytes" in needs:
+        t.add("work.norm_partials", "uint8", (needs["dw_scratch_bytes"],), lifetime="shared",
+              note="deterministic norm-weight gradient partials")
     if "delta_bytes" in needs:
         t.add("work.attn_delta", "uint8", (needs["delta_bytes"],), lifetime="shared",
               note="flash-attention fallback: rowsum(dO*O)")
