@@ -1,212 +1,333 @@
-"""schedule.json: the ordered operations of a micro-step (forward + backward) and of an optimizer step.
+"""schedule.json: the ordered operations of a training step, every argument bound.
 
-Every operation names buffers of the plan's memory table: `act.res[l]` is layer l's instance of a
-per-layer row, a bare name a shared or persistent row. Layer sections run for l = 0..L-1 (forward)
-and l = L-1..0 (backward). Recompute operations open the backward of a layer, exactly for the
-activations the plan's recompute set dropped. The runtime executes these lists in order; kernels
-are named as in kernels.json, GEMMs as (A, B -> D) with D[m,n] (+)= A[m,k] . B[n,k]^T (TN).
+Sections: `init` (once), the micro-step (`prologue`, `layer_forward` for l = 0..L-1, `head`,
+`layer_backward` for l = L-1..0, `epilogue`) and the optimizer step (`optimizer`, then
+`layer_optimizer` for every l). Recompute operations open a layer's backward, exactly for the
+activations the plan's recompute set dropped.
+
+References (strings) name rows of the plan's memory table:
+  "act.res[l]"      layer l's instance of a per-layer row ("[l-1]" the previous layer's); on a shared
+                    row (a recomputed activation) the one instance every layer reuses
+  "work.d_res"      a shared or single row;  "lmhead.ln+4096" a byte offset into a row
+  "fp8:ln1[l]"      layer l's FP8 stats slot of that tensor (amax at +0; "fp8:ln1[l]/descale" is +16)
+  "scalar:grad_scale"  a float of stats.scalars (SCALARS gives the index)
+Numbers are passed as they are. `linear` ops are the three GEMMs of a linear layer (forward,
+dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . W[N,K]^T.
 """
 from __future__ import annotations
 
-from ..plan.memory import memory_table
+from ..plan.memory import memory_table, param_tensors
 from ..plan.schema import MemRow, Plan
+
+# stats.scalars: fp32 values the graphs read from device memory, so a replay picks up new values.
+SCALARS = {"loss": 0, "grad_scale": 1, "norm": 4, "clip_scale": 5, "nonfinite": 6, "sumsq": 7, "hyper": 8}
+ACT_SLOTS = ("ln1", "att", "ln2", "h", "d_down", "d_gu", "d_att_out", "d_qkv")
+WEIGHT_SLOTS = ("qkv", "attn_out", "gate_up", "down")
+
+
+def fp8_slot_count(num_layers: int) -> int:
+    """Activation/gradient slots per layer, weight slots per layer, and one sink for unused amax."""
+    return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + 1
+
+
+def fp8_slot_index(name: str, layer: int, num_layers: int) -> int:
+    if name == "sink":
+        return fp8_slot_count(num_layers) - 1
+    if name.startswith("w_"):
+        return len(ACT_SLOTS) * num_layers + layer * len(WEIGHT_SLOTS) + WEIGHT_SLOTS.index(name[2:])
+    return layer * len(ACT_SLOTS) + ACT_SLOTS.index(name)
+
+
+# FP8 stats slot -> the quantize family's site of that tensor.
+SITE_OF = {"ln1": "ln1", "att": "att", "ln2": "ln2", "h": "swiglu", "d_down": "d_down", "d_gu": "d_gate_up",
+           "d_att_out": "d_att_out", "d_qkv": "d_qkv", "w_qkv": "qkv", "w_attn_out": "att_out",
+           "w_gate_up": "gate_up", "w_down": "down"}
+
+
+def _site_kernels(plan: Plan) -> tuple[dict[str, str], dict[str, str]]:
+    """Slot -> suffix of its deduplicated quantize kernels (llmq_{amax,quantize[_t|_dual]}_<suffix>), and
+    slot -> suffix of its fp8 transpose kernel (llmq_transpose_fp8_<suffix>)."""
+    from .context import build_context
+    from .families import quantize
+    if not plan.fp8:
+        return {}, {}
+    ctx = build_context(plan, plan.inventory.gpu.arch)
+    ctx.update(quantize.context(ctx))
+    q = {s: row["name"] for row in quantize.quant_sites(ctx) for s in row["sites"]}
+    t = {s: row["name"] for row in quantize.transpose_sites(ctx) for s in row["sites"]}
+    return ({slot: q[site] for slot, site in SITE_OF.items()},
+            {slot: t[site] for slot, site in SITE_OF.items() if site in t})
 
 
 class _Ops:
-    def __init__(self, rows: list[MemRow], fp8: bool):
+    def __init__(self, rows: list[MemRow]):
         self.rows = {r.name: r for r in rows}
-        self.fp8 = fp8
         self.ops: list[dict] = []
 
-    def ref(self, name: str) -> str:
-        row = self.rows.get(name)
-        if row is None:
-            raise KeyError(f"schedule names {name!r}, which the memory table lacks")
-        return f"{name}[l]" if row.lifetime == "per_layer" or (row.count > 1 and row.lifetime == "persistent") else name
+    def check(self, value):
+        # references name a table row ("act.res[l]"); other strings are tags ("forward", "seed:qkv")
+        if isinstance(value, str) and "." in value and not value.startswith(("fp8:", "scalar:", "seed:")):
+            name = value.split("[")[0].split("+")[0]
+            if name not in self.rows:
+                raise KeyError(f"schedule names {name!r}, which the memory table lacks")
+        return value
 
-    def kernel(self, name: str, phase: str, **buffers: str):
+    def kernel(self, name: str, phase: str, **args):
         self.ops.append({"op": "kernel", "kernel": name, "phase": phase,
-                         "buffers": {k: self.ref(v) for k, v in buffers.items()}})
+                         "args": {k: self.check(v) for k, v in args.items()}})
 
-    def gemm(self, what: str, phase: str, a: str, b: str, d: str, accumulate: bool = False, bias: str = ""):
-        op = {"op": "gemm", "gemm": what, "phase": phase, "a": self.ref(a), "b": self.ref(b), "d": self.ref(d),
-              "dtype": "e4m3" if self.fp8 else "bf16", "accumulate": accumulate}
-        if bias:
-            op["bias"] = self.ref(bias)
-        self.ops.append(op)
-
-    def op(self, kind: str, phase: str, **buffers: str):
-        self.ops.append({"op": kind, "phase": phase, "buffers": {k: self.ref(v) for k, v in buffers.items()}})
+    def add(self, op: str, phase: str, **fields):
+        self.ops.append({"op": op, "phase": phase, **{k: self.check(v) for k, v in fields.items()}})
 
     def take(self) -> list[dict]:
         out, self.ops = self.ops, []
         return out
 
 
-def _site_kernels(plan: Plan) -> dict[str, str]:
-    """Quantize site -> the suffix of its (deduplicated) kernels: llmq_quantize[_t|_dual]_<suffix>."""
-    from .context import build_context
-    from .families import quantize
-    if not plan.fp8:
-        return {}
-    ctx = build_context(plan, plan.inventory.gpu.arch)
-    ctx.update(quantize.context(ctx))
-    return {site: row["name"] for row in quantize.quant_sites(ctx) for site in row["sites"]}
-
-
 def build_schedule(plan: Plan) -> dict:
     m, r, fp8 = plan.model, plan.recompute, plan.fp8
-    o = _Ops(plan.estimate.memory if plan.estimate else memory_table(plan), fp8)
-    site = _site_kernels(plan)
-    quant = lambda kind, s: f"llmq_quantize_{kind}{site[s]}"           # noqa: E731
-    transpose = lambda s: f"llmq_transpose_fp8_{site[s]}"               # noqa: E731
-    w = lambda n: f"weights.{n}"          # noqa: E731
-    g = lambda n: f"grads.{n}"            # noqa: E731
-    qk = m.qk_norm
+    L, C, F, BT = m.num_layers, m.hidden_size, m.intermediate_size, plan.batch.micro_batch * plan.batch.seq_len
+    QKV, QDIM, qk = m.qkv_dim, m.q_dim, m.qk_norm
+    o = _Ops(plan.estimate.memory if plan.estimate else memory_table(plan))
+    site, tsite = _site_kernels(plan)
+    gdt = plan.precision.gradient
+    W = lambda n: f"weights.{n}[l]"       # noqa: E731
+    G = lambda n: f"grads.{n}[l]"         # noqa: E731
+    amax = (lambda s: {"amax": f"fp8:{s}[l]"}) if fp8 else (lambda s: {})    # noqa: E731
+    sink = {"amax": "fp8:sink"} if fp8 else {}
+    shapes = m.block_matrix_shapes()
 
-    # ---- forward of one block ----------------------------------------------------------------
-    def forward(phase: str):
-        o.kernel("llmq_rmsnorm_forward_ln1", phase, res_out="act.res", weight=w("ln1"), y="act.ln1",
-                 rstd="act.rstd1")
-        if fp8:
-            o.kernel(quant("", "ln1"), phase, out="act.ln1", **{"in": "work.ln"})
-        o.gemm("qkv", phase, "act.ln1", w("qkv"), "act.qkv_pre" if qk else "act.qkv",
-               bias=w("qkv_bias") if m.qkv_bias else "")
+    def linear_forward(name, phase, x, y, x_slot, bias=None, accumulate=False):
+        N, K = shapes[name]
+        o.add("linear", phase, **{"pass": "forward", "layer_name": name, "M": BT, "N": N, "K": K, "x": x,
+              "w": W(name), "y": y, "dtype": "e4m3" if fp8 else "bf16", "bias": bias,
+              "x_scale": f"fp8:{x_slot}[l]/descale" if fp8 else None,
+              "w_scale": f"fp8:w_{name}[l]/descale" if fp8 else None, "accumulate": accumulate})
+
+    def quantize(kind, slot, phase, src, **outs):
+        o.kernel(f"llmq_quantize_{kind}{site[slot]}", phase, **outs, **{"in": src}, stats=f"fp8:{slot}[l]")
+
+    def rope_forward(phase):
         if qk:
-            o.kernel("llmq_rope_forward", phase, out="act.qkv", qkv="act.qkv_pre", table="rope.table",
-                     rstd="act.qk_rstd")
+            o.kernel("llmq_rope_forward", phase, out="act.qkv[l]", qkv="act.qkv_pre[l]", table="rope.table",
+                     q_norm=W("q_norm"), k_norm=W("k_norm"), rstd="act.qk_rstd[l]")
         else:
-            o.kernel("llmq_rope_forward", phase, qkv="act.qkv", table="rope.table")
-        o.op("attention_forward", phase, qkv="act.qkv", out="act.att", lse="act.lse")
-        if fp8:
-            o.kernel(quant("", "att"), phase, out="work.att_q", **{"in": "act.att"})
-        o.gemm("attn_out", phase, "work.att_q" if fp8 else "act.att", w("attn_out"), "work.branch")
-        o.kernel("llmq_rmsnorm_forward_ln2", phase, res_out="act.res2", res_in="act.res", delta="work.branch",
-                 weight=w("ln2"), y="act.ln2", rstd="act.rstd2")
-        if fp8:
-            o.kernel(quant("", "ln2"), phase, out="act.ln2", **{"in": "work.ln"})
-        o.gemm("gate_up", phase, "act.ln2", w("gate_up"), "act.gu")
-        o.kernel("llmq_swiglu_forward", phase, h="work.h" if fp8 else "act.h", gate_up="act.gu")
-        if fp8:
-            o.kernel(quant("", "swiglu"), phase, out="act.h", **{"in": "work.h"})
-        o.gemm("down", phase, "act.h", w("down"), "work.branch")
+            o.kernel("llmq_rope_forward", phase, qkv="act.qkv[l]", table="rope.table")
 
-    forward("forward")
+    def swiglu_forward(phase):
+        o.kernel("llmq_swiglu_forward", phase, h="work.h" if fp8 else "act.h[l]", gate_up="act.gu[l]", **amax("h"))
+        if fp8:
+            quantize("", "h", phase, "work.h", out="act.h[l]")
+
+    def norm_out(which):   # where a norm writes: bf16 scratch before e4m3 in FP8 plans
+        return "work.ln" if fp8 else f"act.{which}[l]"
+
+    # ---- forward of one block (also the recompute of a whole block) ---------------------------------
+    def block_forward(phase):
+        if fp8:
+            quantize("", "ln1", phase, "work.ln", out="act.ln1[l]")
+        linear_forward("qkv", phase, "act.ln1[l]", "act.qkv_pre[l]" if qk else "act.qkv[l]", "ln1",
+                       bias=W("qkv_bias") if m.qkv_bias else None)
+        rope_forward(phase)
+        o.add("attention_forward", phase, qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]")
+        if fp8:
+            o.kernel(f"llmq_amax_{site['att']}", phase, **{"in": "act.att[l]"}, stats="fp8:att[l]")
+            quantize("", "att", phase, "act.att[l]", out="work.att_q")
+        linear_forward("attn_out", phase, "work.att_q" if fp8 else "act.att[l]", "work.branch", "att")
+        o.kernel("llmq_rmsnorm_forward_ln2", phase, res_out="act.res2[l]", res_in="act.res[l]",
+                 delta="work.branch", weight=W("ln2"), y=norm_out("ln2"), rstd="act.rstd2[l]", **amax("ln2"))
+        if fp8:
+            quantize("", "ln2", phase, "work.ln", out="act.ln2[l]")
+        linear_forward("gate_up", phase, "act.ln2[l]", "act.gu[l]", "ln2")
+        swiglu_forward(phase)
+
+    def ln1_forward(phase):
+        args = dict(weight=W("ln1"), y=norm_out("ln1"), rstd="act.rstd1[l]", **amax("ln1"))
+        o.add("branch_on_layer", phase, first=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1_first",
+                                                "args": {"res_in": "act.res[l]", **args}}],
+              rest=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1",
+                     "args": {"res_out": "act.res[l]", "res_in": "act.res2[l-1]", "delta": "work.branch", **args}}])
+
+    ln1_forward("forward")
+    block_forward("forward")
+    linear_forward("down", "forward", "act.h[l]", "work.branch", "h")
     layer_forward = o.take()
 
-    # ---- backward of one block: recompute first, then the chain rule bottom-up ----------------
+    # ---- backward of one block: recompute first, then the chain rule bottom-up ---------------------
     if r.block:
-        forward("recompute")
+        o.kernel("llmq_rmsnorm_recompute_ln1", "recompute", res="act.res[l]", weight=W("ln1"),
+                 rstd="act.rstd1[l]", y=norm_out("ln1"), **amax("ln1"))
+        block_forward("recompute")
     else:
         if r.norm:
-            o.kernel("llmq_rmsnorm_recompute_ln1", "recompute", res="act.res", weight=w("ln1"), rstd="act.rstd1",
-                     y="act.ln1")
-            o.kernel("llmq_rmsnorm_recompute_ln2", "recompute", res="act.res2", weight=w("ln2"), rstd="act.rstd2",
-                     y="act.ln2")
+            for n, res in (("ln1", "act.res[l]"), ("ln2", "act.res2[l]")):
+                o.kernel(f"llmq_rmsnorm_recompute_{n}", "recompute", res=res, weight=W(n),
+                         rstd=f"act.rstd{n[-1]}[l]", y=norm_out(n), **amax(n))
+                if fp8:
+                    quantize("", n, "recompute", "work.ln", out=f"act.{n}[l]")
         if r.qkv:
-            o.gemm("qkv", "recompute", "act.ln1", w("qkv"), "act.qkv_pre" if qk else "act.qkv",
-                   bias=w("qkv_bias") if m.qkv_bias else "")
-            o.kernel("llmq_rope_forward", "recompute", qkv="act.qkv", table="rope.table")
+            linear_forward("qkv", "recompute", "act.ln1[l]", "act.qkv_pre[l]" if qk else "act.qkv[l]", "ln1",
+                           bias=W("qkv_bias") if m.qkv_bias else None)
+            rope_forward("recompute")
         if r.attention:
-            o.op("attention_forward", "recompute", qkv="act.qkv", out="act.att", lse="act.lse")
+            o.add("attention_forward", "recompute", qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]")
         if r.ffn:
-            o.gemm("gate_up", "recompute", "act.ln2", w("gate_up"), "act.gu")
+            linear_forward("gate_up", "recompute", "act.ln2[l]", "act.gu[l]", "ln2")
         if r.swiglu:
-            o.kernel("llmq_swiglu_forward", "recompute", h="work.h" if fp8 else "act.h", gate_up="act.gu")
-            if fp8:
-                o.kernel(quant("", "swiglu"), "recompute", out="act.h", **{"in": "work.h"})
+            swiglu_forward("recompute")
     b = "backward"
-    dq = "work.dy_q" if fp8 else "work.d_res"      # the output gradient operand of dgrad
-    # down: d_res (the residual gradient) is dY; dgrad -> d_h, wgrad accumulates into grads.down
-    if fp8:   # dgrad needs W^T and wgrad X^T in e4m3: transposed copies, made per layer
-        o.kernel(quant("dual_", "d_down"), b, out="work.dy_q", out_t="work.dy_qt", **{"in": "work.d_res"})
-        o.kernel(transpose("down"), b, out_t="work.w_qt", **{"in": w("down")})
-        o.kernel(transpose("swiglu"), b, out_t="work.x_qt", **{"in": "act.h"})
-    o.gemm("down.dgrad", b, dq, "work.w_qt" if fp8 else w("down"), "work.d_h")
-    o.gemm("down.wgrad", b, "work.dy_qt" if fp8 else "work.d_res", "work.x_qt" if fp8 else "act.h", g("down"),
-           accumulate=True)
-    o.kernel("llmq_swiglu_backward", b, d_gate_up="work.d_gu", dh="work.d_h", gate_up="act.gu")
-    if fp8:
-        o.kernel(quant("dual_", "d_gate_up"), b, out="work.dy_q", out_t="work.dy_qt", **{"in": "work.d_gu"})
-        o.kernel(transpose("gate_up"), b, out_t="work.w_qt", **{"in": w("gate_up")})
-        o.kernel(transpose("ln2"), b, out_t="work.x_qt", **{"in": "act.ln2"})
-    o.gemm("gate_up.dgrad", b, "work.dy_q" if fp8 else "work.d_gu", "work.w_qt" if fp8 else w("gate_up"), "work.d_ln")
-    o.gemm("gate_up.wgrad", b, "work.dy_qt" if fp8 else "work.d_gu", "work.x_qt" if fp8 else "act.ln2",
-           g("gate_up"), accumulate=True)
-    o.kernel("llmq_rmsnorm_backward_ln2", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln", res="act.res2",
-             weight=w("ln2"), rstd="act.rstd2", dw_partial="work.norm_partials")
-    o.kernel("llmq_rmsnorm_dweight_ln2", b, dw=g("ln2"), dw_partial="work.norm_partials")
-    if fp8:
-        o.kernel(quant("dual_", "d_att_out"), b, out="work.dy_q", out_t="work.dy_qt", **{"in": "work.d_res"})
-        o.kernel(transpose("att_out"), b, out_t="work.w_qt", **{"in": w("attn_out")})
-        o.kernel(quant("t_", "att"), b, out_t="work.x_qt", **{"in": "act.att"})
-    o.gemm("attn_out.dgrad", b, dq, "work.w_qt" if fp8 else w("attn_out"), "work.d_att")
-    o.gemm("attn_out.wgrad", b, "work.dy_qt" if fp8 else "work.d_res", "work.x_qt" if fp8 else "act.att",
-           g("attn_out"), accumulate=True)
-    o.op("attention_backward", b, qkv="act.qkv", out="act.att", dout="work.d_att", lse="act.lse",
-         dqkv="work.d_qkv")
-    o.kernel("llmq_rope_backward", b, dqkv="work.d_qkv", table="rope.table")
-    if fp8:
-        o.kernel(quant("dual_", "d_qkv"), b, out="work.dy_q", out_t="work.dy_qt", **{"in": "work.d_qkv"})
-        o.kernel(transpose("qkv"), b, out_t="work.w_qt", **{"in": w("qkv")})
-        o.kernel(transpose("ln1"), b, out_t="work.x_qt", **{"in": "act.ln1"})
-    o.gemm("qkv.dgrad", b, "work.dy_q" if fp8 else "work.d_qkv", "work.w_qt" if fp8 else w("qkv"), "work.d_ln")
-    o.gemm("qkv.wgrad", b, "work.dy_qt" if fp8 else "work.d_qkv", "work.x_qt" if fp8 else "act.ln1", g("qkv"),
-           accumulate=True)
-    o.kernel("llmq_rmsnorm_backward_ln1", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln", res="act.res",
-             weight=w("ln1"), rstd="act.rstd1", dw_partial="work.norm_partials")
-    o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=g("ln1"), dw_partial="work.norm_partials")
+
+    def linear_backward(name, dy, dy_slot, x, x_slot, dx):
+        """dgrad into dx and wgrad accumulated into grads.<name>[l]; FP8 through transposed copies."""
+        N, K = shapes[name]
+        if fp8:
+            quantize("dual_", dy_slot, b, dy, out="work.dy_q", out_t="work.dy_qt")
+            o.kernel(f"llmq_transpose_fp8_{tsite['w_' + name]}", b, out_t="work.w_qt", **{"in": W(name)})
+            if x_slot != "att":
+                o.kernel(f"llmq_transpose_fp8_{tsite[x_slot]}", b, out_t="work.x_qt", **{"in": x})
+            else:       # attention output: saved in bf16, quantized transposed here
+                quantize("t_", "att", b, x, out_t="work.x_qt")
+        common = {"layer_name": name, "M": BT, "N": N, "K": K, "dtype": "e4m3" if fp8 else "bf16",
+                  "grad_dtype": gdt}
+        o.add("linear", b, **{"pass": "dgrad", **common, "dy": "work.dy_q" if fp8 else dy,
+              "w": "work.w_qt" if fp8 else W(name), "dx": dx,
+              "dy_scale": f"fp8:{dy_slot}[l]/descale" if fp8 else None,
+              "w_scale": f"fp8:w_{name}[l]/descale" if fp8 else None, "accumulate": False})
+        o.add("linear", b, **{"pass": "wgrad", **common, "dy": "work.dy_qt" if fp8 else dy,
+              "x": "work.x_qt" if fp8 else x, "dw": G(name),
+              "dy_scale": f"fp8:{dy_slot}[l]/descale" if fp8 else None,
+              "x_scale": f"fp8:{x_slot}[l]/descale" if fp8 else None, "accumulate": True})
+
+    if fp8:   # the residual gradient came from the layer above: its amax is taken here
+        o.kernel(f"llmq_amax_{site['d_down']}", b, **{"in": "work.d_res"}, stats="fp8:d_down[l]")
+    linear_backward("down", "work.d_res", "d_down", "act.h[l]", "h", "work.d_h")
+    o.kernel("llmq_swiglu_backward", b, d_gate_up="work.d_gu", dh="work.d_h", gate_up="act.gu[l]", **amax("d_gu"))
+    linear_backward("gate_up", "work.d_gu", "d_gu", "act.ln2[l]", "ln2", "work.d_ln")
+    o.kernel("llmq_rmsnorm_backward_ln2", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln",
+             res="act.res2[l]", weight=W("ln2"), rstd="act.rstd2[l]", dw_partial="work.norm_partials",
+             **amax("d_att_out"))
+    o.kernel("llmq_rmsnorm_dweight_ln2", b, dw=G("ln2"), dw_partial="work.norm_partials")
+    linear_backward("attn_out", "work.d_res", "d_att_out", "act.att[l]", "att", "work.d_att")
+    o.add("attention_backward", b, qkv="act.qkv[l]", out="act.att[l]", dout="work.d_att", lse="act.lse[l]",
+          dqkv="work.d_qkv")
+    if qk:
+        o.kernel("llmq_rope_backward", b, dqkv="work.d_qkv", d="work.d_qkv", qkv="act.qkv_pre[l]",
+                 rstd="act.qk_rstd[l]", table="rope.table", q_norm=W("q_norm"), k_norm=W("k_norm"),
+                 dw_partial="work.norm_partials", **amax("d_qkv"))
+        o.kernel("llmq_rope_qknorm_dweight", b, dq_norm=G("q_norm"), dk_norm=G("k_norm"),
+                 dw_partial="work.norm_partials")
+    else:
+        o.kernel("llmq_rope_backward", b, dqkv="work.d_qkv", table="rope.table", **amax("d_qkv"))
+    if m.qkv_bias:
+        o.add("bias_grad", b, dy="work.d_qkv", db=G("qkv_bias"), rows=BT, cols=QKV)
+    linear_backward("qkv", "work.d_qkv", "d_qkv", "act.ln1[l]", "ln1", "work.d_ln")
+    o.kernel("llmq_rmsnorm_backward_ln1", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln",
+             res="act.res[l]", weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
+    o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=G("ln1"), dw_partial="work.norm_partials")
     layer_backward = o.take()
 
-    # ---- embedding, LM head, loss --------------------------------------------------------------
-    o.op("copy_h2d", "forward", src="stage.tokens", dst="tokens.inputs")
-    o.kernel("llmq_embedding_forward", "forward", x="act.res", tokens="tokens.inputs", wte=w("embedding"))
+    # ---- tokens in, embedding, LM head and loss --------------------------------------------------------
+    if fp8:
+        o.add("memset", "forward", dst="stats.fp8", bytes=len(ACT_SLOTS) * L * 32)   # zero act/grad amaxes
+    o.kernel("llmq_embedding_forward", "forward", x="act.res[0]", tokens="tokens.inputs", wte="weights.embedding")
     prologue = o.take()
-    head_w = w("embedding") if m.tie_embeddings else w("lm_head")
-    head_g = g("embedding") if m.tie_embeddings else g("lm_head")
-    o.kernel("llmq_rmsnorm_forward_final", "forward", res_out="lmhead.x", weight=w("final_norm"), y="lmhead.ln",
-             rstd="lmhead.rstd")
-    for _ in range(plan.lm_head_chunks):
-        o.gemm("lm_head", "forward", "lmhead.ln", head_w, "lmhead.logits")
+    head_w = "weights.embedding" if m.tie_embeddings else "weights.lm_head"
+    head_g = "grads.embedding" if m.tie_embeddings else "grads.lm_head"
+    o.kernel("llmq_rmsnorm_forward_final", "forward", res_out="lmhead.x", res_in=f"act.res2[{L - 1}]",
+             delta="work.branch", weight="weights.final_norm", y="lmhead.ln", rstd="lmhead.rstd")
+    rows = BT // plan.lm_head_chunks
+    for c in range(plan.lm_head_chunks):
+        off = c * rows
+        o.add("linear", "forward", **{"pass": "forward", "layer_name": "lm_head", "M": rows, "N": m.vocab_size,
+              "K": C, "x": f"lmhead.ln+{off * C * 2}", "w": head_w, "y": "lmhead.logits", "dtype": "bf16",
+              "bias": None, "x_scale": None, "w_scale": None, "accumulate": False})
         o.kernel("llmq_crossentropy_fused", "forward", logits="lmhead.logits", targets="tokens.targets",
-                 losses="lmhead.losses", lse="lmhead.lse")
-        o.gemm("lm_head.dgrad", "backward", "lmhead.logits", head_w, "work.d_ln")
-        o.gemm("lm_head.wgrad", "backward", "lmhead.logits", "lmhead.ln", head_g, accumulate=True)
-    o.kernel("llmq_loss_reduce", "forward", losses="lmhead.losses", acc="stats.scalars")
+                 losses="lmhead.losses", lse="lmhead.lse", grad_scale="scalar:grad_scale", row_offset=off)
+        common = {"layer_name": "lm_head", "M": rows, "N": m.vocab_size, "K": C, "dtype": "bf16",
+                  "grad_dtype": "bf16", "dy_scale": None}
+        o.add("linear", "backward", **{"pass": "dgrad", **common, "dy": "lmhead.logits", "w": head_w,
+              "dx": f"work.d_ln+{off * C * 2}", "w_scale": None, "accumulate": False})
+        o.add("linear", "backward", **{"pass": "wgrad", **common, "dy": "lmhead.logits",
+              "x": f"lmhead.ln+{off * C * 2}", "dw": head_g, "x_scale": None, "accumulate": True})
+    o.kernel("llmq_loss_reduce", "forward", losses="lmhead.losses", scale="scalar:grad_scale", acc="scalar:loss")
     o.kernel("llmq_rmsnorm_backward_final", "backward", dx="work.d_res", dy="work.d_ln", res="lmhead.x",
-             weight=w("final_norm"), rstd="lmhead.rstd", dw_partial="work.norm_partials")
-    o.kernel("llmq_rmsnorm_dweight_final", "backward", dw=g("final_norm"), dw_partial="work.norm_partials")
+             weight="weights.final_norm", rstd="lmhead.rstd", dw_partial="work.norm_partials", **sink)
+    o.kernel("llmq_rmsnorm_dweight_final", "backward", dw="grads.final_norm", dw_partial="work.norm_partials")
     head = o.take()
-    o.kernel("llmq_embedding_backward", "backward", dwte=g("embedding"), dx="work.d_res", tokens="tokens.inputs",
-             sorted_pos="tokens.sorted_pos", seg_start="tokens.segments")
+    o.kernel("llmq_embedding_backward", "backward", dwte="grads.embedding", dx="work.d_res",
+             tokens="tokens.inputs", sorted_pos="tokens.sorted_pos", seg_start="tokens.segments",
+             num_segments=f"tokens.segments+{(BT + 1) * 4}")
     epilogue = o.take()
 
-    # ---- optimizer step ---------------------------------------------------------------------------
+    # ---- init: RoPE table, e4m3 work copies of the initial weights -------------------------------------
+    o.kernel("llmq_rope_table", "init", table="rope.table")
+    init = o.take()
+    if fp8:
+        for n in WEIGHT_SLOTS:
+            o.kernel(f"llmq_amax_{site['w_' + n]}", "init", **{"in": f"master.{n}[l]"}, stats=f"fp8:w_{n}[l]")
+            quantize("", f"w_{n}", "init", f"master.{n}[l]", out=W(n))
+    layer_init = o.take()
+
+    # ---- optimizer step ----------------------------------------------------------------------------------
     from .families import adamw as adamw_family
-    tensors = [n[len("grads."):] for n in o.rows if n.startswith("grads.")]
-    for t in tensors:
-        o.kernel("llmq_gradnorm_partial", "optimizer", grad=g(t), partials="stats.gradnorm")
-    o.kernel("llmq_gradnorm_finalize", "optimizer", partials="stats.gradnorm", out="stats.scalars")
-    adam = adamw_family.kernel_name(_adam_ctx(plan))
-    for t in tensors:
-        param = f"master.{t}" if f"master.{t}" in o.rows else w(t)
-        o.kernel(adam, "optimizer", param=param, grad=g(t), m=f"adam_m.{t}", v=f"adam_v.{t}")
-        if fp8 and o.rows[w(t)].dtype == "e4m3":      # the new e4m3 work copy, from the new master
-            o.kernel(quant("", {"attn_out": "att_out"}.get(t, t)), "optimizer", out=w(t), **{"in": param})
+    p = plan.precision
+    adam = adamw_family.kernel_name({"MASTER_FP32": p.master == "fp32", "ADAM_M_FP32": p.adam_m == "fp32",
+                                     "ADAM_V_FP32": p.adam_v == "fp32"})
+    tensors = param_tensors(plan)
+    o.add("gradnorm", "optimizer", tensors=[(f"grads.{n}", per_layer) for n, _, per_layer, _ in tensors],
+          partials="stats.gradnorm", out="scalar:norm", hyper="scalar:hyper")
+    if fp8:
+        o.add("memset", "optimizer", dst=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
+    for n, shape, per_layer, is_matrix in tensors:
+        if per_layer:
+            continue
+        param = f"master.{n}" if f"master.{n}" in o.rows else f"weights.{n}"
+        o.kernel(adam, "optimizer", param=param, grad=f"grads.{n}", m=f"adam_m.{n}", v=f"adam_v.{n}",
+                 hyper="scalar:hyper", clip_scale="scalar:clip_scale", amax=0, n="numel", step="step",
+                 seed=f"seed:{n}", apply_weight_decay=int(n in ("embedding", "lm_head")), zero_grad=1)
     optimizer = o.take()
-    return {"schema": 1, "plan": plan.name, "layers": m.num_layers,
+    for n, shape, per_layer, is_matrix in tensors:
+        if not per_layer:
+            continue
+        param = f"master.{n}[l]" if f"master.{n}" in o.rows else W(n)
+        o.kernel(adam, "optimizer", param=param, grad=G(n), m=f"adam_m.{n}[l]", v=f"adam_v.{n}[l]",
+                 hyper="scalar:hyper", clip_scale="scalar:clip_scale",
+                 amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n="numel", step="step",
+                 seed=f"seed:{n}", apply_weight_decay=int(is_matrix), zero_grad=1)
+        if fp8 and is_matrix:      # the new e4m3 work copy, from the new master
+            quantize("", f"w_{n}", "optimizer", param, out=W(n))
+    layer_optimizer = o.take()
+    return {"schema": 1, "plan": plan.name, "layers": L, "scalars": SCALARS,
+            "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": 32,
+                          "count": fp8_slot_count(L)},
+            "init": init, "layer_init": layer_init,
             "micro_step": {"prologue": prologue, "layer_forward": layer_forward, "head": head,
                            "layer_backward": layer_backward, "epilogue": epilogue},
-            "optimizer_step": optimizer}
-
-
-def _adam_ctx(plan: Plan) -> dict:
-    p = plan.precision
-    return {"MASTER_FP32": p.master == "fp32", "ADAM_M_FP32": p.adam_m == "fp32", "ADAM_V_FP32": p.adam_v == "fp32"}
+            "optimizer_step": {"optimizer": optimizer, "layer_optimizer": layer_optimizer}}
 
 
 def iter_ops(schedule: dict):
-    """Every operation of a schedule, micro-step sections first."""
-    for section in schedule["micro_step"].values():
-        yield from section
-    yield from schedule["optimizer_step"]
+    """Every operation of a schedule (branches of branch_on_layer included)."""
+    sections = [schedule["init"], schedule["layer_init"], *schedule["micro_step"].values(),
+                *schedule["optimizer_step"].values()]
+    for section in sections:
+        for op in section:
+            if op["op"] == "branch_on_layer":
+                yield from op["first"]
+                yield from op["rest"]
+            else:
+                yield op
+
+
+def check_schedule(schedule: dict, kernels) -> None:
+    """Every kernel the schedule launches exists, and its operation binds exactly the kernel's arguments."""
+    by_name = {k.name: k for k in kernels}
+    for op in iter_ops(schedule):
+        if op["op"] != "kernel":
+            continue
+        k = by_name.get(op["kernel"])
+        if k is None:
+            raise ValueError(f"the schedule launches {op['kernel']}, which the program lacks")
+        want, have = {a for a, _ in k.args}, set(op["args"])
+        if want != have:
+            raise ValueError(f"{op['kernel']}: the schedule binds {sorted(have)}, the kernel takes {sorted(want)}")

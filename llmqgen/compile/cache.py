@@ -16,7 +16,7 @@ from typing import Sequence
 from filelock import FileLock
 
 from ..codegen.render import render, write_build, write_if_different
-from ..codegen.schedule import build_schedule, iter_ops
+from ..codegen.schedule import build_schedule, check_schedule
 from ..plan.schema import Plan
 from .nvrtc import CompileError, cache_root, compile_options, compile_program, nvrtc_version
 from .ptxas import spilling
@@ -75,11 +75,8 @@ def build(plan: Plan, arch: str | None = None, out_root: str | Path = "build") -
     compile through the cache and put the CUBIN beside the source."""
     arch = arch or plan.inventory.gpu.arch
     rendered = render(plan, arch)
-    kernel_names = {k.name for k in rendered.kernels}
     schedule = build_schedule(plan)
-    missing = sorted({op["kernel"] for op in iter_ops(schedule) if op["op"] == "kernel"} - kernel_names)
-    if missing:
-        raise ValueError(f"the schedule launches kernels the program lacks: {', '.join(missing)}")
+    check_schedule(schedule, rendered.kernels)
     extra = {"schedule.json": json.dumps(schedule, indent=1) + "\n"}
     out = write_build(plan, arch, out_root, extra_files=extra, rendered=rendered)
     try:

@@ -17,7 +17,7 @@ ATTN_WORKSPACE_MIN = 16 * MiB        # cuDNN SDPA fixed part (the per-token part
 DEVICE_MARGIN = 0.03                 # keep this fraction of device memory free (fragmentation, driver)
 HOST_USABLE = 0.80                   # fraction of host RAM a plan may pin
 GRADNORM_PARTIALS = 1 << 16          # fp32 partial sums of the deterministic global norm
-STATS_SLOT = 16                      # bytes per FP8 tensor's amax/descale slot (16-byte aligned)
+STATS_SLOT = 32                      # bytes per FP8 tensor's slot: amax @0, descale @16 (16-byte aligned)
 
 # --- cost: achieved fraction of the datasheet dense rate --------------------------------------
 # GEMM efficiency rises with size; e(flops) = GEMM_EFF_MAX * f / (f + GEMM_EFF_HALF_FLOPS).

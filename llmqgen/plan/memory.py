@@ -193,9 +193,9 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("lmhead.lse", "fp32", (BT,), lifetime="shared")
 
     # Small persistent state.
-    n_fp8 = (4 + 4) * L + 4 if fp8 else 0         # act + grad operands per layer, + weights
-    t.add("stats.fp8", "uint8", ((n_fp8 + 4 * L) * STATS_SLOT,) if fp8 else (STATS_SLOT,),
-          note="amax / descale slots, 16-byte aligned")
+    if fp8:
+        from ..codegen.schedule import fp8_slot_count
+        t.add("stats.fp8", "uint8", (fp8_slot_count(L) * STATS_SLOT,), note="amax / descale slots")
     t.add("stats.scalars", "fp32", (64,), note="loss, norm, clip scale, hyper-parameters")
     t.add("stats.gradnorm", "fp32", (GRADNORM_PARTIALS,))
     t.add("tokens.inputs", "int32", (BT,))

@@ -226,15 +226,18 @@ def test_quantize(built):
         R, K, name = m["rows"], m["cols"], k.name.removeprefix("llmq_quantize_dual_")
         x = rnd(R, K, dtype=torch.float32 if m["src"] == "float" else torch.bfloat16, scale=3.0)
         true_amax = x.float().abs().max().item()
+        found = torch.zeros(8, device="cuda")
+        prog.launch(f"llmq_amax_{name}", x, found)
+        assert found[0].item() == true_amax, f"llmq_amax_{name}"
         for amax in (true_amax, true_amax / 2):   # the second saturates half the range
-            stats = torch.tensor([amax, float("nan"), 0, 0], device="cuda")
+            stats = torch.tensor([amax, 0, 0, 0, float("nan"), 0, 0, 0], device="cuda")
             scale = torch.tensor(m["fmax"], device="cuda") / torch.tensor(amax, device="cuda")
             ref = (x.float() * scale).clamp(-m["fmax"], m["fmax"]).to(getattr(torch, FP8_TORCH[m["dst"]]))
             ref = ref.view(torch.uint8)
             out, out_t, out2 = (torch.full((n,), 0xFF, dtype=torch.uint8, device="cuda") for n in [R * K] * 3)
             prog.launch(f"llmq_quantize_{name}", out, x, stats)
             assert torch.equal(out.view(R, K), ref), f"{k.name}: {(out.view(R, K) != ref).sum()} bytes differ"
-            assert stats[1].item() == pytest.approx(amax / m["fmax"], rel=1e-6)
+            assert stats[4].item() == pytest.approx(amax / m["fmax"], rel=1e-6)
             out.fill_(0xFF)
             prog.launch(k.name, out, out_t, x, stats)
             assert torch.equal(out.view(R, K), ref) and torch.equal(out_t.view(K, R), ref.t())

@@ -70,12 +70,15 @@ def kernels(ctx: dict) -> list[Kernel]:
         meta = dict(sites=s["sites"], rows=R, cols=K, src=s["src"], dst=s["dst"], fmax=FMAX[s["dst"]])
         tiles = (cdiv(K, TILE), cdiv(R, TILE), 1)
         out += [
+            Kernel(f"llmq_amax_{name}", (grid_stride_blocks(ctx, R * K // 8, FLAT_THREADS), 1, 1),
+                   (FLAT_THREADS, 1, 1), (("in", src), ("stats", "float*")),
+                   doc="stats[0] = max(stats[0], amax(in)) for a tensor no kernel of ours produced", meta=meta),
             Kernel(f"llmq_quantize_{name}", (grid_stride_blocks(ctx, R * K // 16, FLAT_THREADS), 1, 1),
                    (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
-                   doc=f"out = sat_{s['dst']}(in * FMAX/amax) [R,K]; stats[1] = amax/FMAX", meta=meta),
+                   doc=f"out = sat_{s['dst']}(in * FMAX/amax) [R,K]; stats[4] = amax/FMAX", meta=meta),
             Kernel(f"llmq_quantize_t_{name}", tiles, (TILE_THREADS, 1, 1),
                    (("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
-                   doc=f"out_t = sat_{s['dst']}(in * FMAX/amax)^T [K,R]; stats[1] = amax/FMAX", meta=meta),
+                   doc=f"out_t = sat_{s['dst']}(in * FMAX/amax)^T [K,R]; stats[4] = amax/FMAX", meta=meta),
             Kernel(f"llmq_quantize_dual_{name}", tiles, (TILE_THREADS, 1, 1),
                    (("out", "uint8_t*"), ("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
                    doc="quantize and quantize_t from one read of in", meta=meta),

@@ -1,0 +1,103 @@
+"""Benchmark result files: `bench/results/<gpu>-<plan>.json`, one measured plan on one machine.
+
+A record holds what a reader needs to trust and reproduce the number: the median step time after
+warm-up with the raw times, tokens/s, SOL and MFU (through llmqgen.metrics, the one definition),
+the planner's prediction beside the measurement, the GPU, driver and library versions, and the
+whole plan.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+import statistics
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .. import __version__
+from ..metrics import mfu, sol_seconds_per_token
+from ..plan.schema import Plan
+
+# CUDA 13 wheels carry no suffix (cuDNN: -cu13); the -cu12 twins serve CUDA 12 drivers.
+VERSIONED_DISTRIBUTIONS = (
+    "cuda-bindings", "nvidia-cuda-nvrtc", "nvidia-cuda-nvrtc-cu12", "nvidia-cublas", "nvidia-cublas-cu12",
+    "nvidia-cudnn-cu13", "nvidia-cudnn-cu12", "nvmath-python", "nvidia-cudnn-frontend", "numpy", "llmqgen",
+)
+
+
+def collect_versions() -> dict[str, str | None]:
+    """Installed versions of the libraries that decide speed (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for dist in VERSIONED_DISTRIBUTIONS:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, versions: dict,
+                 peak_mem_bytes: int) -> dict:
+    """`step_ms`: every optimizer step's time in order, the first `warmup` of them discarded.
+    `device`: at least `name` (the GPU as the driver names it) and `driver` (its version)."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if len(step_ms) <= warmup:
+        raise ValueError(f"{len(step_ms)} step times with {warmup} warm-up steps leave none to measure: "
+                         f"run more steps than --warmup")
+    missing = [k for k in ("name", "driver") if k not in device]
+    if missing:
+        raise ValueError(f"device info lacks {missing}: pass the GPU name and driver version")
+    measured = [float(t) for t in step_ms[warmup:]]
+    median_ms = statistics.median(measured)
+    step_s = median_ms / 1e3
+    m, T, gpu, n = plan.model, plan.batch.seq_len, plan.inventory.gpu, plan.num_gpus
+    tokens_per_s = plan.tokens_per_step / step_s
+    sol_s = sol_seconds_per_token(m, T, gpu, plan.precision.matmul) * plan.tokens_per_step / n
+    e = plan.estimate
+    return {
+        "llmqgen_version": __version__,
+        "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "plan_name": plan.name,
+        "plan_hash": plan.inputs_hash(),
+        "device": dict(device),
+        "num_gpus": n,
+        "versions": dict(versions),
+        "tokens_per_step": plan.tokens_per_step,
+        "warmup_steps": warmup,
+        "measured_steps": len(measured),
+        "step_ms_median": median_ms,
+        "tokens_per_s": tokens_per_s,
+        "sol_pct": 100 * sol_s / step_s,
+        "mfu_pct": 100 * mfu(m, T, gpu, tokens_per_s / n),
+        "peak_mem_bytes": int(peak_mem_bytes),
+        "predicted": None if e is None else {
+            "step_ms": e.step_ms, "tokens_per_s": e.tokens_per_s, "device_bytes": e.device_bytes},
+        "step_ms": [float(t) for t in step_ms],
+        "plan": plan.model_dump(mode="json", by_alias=True),
+    }
+
+
+def slug(text: str) -> str:
+    """"NVIDIA GeForce RTX 4090" -> "nvidia-geforce-rtx-4090"."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def bench_filename(record: dict) -> str:
+    plan_name = record["plan_name"]
+    if not plan_name or "/" in plan_name or "\\" in plan_name or plan_name.startswith("."):
+        raise ValueError(f"plan name {plan_name!r} cannot be a file name: rename the plan")
+    return f"{slug(record['device']['name'])}-{plan_name}.json"
+
+
+def write_bench(record: dict, root: Path = Path("bench/results")) -> Path:
+    """Writes the record (sorted keys, indent 2) atomically; a rerun of the same plan on the same GPU
+    replaces the previous file, so the folder holds the latest number of each pair."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / bench_filename(record)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
