@@ -202,6 +202,38 @@ def build(plan_path, model_name, gpus, arch, out_root):
         click.echo(f"warning: kernels that spill registers: {', '.join(r.spills)}", err=True)
 
 
+def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optional[str]):
+    """A plan from --plan, or solved from --model/--gpus, or the newest in plans/."""
+    from .plan.schema import Plan
+    if model_name or gpus:
+        from .models.catalog import resolve_model
+        from .plan.solver import NoFitError, solve
+        try:
+            return solve(resolve_model(model_name or "0.5b"), _inventory(gpus or "auto", None))
+        except (NoFitError, ValueError) as e:
+            _fail(str(e))
+    return Plan.from_json((plan_path or _newest_plan()).read_text())
+
+
+@main.command()
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
+@click.option("--model", "model_name", default=None, help="Solve a plan for this model (with --gpus, default auto).")
+@click.option("--gpus", default=None)
+@click.option("--steps", type=int, default=8, show_default=True, help="Timed optimizer steps.")
+@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
+@click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("bench/results"), show_default=True)
+def bench(plan_path, model_name, gpus, steps, warmup, out_root):
+    """Run optimizer steps of a plan on synthetic tokens; write bench/results/<gpu>-<plan>.json."""
+    from .runtime.bench import run_bench
+    p = _plan_from(plan_path, model_name, gpus)
+    click.echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
+    try:
+        run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo)
+    except NotImplementedError as e:
+        _fail(str(e))
+
+
 def _register_subcommands() -> None:
     from .checkpoint.cli import export
     from .data.cli import data

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --name qwen2.5-0.5b-fp8-1xh200 "$@" >/dev/null
+llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-0.5b-bf16-1xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-7b --gpus 1x4060ti --host-mem 128G --set recompute.block=true \
   --name qwen2.5-7b-fp8-1x4060ti-block "$@" >/dev/null
 llmqgen plan --model qwen2.5-32b --gpus 4x4090 --host-mem 512G --name qwen2.5-32b-fp8-4x4090 "$@" >/dev/null

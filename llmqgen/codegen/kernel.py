@@ -20,5 +20,12 @@ class Kernel:
         return d
 
 
+def kernel_from_json(d: dict) -> Kernel:
+    """A row of kernels.json back into a Kernel."""
+    return Kernel(name=d["name"], grid=tuple(d["grid"]), block=tuple(d["block"]),
+                  args=tuple((a["name"], a["type"]) for a in d["args"]), smem=d.get("smem", 0),
+                  doc=d.get("doc", ""), meta=d.get("meta", {}))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)

@@ -88,7 +88,7 @@ def build_schedule(plan: Plan) -> dict:
     m, r, fp8 = plan.model, plan.recompute, plan.fp8
     L, C, F, BT = m.num_layers, m.hidden_size, m.intermediate_size, plan.batch.micro_batch * plan.batch.seq_len
     QKV, QDIM, qk = m.qkv_dim, m.q_dim, m.qk_norm
-    o = _Ops(plan.estimate.memory if plan.estimate else memory_table(plan))
+    o = _Ops(memory_table(plan))    # from the inputs: a saved estimate may predate this llmqgen
     site, tsite = _site_kernels(plan)
     gdt = plan.precision.gradient
     W = lambda n: f"weights.{n}[l]"       # noqa: E731
@@ -219,7 +219,7 @@ def build_schedule(plan: Plan) -> dict:
     else:
         o.kernel("llmq_rope_backward", b, dqkv="work.d_qkv", table="rope.table", **amax("d_qkv"))
     if m.qkv_bias:
-        o.add("bias_grad", b, dy="work.d_qkv", db=G("qkv_bias"), rows=BT, cols=QKV)
+        o.add("bias_grad", b, dy="work.d_qkv", db=G("qkv_bias"), ones="work.ones", rows=BT, cols=QKV)
     linear_backward("qkv", "work.d_qkv", "d_qkv", "act.ln1[l]", "ln1", "work.d_ln")
     o.kernel("llmq_rmsnorm_backward_ln1", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln",
              res="act.res[l]", weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)

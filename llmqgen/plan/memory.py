@@ -169,6 +169,8 @@ def memory_table(plan: Plan) -> list[MemRow]:
         t.add("work.w_qt", "e4m3", (max(prod(sh) for sh in m.block_matrix_shapes().values()),),
               lifetime="shared", note="weight transpose (dgrad)")
     t.add("work.d_res", "bf16", (BT, C), lifetime="shared", note="residual-stream gradient")
+    if m.qkv_bias:
+        t.add("work.ones", "bf16", (BT,), note="ones: the QKV bias gradient is ones . d_qkv")
     t.add("work.d_ln", "bf16", (BT, C), lifetime="shared")
     t.add("work.d_qkv", "bf16", (BT, QKV), lifetime="shared")
     t.add("work.d_att", "bf16", (BT, QDIM), lifetime="shared")

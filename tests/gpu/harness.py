@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from llmqgen.codegen.kernel import Kernel
+from llmqgen.codegen.kernel import Kernel, kernel_from_json
 from llmqgen.hardware.catalog import resolve_gpu
 from llmqgen.models.spec import ModelSpec, RopeScaling
 from llmqgen.plan.schema import Batch, Inventory, Plan, Precision
@@ -69,12 +69,6 @@ def gpu_unavailable_reason() -> str | None:
     except Exception as e:  # noqa: BLE001 - no libcuda at all raises before any CUresult exists
         return f"no usable NVIDIA driver ({type(e).__name__}: {e})"
     return None if n > 0 else "the NVIDIA driver sees no GPU"
-
-
-def kernel_from_json(d: dict) -> Kernel:
-    return Kernel(name=d["name"], grid=tuple(d["grid"]), block=tuple(d["block"]),
-                  args=tuple((a["name"], a["type"]) for a in d["args"]), smem=d.get("smem", 0),
-                  doc=d.get("doc", ""), meta=d.get("meta", {}))
 
 
 def current_device() -> driver.Device:

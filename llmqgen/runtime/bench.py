@@ -1,0 +1,63 @@
+"""`llmqgen bench`: N optimizer steps of a plan on synthetic tokens, timed, written to bench/results."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..data.loader import TokenBatch, embedding_backward_index
+from ..models.init import init_params
+from ..plan.schema import Plan
+from . import driver
+from .benchfile import bench_record, collect_versions, write_bench
+from .trainer import Trainer
+
+
+def synthetic_batches(plan: Plan, seed: int = 0) -> list[TokenBatch]:
+    """One optimizer step of uniformly random tokens (speed does not depend on their values)."""
+    rng = np.random.default_rng(seed)
+    B, T, V = plan.batch.micro_batch, plan.batch.seq_len, plan.model.vocab_size
+    out = []
+    for _ in range(plan.batch.grad_accum):
+        toks = rng.integers(0, V, size=(B, T + 1), dtype=np.int32)
+        inputs = np.ascontiguousarray(toks[:, :-1])
+        order, seg, uniq = embedding_backward_index(inputs)
+        out.append(TokenBatch(inputs, np.ascontiguousarray(toks[:, 1:]), order, seg, uniq))
+    return out
+
+
+def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
+              echo=print) -> Path:
+    tr = Trainer(plan)
+    try:
+        tr.load_params(init_params(plan.model, seed=0))
+        data = synthetic_batches(plan)
+        times = []
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            tr.accumulate(data)
+            norm = tr.optimizer_step(lr=1e-4)
+            times.append(1e3 * (time.perf_counter() - t0))
+            echo(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
+                 + (" (warm-up)" if step < warmup else ""))
+        free, total = driver.mem_info()
+        device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
+                  "sm_count": tr.dev.sm_count, "total_memory": total}
+        record = bench_record(plan, times, warmup, device, collect_versions(), peak_mem_bytes=total - free)
+        path = write_bench(record, out_root)
+        echo(f"median {record['step_ms_median']:.1f} ms/step, {record['tokens_per_s']:,.0f} tokens/s, "
+             f"SOL {record['sol_pct']:.0f}%, MFU {record['mfu_pct']:.0f}%, "
+             f"{(total - free) / 2**30:.1f} GiB in use -> {path}")
+        return path
+    finally:
+        tr.close()
+
+
+def _driver_version() -> str:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        return pynvml.nvmlSystemGetDriverVersion()
+    except Exception:  # noqa: BLE001 - the record says unknown rather than failing the run
+        return "unknown"
