@@ -154,9 +154,9 @@ def build_schedule(plan: Plan) -> dict:
     layer_forward = o.take()
 
     # ---- backward of one block: recompute first, then the chain rule bottom-up ---------------------
-    if r.block:
-        o.kernel("llmq_rmsnorm_recompute_ln1", "recompute", res="act.res[l]", weight=W("ln1"),
-                 rstd="act.rstd1[l]", y=norm_out("ln1"), **amax("ln1"))
+    if r.block:    # rstd1 was not kept either: the no-add forward norm recomputes it from the block input
+        o.kernel("llmq_rmsnorm_forward_ln1_first", "recompute", res_in="act.res[l]", weight=W("ln1"),
+                 y=norm_out("ln1"), rstd="act.rstd1[l]", **amax("ln1"))
         block_forward("recompute")
     else:
         if r.norm:

@@ -59,7 +59,8 @@ def test_gradients_match_pytorch(arch, fp8, extra):
         assert abs(loss - ref_loss) / ref_loss < 1e-2, (loss, ref_loss)
         stats = compare_grads(grads, ref_grads)
         print(f"\n  {arch} {'fp8' if fp8 else 'bf16'} {extra}: loss {loss:.5f} vs {ref_loss:.5f}; "
-              f"mean cos {stats['mean_cos']:.5f}, mean rel {stats['mean_rel']:.4f}")
+              f"mean cos {stats['mean_cos']:.5f}, mean rel norm err {stats['mean_rel']:.4f}, "
+              f"mean |a-b|/|b| {stats['mean_diff']:.4f}")
         if fp8:
             assert_close_grads(stats, 0.99, 0.012)
         else:

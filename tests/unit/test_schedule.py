@@ -51,7 +51,7 @@ def _label(op):
     ({"norm": True}, {"llmq_rmsnorm_recompute_ln1", "llmq_rmsnorm_recompute_ln2"}),
     ({"ffn": True}, {"linear:gate_up", "llmq_swiglu_forward"}),
     ({"attention": True}, {"linear:qkv", "llmq_rope_forward", "attention_forward"}),
-    ({"block": True}, {"llmq_rmsnorm_recompute_ln1", "linear:qkv", "linear:attn_out", "linear:gate_up",
+    ({"block": True}, {"llmq_rmsnorm_forward_ln1_first", "linear:qkv", "linear:attn_out", "linear:gate_up",
                        "attention_forward", "llmq_rmsnorm_forward_ln2"}),
 ])
 def test_recompute_ops_open_the_backward(rc, expect):
