@@ -225,7 +225,10 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
               default=Path("bench/results"), show_default=True)
 def bench(plan_path, model_name, gpus, steps, warmup, out_root):
     """Run optimizer steps of a plan on synthetic tokens; write bench/results/<gpu>-<plan>.json."""
-    from .runtime.bench import run_bench
+    try:
+        from .runtime.bench import run_bench
+    except ImportError as e:
+        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
     p = _plan_from(plan_path, model_name, gpus)
     click.echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:

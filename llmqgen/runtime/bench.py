@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
+from math import prod
 from pathlib import Path
 
 import numpy as np
 
 from ..data.loader import TokenBatch, embedding_backward_index
-from ..models.init import init_params
+from ..models.hf_names import param_shapes
 from ..plan.schema import Plan
 from . import driver
 from .benchfile import bench_record, collect_versions, write_bench
@@ -27,11 +28,26 @@ def synthetic_batches(plan: Plan, seed: int = 0) -> list[TokenBatch]:
     return out
 
 
+def bench_params(spec) -> dict[str, np.ndarray]:
+    """Weights for timing only: N(0, 0.02) values cut from one shared random pool (norms one), so a
+    7B model's weights take seconds, not the minutes a fresh draw of every value would."""
+    pool = np.random.default_rng(0).normal(0.0, 0.02, 1 << 24).astype(np.float32)
+    out = {}
+    for name, shape in param_shapes(spec).items():
+        n = prod(shape)
+        if name.rsplit(".", 1)[-1] in ("ln1", "ln2", "q_norm", "k_norm", "final_norm"):
+            out[name] = np.ones(shape, np.float32)
+        else:
+            reps = -(-n // pool.size)
+            out[name] = np.tile(pool, reps)[:n].reshape(shape) if reps > 1 else pool[:n].reshape(shape)
+    return out
+
+
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
               echo=print) -> Path:
     tr = Trainer(plan)
     try:
-        tr.load_params(init_params(plan.model, seed=0))
+        tr.load_params(bench_params(plan.model))
         data = synthetic_batches(plan)
         times = []
         for step in range(warmup + steps):
