@@ -237,6 +237,81 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root):
         _fail(str(e))
 
 
+def _run_options(f):
+    """The options `run` and `train` share (the training loop's)."""
+    opts = [
+        click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="A dataset from `llmqgen data prepare` (default: the embedded corpus)."),
+        click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps."),
+        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate."),
+        click.option("--warmup", type=int, default=20, show_default=True),
+        click.option("--schedule", type=click.Choice(["cosine", "linear", "wsd", "constant"]), default="cosine",
+                     show_default=True),
+        click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: never)."),
+        click.option("--checkpoint-every", type=int, default=0, help="Checkpoint every N steps (and at the end)."),
+        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                     help="Run directory (default: runs/<plan name>)."),
+        click.option("--resume", default=None, help="Resume from a checkpoint of the run directory: latest or a step."),
+        click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+                     help="Start from a local Hugging Face model directory instead of random weights."),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _train(p, data, steps, lr, warmup, schedule, eval_every, checkpoint_every, out_dir, resume, init_from, seed):
+    try:
+        from .runtime.run import RunConfig, train
+    except ImportError as e:
+        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+    if data is None:
+        from .data.corpus import default_corpus, describe
+        click.echo(f"no --data given: training on the embedded default corpus ({describe()})")
+        data = default_corpus()
+    cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=steps, lr=lr, warmup=warmup,
+                    schedule=schedule, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
+                    resume=resume, init_from=init_from)
+    click.echo(f"run {p.name}: {steps} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
+    try:
+        train(p, cfg, echo=click.echo)
+    except (NotImplementedError, ValueError) as e:
+        _fail(str(e))
+
+
+@main.command()
+@click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A plan file (default: the newest in plans/).")
+@_run_options
+def run(plan_path, **kw):
+    """Train with a plan's program: log, checkpoints, HF export at the end (Ctrl-C stops after saving)."""
+    _train(_plan_from(plan_path, None, None), **kw)
+
+
+@main.command("train")
+@click.option("--model", "model_name", default="0.5b", show_default=True)
+@click.option("--gpus", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None)
+@click.option("--seq-len", type=int, default=1024, show_default=True)
+@click.option("--tokens-per-step", type=int, default=524288, show_default=True)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@_run_options
+def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
+    """Plan + build + run in one go, with sensible defaults."""
+    from .models.catalog import resolve_model
+    from .plan.solver import NoFitError, solve
+    try:
+        p = solve(resolve_model(model_name), _inventory(gpus, None), seq_len=seq_len,
+                  tokens_per_step=tokens_per_step, dtype="e4m3" if dtype == "fp8" else dtype,
+                  pins=_parse_sets(sets))
+    except (NoFitError, ValueError) as e:
+        _fail(str(e))
+    PLANS_DIR.mkdir(exist_ok=True)
+    (PLANS_DIR / f"{p.name}.json").write_text(p.to_json())
+    _train(p, **kw)
+
+
 def _register_subcommands() -> None:
     from .checkpoint.cli import export
     from .data.cli import data

@@ -232,6 +232,30 @@ class Trainer:
     def gradients(self) -> dict[str, np.ndarray]:
         return self._read_rows("grads.")
 
+    # --- exact training state: the raw bytes of every row a step carries over ------------------------
+    STATE_PREFIXES = ("weights.", "master.", "adam_m.", "adam_v.", "stats.fp8")
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        """Raw bytes of weights, masters, Adam moments and FP8 weight scales: restoring them resumes
+        the run bit-exactly (gradients are zero between steps, activations are rebuilt)."""
+        out = {}
+        for name, row in self.rows.items():
+            if row.place == "device" and name.startswith(self.STATE_PREFIXES):
+                out[name] = self._download(self.mem.ptr(name), np.uint8, (row.total,))
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
+        for name, row in self.rows.items():
+            if row.place == "device" and name.startswith(self.STATE_PREFIXES):
+                a = np.asarray(tensors[name], np.uint8)
+                if a.size != row.total:
+                    raise ValueError(f"checkpoint row {name} has {a.size} bytes, this plan's has {row.total}: "
+                                     f"resume with the plan the checkpoint was written with")
+                self._upload(self.mem.ptr(name), a)
+        for op in self.sched["init"]:
+            self._bind(op, None)()
+        self.step_count = step
+
     # --- a training step --------------------------------------------------------------------------
     def _set_scalar(self, name: str, values) -> None:
         self._upload(self.ptr(f"scalar:{name}", None), np.asarray(values, np.float32))
@@ -270,6 +294,12 @@ class Trainer:
         for b in batches:
             self._feed(b)
             self._run_micro()
+        driver.stream_synchronize(self.stream)
+
+    def zero_gradients(self) -> None:
+        for name, row in self.rows.items():
+            if name.startswith("grads."):
+                driver.memset_d8(self.mem.ptr(name), 0, row.total, self.stream)
         driver.stream_synchronize(self.stream)
 
     def loss(self) -> float:

@@ -1,0 +1,67 @@
+"""Issue 5 on the GPU: a run stopped at step 10 and resumed matches the uninterrupted run bit for bit,
+and the exported model, loaded by transformers, gives llmqgen's loss on a batch."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+torch = pytest.importorskip("torch")
+pytest.importorskip("nvmath")
+pytest.importorskip("cudnn")
+
+from harness import small_plan  # noqa: E402
+
+from llmqgen.checkpoint.hf import import_hf  # noqa: E402
+from llmqgen.data.loader import EvalLoader  # noqa: E402
+from llmqgen.runtime.log import read_log  # noqa: E402
+from llmqgen.runtime.run import RunConfig, train  # noqa: E402
+from llmqgen.runtime.trainer import Trainer  # noqa: E402
+
+DATA = Path(os.environ.get("LLMQGEN_TEST_DATA", ".data/corpus"))
+needs_data = pytest.mark.skipif(not (DATA / "manifest.json").exists(),
+                                reason=f"no token dataset at {DATA} (set LLMQGEN_TEST_DATA)")
+
+
+def plan(fp8):
+    return small_plan("qwen2", fp8, V=151936, B=2, T=256, grad_accum=2)
+
+
+@needs_data
+def test_resume_is_bit_exact(tmp_path):
+    p = plan(True)
+    full = tmp_path / "full"
+    train(p, RunConfig(data=DATA, out=full, steps=20, lr=1e-3, warmup=5))
+    part = tmp_path / "part"
+    train(p, RunConfig(data=DATA, out=part, steps=20, lr=1e-3, warmup=5, stop_after=10))
+    train(p, RunConfig(data=DATA, out=part, steps=20, lr=1e-3, warmup=5, resume="latest"))
+    a = [r["loss"] for r in read_log(full / "log.jsonl")]
+    b = [r["loss"] for r in read_log(part / "log.jsonl")]
+    print("\n  uninterrupted", [f"{x:.5f}" for x in a[9:]], "\n  resumed      ", [f"{x:.5f}" for x in b[9:]])
+    assert len(a) == len(b) == 20
+    assert a == b, "resumed losses differ from the uninterrupted run"
+
+
+@needs_data
+def test_exported_model_loads_in_transformers_with_the_same_loss(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    p = plan(False)
+    model_dir = train(p, RunConfig(data=DATA, out=tmp_path, steps=5, lr=1e-3, warmup=2))
+    assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    batch = next(iter(EvalLoader(DATA, 2, 256, max_batches=1)))
+    tr = Trainer(p, out_root=str(tmp_path / "build"))
+    try:
+        tr.load_params(import_hf(model_dir, p.model))
+        tr.accumulate([batch])
+        ours = tr.loss()
+    finally:
+        tr.close()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).cuda()
+    with torch.no_grad():
+        logits = hf(torch.tensor(batch.inputs, dtype=torch.long, device="cuda")).logits
+        theirs = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(
+            batch.targets, dtype=torch.long, device="cuda").flatten(), ignore_index=-100).item()
+    print(f"\n  llmqgen loss {ours:.5f}, transformers loss {theirs:.5f}")
+    assert abs(ours - theirs) / theirs < 1e-2
