@@ -45,7 +45,9 @@ class AdamW:
 
 class Trainer:
     def __init__(self, plan: Plan, *, seed: int = 0, optim: AdamW | None = None, out_root: str = "build",
-                 graphs: bool = True):
+                 graphs: bool = True, attention: str = "auto"):
+        """attention: "cudnn" (cuDNN SDPA), "flash" (the program's own flash-attention kernels) or
+        "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels)."""
         unsupported = plan.offload.names() + (["sharding"] if plan.sharding.zero else [])
         if plan.num_gpus != 1 or unsupported:
             raise NotImplementedError(
@@ -65,8 +67,16 @@ class Trainer:
         driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients start at zero
         self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
         m, b = plan.model, plan.batch
-        self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim))
-        if self.attn.workspace_bytes > self.rows["ws.attention"].bytes:
+        if attention == "auto":
+            attention = "cudnn" if _has_cudnn() else "flash"
+        self.attn = None
+        if attention == "cudnn":
+            self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim))
+        elif "llmq_attention_forward" not in self.kernels:
+            raise RuntimeError(f"no cuDNN attention and the program has no flash-attention kernels for this "
+                               f"shape (head_dim {m.head_dim}, seq_len {b.seq_len}): install "
+                               f"nvidia-cudnn-frontend, or use head_dim 64/128 and a seq_len multiple of 64")
+        if self.attn and self.attn.workspace_bytes > self.rows["ws.attention"].bytes:
             raise RuntimeError(f"cuDNN SDPA needs {self.attn.workspace_bytes} bytes of workspace, the plan "
                                f"reserved {self.rows['ws.attention'].bytes}: re-plan with a larger attn_bwd_chunks")
         self.gemms: dict[tuple, Gemm] = {}
@@ -124,6 +134,8 @@ class Trainer:
             return lambda: driver.launch(func, grid, k.block, k.smem, s, values, types)
         if kind == "linear":
             return self._bind_linear(op, layer)
+        if kind.startswith("attention_") and self.attn is None:
+            return self._bind_flash_attention(op, layer)
         if kind == "attention_forward":
             p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "lse")}
             ws = self.mem.ptr("ws.attention")
@@ -141,6 +153,18 @@ class Trainer:
             a, b_, d = self.ptr(op["ones"], layer), self.ptr(op["dy"], layer), self.ptr(op["db"], layer)
             return lambda: g.run(s, a, b_, d)
         raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
+
+    def _bind_flash_attention(self, op: dict, layer: int | None) -> Callable[[], None]:
+        """The generated kernels: forward writes out and lse; backward = rowsum(dO*O) pre-pass + backward."""
+        if op["op"] == "attention_forward":
+            names = [("llmq_attention_forward", [op["qkv"], op["out"], op["lse"]])]
+        else:
+            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], "work.attn_delta"]),
+                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], "work.attn_delta", op["dqkv"]])]
+        fns = [self._bind({"op": "kernel", "kernel": k, "args": {a: v for (a, _), v in
+                                                                  zip(self.kernels[k].args, refs)}}, layer)
+               for k, refs in names]
+        return lambda: [f() for f in fns] and None
 
     def _gemm(self, key, make) -> Gemm:
         if key not in self.gemms:
@@ -360,6 +384,14 @@ class Trainer:
             g.close()
         self.blas.close()
         self.mem.free()
+
+
+def _has_cudnn() -> bool:
+    try:
+        import cudnn  # noqa: F401
+        return True
+    except ImportError:
+        return False
 
 
 def _split_index(body: str, layer: int | None) -> tuple[str, int | None]:

@@ -48,7 +48,9 @@ def test_resume_is_bit_exact(tmp_path):
 def test_exported_model_loads_in_transformers_with_the_same_loss(tmp_path):
     transformers = pytest.importorskip("transformers")
     p = plan(False)
-    model_dir = train(p, RunConfig(data=DATA, out=tmp_path, steps=5, lr=1e-3, warmup=2))
+    model_dir = train(p, RunConfig(data=DATA, out=tmp_path, steps=5, lr=1e-3, warmup=2, eval_every=2))
+    evals = [r["eval_loss"] for r in read_log(tmp_path / "log.jsonl") if r.get("eval_loss") is not None]
+    assert len(evals) == 2 and all(np.isfinite(evals))
     assert json.loads((model_dir / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
     batch = next(iter(EvalLoader(DATA, 2, 256, max_batches=1)))
     tr = Trainer(p, out_root=str(tmp_path / "build"))

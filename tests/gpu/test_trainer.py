@@ -41,11 +41,14 @@ CASES = [("qwen2", False, {}), ("qwen2", True, {}), ("llama", True, {}), ("qwen3
          ("qwen2", True, {"recompute": Recompute(block=True)}), ("qwen2", True, {"lm_head_chunks": 2})]
 
 
-@pytest.mark.parametrize("arch,fp8,extra", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("arch,fp8,extra", CASES + [("qwen3", True, {"attention": "flash"}),
+                                                   ("llama", False, {"attention": "flash"})], ids=lambda v: str(v))
 def test_gradients_match_pytorch(arch, fp8, extra):
+    extra = dict(extra)
+    attention = extra.pop("attention", "cudnn")     # "flash": the generated kernels instead of cuDNN
     plan = small_plan(arch, fp8, **extra)
     params = init_params(plan.model, seed=1)
-    tr = Trainer(plan, out_root=str(__import__("tempfile").mkdtemp()))
+    tr = Trainer(plan, out_root=str(__import__("tempfile").mkdtemp()), attention=attention)
     try:
         tr.load_params(params)
         bs = batches(plan, 2, motif=fp8)   # FP8's error is relative to the signal: give it a coherent one
@@ -58,7 +61,7 @@ def test_gradients_match_pytorch(arch, fp8, extra):
         ref_loss, ref_grads = ref.loss_and_grads(tokens, targets)
         assert abs(loss - ref_loss) / ref_loss < 1e-2, (loss, ref_loss)
         stats = compare_grads(grads, ref_grads)
-        print(f"\n  {arch} {'fp8' if fp8 else 'bf16'} {extra}: loss {loss:.5f} vs {ref_loss:.5f}; "
+        print(f"\n  {arch} {'fp8' if fp8 else 'bf16'} {extra} {attention}: loss {loss:.5f} vs {ref_loss:.5f}; "
               f"mean cos {stats['mean_cos']:.5f}, mean rel norm err {stats['mean_rel']:.4f}, "
               f"mean |a-b|/|b| {stats['mean_diff']:.4f}")
         if fp8:
