@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
-from ..metrics import sol_seconds_per_token, training_flops_per_token
+from ..metrics import mfu, sol_seconds_per_token, training_flops_per_token
 from . import calibration as K
 from .memory import DTYPE_BYTES, param_tensors
 from .schema import Plan
@@ -134,7 +134,7 @@ def step_cost(plan: Plan) -> StepCost:
     fpt = training_flops_per_token(m, T)
     return StepCost(breakdown_ms=breakdown, step_ms=step_s * 1e3, tokens_per_s=tps,
                     sol_ms=sol_s * 1e3, sol_pct=100 * sol_s / step_s,
-                    mfu_pct=100 * fpt * tps / N / (gpu.bf16_tflops * 1e12), flops_per_token=fpt)
+                    mfu_pct=100 * mfu(m, T, gpu, tps / N), flops_per_token=fpt)
 
 
 def _link_bytes_per_s(plan: Plan) -> float:
