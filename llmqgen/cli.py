@@ -223,7 +223,9 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
 @click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench/results"), show_default=True)
-def bench(plan_path, model_name, gpus, steps, warmup, out_root):
+@click.option("--devices", default=None, help="GPU of each rank, e.g. 0,0 to run a 2-GPU plan's two ranks on "
+              "GPU 0 (tests the collectives and host-staged transfer rates, not multi-GPU speed).")
+def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices):
     """Run optimizer steps of a plan on synthetic tokens; write bench/results/<gpu>-<plan>.json."""
     try:
         from .runtime.bench import run_bench
@@ -232,7 +234,8 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root):
     p = _plan_from(plan_path, model_name, gpus)
     click.echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
-        run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo)
+        run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo,
+                  devices=[int(d) for d in devices.split(",")] if devices else None)
     except NotImplementedError as e:
         _fail(str(e))
 

@@ -10,4 +10,7 @@ llmqgen plan --model qwen2.5-7b --gpus 1x4060ti --host-mem 128G --set recompute.
 llmqgen plan --model qwen2.5-32b --gpus 4x4090 --host-mem 512G --name qwen2.5-32b-fp8-4x4090 "$@" >/dev/null
 llmqgen plan --model qwen3-0.6b --gpus 1x4090 --host-mem 64G --dtype bf16 --name qwen3-0.6b-bf16-1x4090 "$@" >/dev/null
 llmqgen plan --model llama3.2-1b --gpus 1x4090 --host-mem 64G --name llama3.2-1b-fp8-1x4090 "$@" >/dev/null
+llmqgen plan --model qwen2.5-0.5b --gpus 2xH200 --host-mem 256G --name qwen2.5-0.5b-fp8-2xh200 "$@" >/dev/null
+llmqgen plan --model qwen2.5-1.5b --gpus 2x4090 --host-mem 128G --set sharding.gradients=true \
+  --name qwen2.5-1.5b-fp8-2x4090-zero2 "$@" >/dev/null
 ls plans/*.json

@@ -1,9 +1,10 @@
 """schedule.json: the ordered operations of a training step, every argument bound.
 
-Sections: `init` (once), the micro-step (`prologue`, `layer_forward` for l = 0..L-1, `head`,
-`layer_backward` for l = L-1..0, `epilogue`) and the optimizer step (`optimizer`, then
-`layer_optimizer` for every l). Recompute operations open a layer's backward, exactly for the
-activations the plan's recompute set dropped.
+Sections: `init` and `layer_init` (once, at load), the micro-step (`prologue`, `layer_forward` for
+l = 0..L-1, `head`, `layer_backward` for l = L-1..0, `epilogue`) and the optimizer step (`optimizer`,
+`layer_optimizer` for every l, `publish`, `layer_publish` for every l, `gather`; the publish sections
+also run at load, making the work copies from the loaded masters). Recompute operations open a
+layer's backward, exactly for the activations the plan's recompute set dropped.
 
 References (strings) name rows of the plan's memory table:
   "act.res[l]"      layer l's instance of a per-layer row ("[l-1]" the previous layer's); on a shared
@@ -11,10 +12,16 @@ References (strings) name rows of the plan's memory table:
   "work.d_res"      a shared or single row;  "lmhead.ln+4096" a byte offset into a row
   "fp8:ln1[l]"      layer l's FP8 stats slot of that tensor (amax at +0; "fp8:ln1[l]/descale" is +16)
   "scalar:grad_scale"  a float of stats.scalars (SCALARS gives the index)
+  "stage.grads.qkv[l%2]"  instance l mod 2 of a double buffer
+  "grads.qkv[l]@shard"    this GPU's shard of a whole row: + rank * S elements (memory.shard_elems)
+`collective` operations name whole rows (`tensors`: [row, per_layer], every instance) or a byte
+`region`; the runtime runs them over all GPUs at once (copy engines or NCCL).
 Numbers are passed as they are. `linear` ops are the three GEMMs of a linear layer (forward,
 dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . W[N,K]^T.
 """
 from __future__ import annotations
+
+from math import prod
 
 from ..plan.memory import memory_table, param_tensors
 from ..plan.schema import MemRow, Plan
@@ -66,8 +73,10 @@ class _Ops:
 
     def check(self, value):
         # references name a table row ("act.res[l]"); other strings are tags ("forward", "seed:qkv")
+        if isinstance(value, list):
+            return [self.check(v) for v in value]
         if isinstance(value, str) and "." in value and not value.startswith(("fp8:", "scalar:", "seed:")):
-            name = value.split("[")[0].split("+")[0]
+            name = value.split("[")[0].split("+")[0].split("@")[0]
             if name not in self.rows:
                 raise KeyError(f"schedule names {name!r}, which the memory table lacks")
         return value
@@ -91,8 +100,11 @@ def build_schedule(plan: Plan) -> dict:
     o = _Ops(memory_table(plan))    # from the inputs: a saved estimate may predate this llmqgen
     site, tsite = _site_kernels(plan)
     gdt = plan.precision.gradient
+    N_gpu, sh = plan.num_gpus, plan.sharding
+    zero2 = N_gpu > 1 and sh.gradients
     W = lambda n: f"weights.{n}[l]"       # noqa: E731
-    G = lambda n: f"grads.{n}[l]"         # noqa: E731
+    # ZeRO-2: a block's gradients go to a double buffer, reduce-scattered as backward leaves the block
+    G = (lambda n: f"stage.grads.{n}[l%2]") if zero2 else (lambda n: f"grads.{n}[l]")   # noqa: E731
     amax = (lambda s: {"amax": f"fp8:{s}[l]"}) if fp8 else (lambda s: {})    # noqa: E731
     sink = {"amax": "fp8:sink"} if fp8 else {}
     shapes = m.block_matrix_shapes()
@@ -154,6 +166,10 @@ def build_schedule(plan: Plan) -> dict:
     layer_forward = o.take()
 
     # ---- backward of one block: recompute first, then the chain rule bottom-up ---------------------
+    layer_tensors = [(n, sh_) for n, sh_, per_layer, _ in param_tensors(plan) if per_layer]
+    if zero2:      # the buffer's previous reduce-scatter (layer l+2) is done before this memset: runtime
+        for n, shape in layer_tensors:
+            o.add("memset", "backward", dst=G(n), bytes=o.rows[f"stage.grads.{n}"].bytes)
     if r.block:    # rstd1 was not kept either: the no-add forward norm recomputes it from the block input
         o.kernel("llmq_rmsnorm_forward_ln1_first", "recompute", res_in="act.res[l]", weight=W("ln1"),
                  y=norm_out("ln1"), rstd="act.rstd1[l]", **amax("ln1"))
@@ -224,6 +240,9 @@ def build_schedule(plan: Plan) -> dict:
     o.kernel("llmq_rmsnorm_backward_ln1", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln",
              res="act.res[l]", weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
     o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=G("ln1"), dw_partial="work.norm_partials")
+    if zero2:      # overlapped with the next block's backward on the communication streams
+        o.add("collective", b, kind="reduce_scatter", dtype="bf16", overlap=True,
+              tensors=[[G(n), False] for n, _ in layer_tensors], into=[f"grads.{n}[l]" for n, _ in layer_tensors])
     layer_backward = o.take()
 
     # ---- tokens in, embedding, LM head and loss --------------------------------------------------------
@@ -259,51 +278,116 @@ def build_schedule(plan: Plan) -> dict:
              num_segments=f"tokens.segments+{(BT + 1) * 4}")
     epilogue = o.take()
 
-    # ---- init: RoPE table, e4m3 work copies of the initial weights -------------------------------------
+    # ---- init: RoPE table; amaxes of the initial weights (their work copies come from `publish`) ------------
+    # Several GPUs: gradients are summed over GPUs first (reduce-scatter; ZeRO-0 all-gathers the sums too).
+    # A sharded optimizer updates this GPU's shard ("@shard": the part at rank*S of a whole row), FP8
+    # weight amaxes are max-reduced so that every GPU quantizes with one scale, and the new work copy is
+    # published into the shard's place and all-gathered.
+    from ..plan.memory import shard_elems
+    from .families import adamw as adamw_family
+    from .families import gradnorm as gradnorm_family
+    p = plan.precision
+    tensors = param_tensors(plan)
+    multi, opt_shard = N_gpu > 1, N_gpu > 1 and sh.optimizer
+    sub = "@shard" if opt_shard else ""
+
+    def elems(shape):        # the optimizer's domain of one tensor instance
+        return shard_elems(prod(shape), N_gpu) if opt_shard else prod(shape)
+
     o.kernel("llmq_rope_table", "init", table="rope.table")
     init = o.take()
     if fp8:
         for n in WEIGHT_SLOTS:
-            o.kernel(f"llmq_amax_{site['w_' + n]}", "init", **{"in": f"master.{n}[l]"}, stats=f"fp8:w_{n}[l]")
-            quantize("", f"w_{n}", "init", f"master.{n}[l]", out=W(n))
+            kernel = f"llmq_amax_shard_{SITE_OF['w_' + n]}" if opt_shard else f"llmq_amax_{site['w_' + n]}"
+            o.kernel(kernel, "init", **{"in": f"master.{n}[l]"}, stats=f"fp8:w_{n}[l]")
     layer_init = o.take()
 
     # ---- optimizer step ----------------------------------------------------------------------------------
-    from .families import adamw as adamw_family
-    p = plan.precision
     adam = adamw_family.kernel_name({"MASTER_FP32": p.master == "fp32", "ADAM_M_FP32": p.adam_m == "fp32",
                                      "ADAM_V_FP32": p.adam_v == "fp32"})
-    tensors = param_tensors(plan)
-    o.add("gradnorm", "optimizer", tensors=[(f"grads.{n}", per_layer) for n, _, per_layer, _ in tensors],
-          partials="stats.gradnorm", out="scalar:norm", hyper="scalar:hyper")
+    staged = {n: zero2 and pl for n, _, pl, _ in tensors}       # ZeRO-2 block gradients: already reduced shards
+    whole = [[f"grads.{n}", pl] for n, _, pl, _ in tensors if not staged[n]]
+    if multi:
+        o.add("collective", "optimizer", kind="reduce_scatter", dtype="bf16", overlap=False, tensors=whole,
+              into=None)
+        if not opt_shard:
+            o.add("collective", "optimizer", kind="all_gather", dtype="bf16", overlap=False, tensors=whole)
+
+    def grad(n, idx):
+        return f"grads.{n}{idx}" + ("" if staged[n] else sub)
+
+    sizes = [elems(shape) for _, shape, pl, _ in tensors for _ in range(L if pl else 1)]
+    _, _, n_partials = gradnorm_family.partials_layout(sizes)
+    o.add("gradnorm_partials", "optimizer", tensors=[[grad(n, ""), pl] for n, _, pl, _ in tensors],
+          sizes=sizes, partials="stats.gradnorm", rank_offset=n_partials if opt_shard else 0)
+    if opt_shard:        # every GPU sums all partials in one order: one norm, bit-identical everywhere
+        o.add("collective", "optimizer", kind="all_gather", dtype="fp32", overlap=False,
+              region="stats.gradnorm", bytes=N_gpu * n_partials * 4)
+    o.add("gradnorm_finalize", "optimizer", partials="stats.gradnorm",
+          count=n_partials * (N_gpu if opt_shard else 1), out="scalar:norm", hyper="scalar:hyper")
     if fp8:
         o.add("memset", "optimizer", dst=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
-    for n, shape, per_layer, is_matrix in tensors:
-        if per_layer:
-            continue
-        param = f"master.{n}" if f"master.{n}" in o.rows else f"weights.{n}"
-        o.kernel(adam, "optimizer", param=param, grad=f"grads.{n}", m=f"adam_m.{n}", v=f"adam_v.{n}",
-                 hyper="scalar:hyper", clip_scale="scalar:clip_scale", amax=0, n="numel", step="step",
-                 seed=f"seed:{n}", apply_weight_decay=int(n in ("embedding", "lm_head")), zero_grad=1)
-    optimizer = o.take()
+
+    def master_of(n, idx):
+        return f"master.{n}{idx}" if f"master.{n}" in o.rows else f"weights.{n}{idx}"
+
+    def adamw(n, shape, idx, is_matrix):
+        o.kernel(adam, "optimizer", param=master_of(n, idx), grad=grad(n, idx), m=f"adam_m.{n}{idx}",
+                 v=f"adam_v.{n}{idx}", hyper="scalar:hyper", clip_scale="scalar:clip_scale",
+                 amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n=elems(shape), step="step",
+                 seed=f"seed:{n}", apply_weight_decay=int(is_matrix or n in ("embedding", "lm_head")), zero_grad=1)
+
+    def publish(n, shape, idx, is_matrix):
+        """The work copy from the new master (this GPU's shard of it when the optimizer is sharded)."""
+        src, dst = master_of(n, idx), f"weights.{n}{idx}{sub}"
+        if src.startswith("weights."):
+            return                                  # the work copy is the master
+        if fp8 and is_matrix:
+            if opt_shard:
+                o.kernel(f"llmq_quantize_shard_{SITE_OF['w_' + n]}", "optimizer", out=dst, stats=f"fp8:w_{n}[l]",
+                         **{"in": src})
+            else:
+                quantize("", f"w_{n}", "optimizer", src, out=dst)
+        elif p.master == "fp32":
+            o.kernel("llmq_cast_f32_bf16", "optimizer", dst=dst, src=src, n=elems(shape))
+        else:
+            o.add("copy", "optimizer", dst=dst, src=src, bytes=2 * elems(shape))
+
     for n, shape, per_layer, is_matrix in tensors:
         if not per_layer:
-            continue
-        param = f"master.{n}[l]" if f"master.{n}" in o.rows else W(n)
-        o.kernel(adam, "optimizer", param=param, grad=G(n), m=f"adam_m.{n}[l]", v=f"adam_v.{n}[l]",
-                 hyper="scalar:hyper", clip_scale="scalar:clip_scale",
-                 amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n="numel", step="step",
-                 seed=f"seed:{n}", apply_weight_decay=int(is_matrix), zero_grad=1)
-        if fp8 and is_matrix:      # the new e4m3 work copy, from the new master
-            quantize("", f"w_{n}", "optimizer", param, out=W(n))
+            adamw(n, shape, "", is_matrix)
+    optimizer = o.take()
+    for n, shape, per_layer, is_matrix in tensors:
+        if per_layer:
+            adamw(n, shape, "[l]", is_matrix)
     layer_optimizer = o.take()
+    if opt_shard and fp8:
+        o.add("collective", "optimizer", kind="all_reduce_max", dtype="fp32", overlap=False,
+              region=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
+    for n, shape, per_layer, is_matrix in tensors:
+        if not per_layer:
+            publish(n, shape, "", is_matrix)
+    publish_once = o.take()
+    for n, shape, per_layer, is_matrix in tensors:
+        if per_layer:
+            publish(n, shape, "[l]", is_matrix)
+    layer_publish = o.take()
+    if opt_shard:
+        o.add("collective", "optimizer", kind="all_gather", dtype="uint8", overlap=False,
+              tensors=[[f"weights.{n}", pl] for n, _, pl, _ in tensors])
+        for n, _, pl, _ in tensors:      # AdamW zeroed this GPU's shard; the rest held local sums
+            if not staged[n]:
+                row = o.rows[f"grads.{n}"]
+                o.add("memset", "optimizer", dst=f"grads.{n}", bytes=row.total)
+    gather = o.take()
     return {"schema": 1, "plan": plan.name, "layers": L, "scalars": SCALARS,
             "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": 32,
                           "count": fp8_slot_count(L)},
             "init": init, "layer_init": layer_init,
             "micro_step": {"prologue": prologue, "layer_forward": layer_forward, "head": head,
                            "layer_backward": layer_backward, "epilogue": epilogue},
-            "optimizer_step": {"optimizer": optimizer, "layer_optimizer": layer_optimizer}}
+            "optimizer_step": {"optimizer": optimizer, "layer_optimizer": layer_optimizer,
+                               "publish": publish_once, "layer_publish": layer_publish, "gather": gather}}
 
 
 def iter_ops(schedule: dict):

@@ -11,7 +11,7 @@ from .spec import GpuSpec
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _BYTES = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(ib|b)?\s*$", re.IGNORECASE)
-_GPUS = re.compile(r"^\s*(?:(\d+)\s*[x×*]\s*)?(\S.*?)\s*$", re.IGNORECASE)
+_GPUS = re.compile(r"^\s*(?:(\d+)\s*[x×*]\s*)?(?:(\d+)\s*[x×*]\s*)?(\S.*?)\s*$", re.IGNORECASE)
 
 
 def parse_bytes(value: str | int) -> int:
@@ -50,21 +50,27 @@ def from_detected(gpus: list[DetectedGpu]) -> tuple[GpuSpec, int]:
 
 
 def parse_inventory(text: str, host_mem: str | int | None = None) -> Inventory:
-    """An Inventory from "4x4090", "1xH200", "h200" (one GPU) or "auto" (ask the driver).
+    """An Inventory from "4x4090", "1xH200", "h200" (one GPU), "2x8xh100" (two machines of eight)
+    or "auto" (ask the driver).
 
     host_mem: the host RAM to plan with (see parse_bytes); default: this machine's, detected."""
+    nodes = 1
     if text.strip().lower() == "auto":
         gpu, count = from_detected(detected_gpus())
     else:
         m = _GPUS.match(text)
         if not m:
             raise ValueError(f"--gpus {text!r} not understood: use COUNTxGPU, e.g. 4x4090 or 1xh200, "
-                             f"or auto")
-        count = int(m.group(1)) if m.group(1) else 1
-        if count < 1:
-            raise ValueError(f"--gpus {text!r}: the count must be at least 1")
-        gpu = resolve_gpu(m.group(2))
+                             f"NODESxCOUNTxGPU for several machines, or auto")
+        if m.group(2):
+            nodes, count = int(m.group(1)), int(m.group(2))
+        else:
+            count = int(m.group(1)) if m.group(1) else 1
+        if count < 1 or nodes < 1:
+            raise ValueError(f"--gpus {text!r}: counts must be at least 1")
+        gpu = resolve_gpu(m.group(3))
     if host_mem is None:
-        return Inventory(gpu=gpu, count=count, host_mem_bytes=detect_host_memory(),
+        return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=detect_host_memory(),
                          host_mem_source="detected")
-    return Inventory(gpu=gpu, count=count, host_mem_bytes=parse_bytes(host_mem), host_mem_source="user")
+    return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=parse_bytes(host_mem),
+                     host_mem_source="user")

@@ -17,6 +17,7 @@ ATTN_WORKSPACE_MIN = 16 * MiB        # cuDNN SDPA fixed part (the per-token part
 DEVICE_MARGIN = 0.03                 # keep this fraction of device memory free (fragmentation, driver)
 HOST_USABLE = 0.80                   # fraction of host RAM a plan may pin
 GRADNORM_PARTIALS = 1 << 16          # fp32 partial sums of the deterministic global norm
+COMM_PIECE = 16 * MiB                # copy-engine collectives move tensors in pieces of this size
 STATS_SLOT = 32                      # bytes per FP8 tensor's slot: amax @0, descale @16 (16-byte aligned)
 
 # --- cost: achieved fraction of the datasheet dense rate --------------------------------------
@@ -29,4 +30,6 @@ MEM_EFF = 0.80                       # elementwise kernels: fraction of DRAM ban
 BWD_ELEMENTWISE_RATIO = 1.9          # backward elementwise bytes / forward (counted per kernel)
 PCIE_EFF = 1.0                       # GpuSpec.pcie_gbs already holds the practical rate
 KERNEL_LAUNCH_US = 2.5               # per launch inside a CUDA graph
+SHARDING_MARGIN = 0.02               # each ZeRO level above 1 must be this much faster to be chosen
 OFFLOAD_OVERLAP = 0.85               # fraction of streamed traffic hidden behind compute
+NETWORK_GBS = 25.0                   # between machines per GPU (200 Gb/s NIC), a guess until measured

@@ -117,9 +117,12 @@ def step_cost(plan: Plan) -> StepCost:
     if N > 1:
         frac = (N - 1) / N
         if not s.gradients:
-            t_opt_coll += 2 * all_elems * 2 * frac / link  # all-reduce of the accumulated gradients
-        if s.optimizer and not s.weights:
-            t_opt_coll += w_bytes * frac / link            # all-gather of the updated work weights
+            t_opt_coll += all_elems * 2 * frac / link      # reduce-scatter of the accumulated gradients
+        if not s.optimizer:
+            t_opt_coll += all_elems * 2 * frac / link      # ZeRO-0: all-gather of the summed gradients
+        elif not s.weights:
+            all_w = w_bytes + (all_elems - block_elems) * 2
+            t_opt_coll += all_w * frac / link              # all-gather of the updated work weights
 
     ga = b.grad_accum
     breakdown = {
@@ -140,8 +143,8 @@ def step_cost(plan: Plan) -> StepCost:
 def _link_bytes_per_s(plan: Plan) -> float:
     """GPU-to-GPU bandwidth a collective sees: NVLink, PCIe peer-to-peer, or staged through host."""
     gpu = plan.inventory.gpu
-    if gpu.nvlink_gbs and gpu.peer_access:
-        return gpu.nvlink_gbs * 1e9
-    if gpu.peer_access:
-        return gpu.pcie_gbs * 1e9
+    if plan.collectives == "nccl" and plan.inventory.nodes > 1:
+        return K.NETWORK_GBS * 1e9
+    if plan.peer_copies or plan.collectives == "nccl":
+        return (gpu.nvlink_gbs or gpu.pcie_gbs) * 1e9 if gpu.peer_access else gpu.pcie_gbs * 1e9 / 2
     return gpu.pcie_gbs * 1e9 / 2       # device -> pinned host -> device: each byte crosses twice

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from math import prod
 
-from .calibration import (ARENA_ALIGN, ATTN_WORKSPACE_MIN, CONTEXT_RESERVE, CUBLAS_WORKSPACE,
+from .calibration import (ARENA_ALIGN, ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE,
                           GRADNORM_PARTIALS, STATS_SLOT)
 from .schema import MemRow, Plan
 
@@ -29,16 +29,30 @@ def align(n: int) -> int:
     return -(-n // ARENA_ALIGN) * ARENA_ALIGN
 
 
-class _Table:
-    def __init__(self):
-        self.rows: list[MemRow] = []
+SHARD_GRAIN = 16     # shard sizes are multiples of this (16-byte vectors, FP8 quantize blocks)
 
-    def add(self, name, dtype, shape, place="device", lifetime="persistent", count=1, note="", shard=1):
+
+def shard_elems(n: int, gpus: int) -> int:
+    """Elements of one GPU's shard of an n-element tensor: rank r owns [r*S, (r+1)*S) of the tensor
+    padded with zeros to gpus*S elements."""
+    return -(-n // (SHARD_GRAIN * gpus)) * SHARD_GRAIN
+
+
+class _Table:
+    def __init__(self, gpus: int = 1):
+        self.rows: list[MemRow] = []
+        self.gpus = gpus
+
+    def add(self, name, dtype, shape, place="device", lifetime="persistent", count=1, note="", shard=None):
+        """shard: None for non-parameter rows, True for this GPU's part of a tensor, False for a whole
+        parameter-sized row, which several GPUs pad to gpus*S elements so that collectives split every
+        tensor into equal shards."""
         elems = prod(shape)
-        elems = -(-elems // shard)       # a shard holds ceil(n / gpus) elements
+        if shard is not None and self.gpus > 1:
+            S = shard_elems(elems, self.gpus)
+            elems, shape = (S, (S,)) if shard else (S * self.gpus, shape)
         self.rows.append(MemRow(name=name, bytes=align(elems * DTYPE_BYTES[dtype]), count=count,
-                                place=place, lifetime=lifetime, dtype=dtype,
-                                shape=(elems,) if shard > 1 else tuple(shape), note=note))
+                                place=place, lifetime=lifetime, dtype=dtype, shape=tuple(shape), note=note))
 
 
 def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:
@@ -91,50 +105,53 @@ def memory_table(plan: Plan) -> list[MemRow]:
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     BT, C, F, V = B * T, m.hidden_size, m.intermediate_size, m.vocab_size
     fp8 = plan.fp8
-    t = _Table()
+    t = _Table(N)
+    P = dict(shard=False)           # a parameter-sized row (padded to equal shards with several GPUs)
+    S_ = dict(shard=True)           # this GPU's shard of one
 
     # Weights: the work copy the matmuls read. FP8 plans keep block matrices in e4m3 (their
     # transposes for dgrad are made per layer in backward); everything else is bf16.
     # On one GPU, sharded weights = streamed from host, like offloaded quantized weights.
     stream_w = o.quantized_weights or (s.weights and N == 1)
-    w_shard = N if (s.weights and N > 1) else 1
-    opt_shard = N if s.optimizer else 1
-    g_shard = N if s.gradients else 1
+    w_shard = s.weights and N > 1
     tensors = param_tensors(plan)
     for name, shape, per_layer, is_matrix in tensors:
         wdt = "e4m3" if (fp8 and is_matrix) else "bf16"
         streamed = per_layer and stream_w
         t.add(f"weights.{name}", wdt, shape, place="host" if streamed else "device",
-              count=L if per_layer else 1, shard=w_shard if per_layer else 1)
-    if stream_w or w_shard > 1:
+              count=L if per_layer else 1, **(S_ if (w_shard and per_layer) else P))
+    if stream_w or w_shard:
         # Double buffer: layer l+1's weights arrive (H2D or all-gather) while layer l computes.
         for name, shape, per_layer, is_matrix in tensors:
             if per_layer:
                 t.add(f"stage.weights.{name}", "e4m3" if (fp8 and is_matrix) else "bf16", shape,
-                      lifetime="shared", count=2, note="layer prefetch double buffer")
+                      lifetime="shared", count=2, note="layer prefetch double buffer", **P)
 
     # Master weights: a separate copy unless the bf16 work copy can serve as master.
+    opt = S_ if s.optimizer else P
     for name, shape, per_layer, is_matrix in tensors:
-        separate = (fp8 and is_matrix) or p.master == "fp32" or o.master or opt_shard > 1
+        separate = (fp8 and is_matrix) or p.master == "fp32" or o.master or s.optimizer
         if separate:
             t.add(f"master.{name}", p.master, shape, place="host" if o.master else "device",
-                  count=L if per_layer else 1, shard=opt_shard)
+                  count=L if per_layer else 1, **opt)
 
-    # Gradients (bf16, accumulated over micro-steps) and Adam moments.
+    # Gradients (bf16, accumulated over micro-steps) and Adam moments. ZeRO-2 keeps a block's shard:
+    # its full gradients pass through a double buffer and are reduce-scattered as backward leaves the
+    # block. Embedding, LM head and final norm are written whole by their backward kernels: kept whole.
     for name, shape, per_layer, _ in tensors:
         t.add(f"grads.{name}", "bf16", shape, place="host" if o.gradients else "device",
-              count=L if per_layer else 1, shard=g_shard)
+              count=L if per_layer else 1, **(S_ if (s.gradients and per_layer) else P))
     for name, shape, per_layer, _ in tensors:
         t.add(f"adam_m.{name}", p.adam_m, shape, place="host" if o.adam_m else "device",
-              count=L if per_layer else 1, shard=opt_shard)
+              count=L if per_layer else 1, **opt)
         t.add(f"adam_v.{name}", p.adam_v, shape, place="host" if o.adam_v else "device",
-              count=L if per_layer else 1, shard=opt_shard)
-    if g_shard > 1 or o.gradients:
+              count=L if per_layer else 1, **opt)
+    if (s.gradients and N > 1) or o.gradients:
         # One layer's full gradients, double-buffered, before reduce-scatter / D2H.
         for name, shape, per_layer, _ in tensors:
             if per_layer:
                 t.add(f"stage.grads.{name}", "bf16", shape, lifetime="shared", count=2,
-                      note="layer gradient double buffer")
+                      note="layer gradient double buffer", **P)
     if o.master or o.adam_m or o.adam_v:
         # The optimizer streams offloaded states through the GPU one layer at a time.
         for name, shape, per_layer, _ in tensors:
@@ -143,7 +160,14 @@ def memory_table(plan: Plan) -> list[MemRow]:
                                       ("adam_v", p.adam_v, o.adam_v)):
                     if off:
                         t.add(f"stage.{what}.{name}", dt, shape, lifetime="shared", count=2,
-                              shard=opt_shard, note="optimizer streaming double buffer")
+                              note="optimizer streaming double buffer", **opt)
+    if N > 1 and plan.collectives == "copy_engine":
+        piece = min(COMM_PIECE, max_piece_bytes(plan))
+        t.add("comm.recv", "uint8", (2 * (N - 1) * piece,), lifetime="shared", shard=None,
+              note="reduce-scatter pieces from the other GPUs, double buffer")
+        if not plan.peer_copies:
+            t.add("comm.host", "uint8", (2 * (N - 1) * piece,), place="host", shard=None,
+                  note="host-staged collectives: this GPU's outgoing pieces")
 
     # Saved activations: per layer unless recomputed (then one shared instance).
     for name, dt, shape, saved in saved_activations(plan):
@@ -199,7 +223,7 @@ def memory_table(plan: Plan) -> list[MemRow]:
         from ..codegen.schedule import fp8_slot_count
         t.add("stats.fp8", "uint8", (fp8_slot_count(L) * STATS_SLOT,), note="amax / descale slots")
     t.add("stats.scalars", "fp32", (64,), note="loss, norm, clip scale, hyper-parameters")
-    t.add("stats.gradnorm", "fp32", (GRADNORM_PARTIALS,))
+    t.add("stats.gradnorm", "fp32", (GRADNORM_PARTIALS * N,), shard=None, note="one block of partials per GPU")
     t.add("tokens.inputs", "int32", (BT,))
     t.add("tokens.targets", "int32", (BT,))
     t.add("tokens.sorted_pos", "int32", (BT,), note="embedding backward order")
@@ -226,10 +250,15 @@ def device_bytes(rows: list[MemRow]) -> int:
     return sum(r.total for r in rows if r.place == "device")
 
 
-def host_bytes(rows: list[MemRow], num_gpus: int) -> int:
-    """Pinned host memory of the whole machine: per-GPU host rows times the GPU count, except rows
-    that one process shares between GPUs (none yet)."""
-    return num_gpus * sum(r.total for r in rows if r.place == "host")
+def host_bytes(rows: list[MemRow], gpus_per_machine: int) -> int:
+    """Pinned host memory of one machine: per-GPU host rows times the GPUs of the machine."""
+    return gpus_per_machine * sum(r.total for r in rows if r.place == "host")
+
+
+def max_piece_bytes(plan: Plan) -> int:
+    """The largest shard a collective moves: a bigger piece buffer would never fill."""
+    N = plan.num_gpus
+    return max(shard_elems(prod(shape), N) * 4 for _, shape, _, _ in param_tensors(plan))
 
 
 def group_totals(rows: list[MemRow], place: str) -> dict[str, int]:

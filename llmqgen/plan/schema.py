@@ -27,13 +27,14 @@ class _Frozen(BaseModel):
 
 class Inventory(_Frozen):
     gpu: GpuSpec
-    count: int = Field(ge=1)
-    host_mem_bytes: int = Field(ge=0)
+    count: int = Field(ge=1)           # GPUs per machine
+    host_mem_bytes: int = Field(ge=0)  # per machine
     host_mem_source: Literal["detected", "user", "assumed"] = "assumed"
+    nodes: int = Field(default=1, ge=1)   # machines, joined by NCCL
 
     @property
     def label(self) -> str:
-        return f"{self.count}x{self.gpu.name}"
+        return (f"{self.nodes}x" if self.nodes > 1 else "") + f"{self.count}x{self.gpu.name}"
 
 
 class Precision(_Frozen):
@@ -174,7 +175,10 @@ class Plan(_Frozen):
     sharding: Sharding = Sharding()
     lm_head_chunks: int = Field(default=1, ge=1)
     attn_bwd_chunks: int = Field(default=1, ge=1)
+    # copy_engine: one process drives every GPU of the machine, collectives are cuMemcpyAsync (peer
+    # copies when peer_copies, else staged through pinned host memory); nccl: one process per GPU
     collectives: Literal["copy_engine", "nccl"] = "copy_engine"
+    peer_copies: bool = False
     cuda_graphs: bool = True
     estimate: Optional[Estimate] = None
 
@@ -188,11 +192,15 @@ class Plan(_Frozen):
         if self.batch.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"seq_len {self.batch.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")
+        if self.inventory.nodes > 1 and self.collectives != "nccl":
+            raise ValueError(f"{self.inventory.nodes} machines need collectives=nccl: copy engines reach only "
+                             f"the GPUs of one machine")
         return self
 
     @property
     def num_gpus(self) -> int:
-        return self.inventory.count
+        """Data-parallel ranks over all machines (the sharding divisor)."""
+        return self.inventory.count * self.inventory.nodes
 
     @property
     def tokens_per_step(self) -> int:

@@ -65,7 +65,7 @@ def _set(d: dict, path: str, value: Any) -> None:
 def _score(fields: dict) -> Scored:
     plan = Plan.model_validate(fields)
     rows = memory_table(plan)
-    return Scored(plan, rows, step_cost(plan), device_bytes(rows), host_bytes(rows, plan.num_gpus))
+    return Scored(plan, rows, step_cost(plan), device_bytes(rows), host_bytes(rows, plan.inventory.count))
 
 
 def _fits(s: Scored) -> bool:
@@ -77,7 +77,7 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
           tokens_per_step: int = 524288, dtype: Optional[str] = None,
           pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
     pins = dict(pins or {})
-    gpu, N = inventory.gpu, inventory.count
+    gpu, N = inventory.gpu, inventory.count * inventory.nodes
     if dtype is None:
         dtype = "e4m3" if gpu.fp8_tflops else "bf16"
     if dtype == "e4m3" and not gpu.fp8_tflops:
@@ -90,6 +90,9 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     seqs = tokens_per_step // per_micro
     micros = [mb for mb in MICRO_BATCHES if seqs % mb == 0]
     zeros = [0] if N == 1 else [1, 2, 3, 0]
+    # Copy engines reach the GPUs of one machine (peer copies where the driver allows P2P, else
+    # through pinned host memory); across machines NCCL is the transport.
+    collectives = "nccl" if inventory.nodes > 1 else "copy_engine"
     name = name or f"{model.name}-{dtype}-{inventory.label}".lower()
 
     seen: dict[str, bool] = {}         # inputs hash -> fits (pins can make candidates coincide)
@@ -110,7 +113,8 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                             "recompute": dict(rc), "offload": dict(off),
                             "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
                             "lm_head_chunks": chunks,
-                            "collectives": "copy_engine",
+                            "collectives": collectives,
+                            "peer_copies": gpu.peer_access,
                         }
                         for path, value in pins.items():
                             _set(fields, path, value)
@@ -138,7 +142,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                         break          # least recompute that fits for this (micro, zero, offload)
     if not fitting:
         raise NoFitError(_no_fit_message(model, inventory, seq_len, closest))
-    fitting.sort(key=lambda s: s.cost.step_ms)     # stable: ladder order breaks ties
+    # ZeRO-2 and -3 must win by more than the cost model's error on overlapped collectives: they add
+    # per-layer transfers whose hiding is only estimated, so near-ties go to ZeRO-1 (no more bytes than
+    # plain data parallelism, less memory).
+    fitting.sort(key=lambda s: s.cost.step_ms * (1 + K.SHARDING_MARGIN * max(0, s.plan.sharding.zero - 1)))
     best = fitting[0]
     others = _distinct(fitting[1:], best, runners_up)
     return _with_estimate(best, others, pins)
@@ -205,7 +212,9 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
         "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
                            f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"),
         "collectives": ("none: one GPU" if p.num_gpus == 1 else
-                        "copy engines (no SMs spent); one machine needs no NCCL"),
+                        f"NCCL: {p.inventory.nodes} machines" if p.collectives == "nccl" else
+                        "copy engines, peer copies (no SMs spent)" if p.peer_copies else
+                        f"copy engines through pinned host memory: {gpu.display_name} has no peer access"),
     }
     if p.num_gpus > 1:
         why["sharding"] = f"ZeRO-{p.sharding.zero}: fastest sharding that fits"

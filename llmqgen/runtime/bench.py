@@ -20,7 +20,7 @@ def synthetic_batches(plan: Plan, seed: int = 0) -> list[TokenBatch]:
     rng = np.random.default_rng(seed)
     B, T, V = plan.batch.micro_batch, plan.batch.seq_len, plan.model.vocab_size
     out = []
-    for _ in range(plan.batch.grad_accum):
+    for _ in range(plan.batch.grad_accum * plan.num_gpus):
         toks = rng.integers(0, V, size=(B, T + 1), dtype=np.int32)
         inputs = np.ascontiguousarray(toks[:, :-1])
         order, seg, uniq = embedding_backward_index(inputs)
@@ -44,23 +44,43 @@ def bench_params(spec) -> dict[str, np.ndarray]:
 
 
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
-              echo=print) -> Path:
-    tr = Trainer(plan)
+              echo=print, devices: list[int] | None = None) -> Path:
+    """devices: the GPU of each rank (default one per rank); several ranks on one GPU test the
+    collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so)."""
+    tr = Trainer(plan, devices=devices)
     try:
         tr.load_params(bench_params(plan.model))
         data = synthetic_batches(plan)
-        times = []
+        times, comm_ms, moved = [], [], []
+        events = getattr(tr.comm, "events", None)
+        if events is not None:
+            events.timed = []
         for step in range(warmup + steps):
             t0 = time.perf_counter()
+            before = tr.comm.moved if tr.comm else 0
             tr.accumulate(data)
             norm = tr.optimizer_step(lr=1e-4)
             times.append(1e3 * (time.perf_counter() - t0))
+            if events is not None:
+                comm_ms.append(events.take_ms())
+                moved.append(tr.comm.moved - before)
             echo(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
+                 + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
                  + (" (warm-up)" if step < warmup else ""))
         free, total = driver.mem_info()
         device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
-                  "sm_count": tr.dev.sm_count, "total_memory": total}
+                  "sm_count": tr.dev.sm_count, "total_memory": total,
+                  "rank_devices": devices or list(range(len(tr.ranks)))}
         record = bench_record(plan, times, warmup, device, collect_versions(), peak_mem_bytes=total - free)
+        if comm_ms:
+            meas = slice(warmup, None)
+            record["collectives"] = {
+                "kind": plan.collectives, "peer_copies": bool(getattr(tr.comm, "peer", False)),
+                "ms_per_step": comm_ms, "bytes_per_step": moved,
+                "gb_per_s": sum(moved[meas]) / max(1e-9, sum(comm_ms[meas])) / 1e6,
+                "step_share": sum(comm_ms[meas]) / sum(times[meas]),
+                "note": ("several ranks share one GPU: step times are not multi-GPU speed"
+                         if devices and len(set(devices)) < len(devices) else "")}
         path = write_bench(record, out_root)
         echo(f"median {record['step_ms_median']:.1f} ms/step, {record['tokens_per_s']:,.0f} tokens/s, "
              f"SOL {record['sol_pct']:.0f}%, MFU {record['mfu_pct']:.0f}%, "

@@ -68,14 +68,14 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
             end = min(cfg.steps, cfg.stop_after or cfg.steps)
             while step < end and not stop["now"]:
                 t0 = time.perf_counter()
-                tr.accumulate([loader.next_batch() for _ in range(plan.batch.grad_accum)])
+                tr.accumulate([loader.next_batch() for _ in range(plan.batch.grad_accum * plan.num_gpus)])
                 loss = tr.loss()
                 lr = sched.lr(step)
                 norm = tr.optimizer_step(lr)
                 dt = time.perf_counter() - t0
                 eval_loss = None
                 if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-                    eval_loss = evaluate(tr, cfg.data, B, T, cfg.eval_batches)
+                    eval_loss = evaluate(tr, cfg.data, B, T, cfg.eval_batches, plan.num_gpus)
                 free, total = driver.mem_info()
                 log.log(StepRecord(step=step, loss=loss, grad_norm=norm, lr=lr, step_ms=1e3 * dt,
                                    tokens_per_s=tokens / dt, sol_pct=100 * sol_s / dt,
@@ -96,12 +96,17 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         tr.close()
 
 
-def evaluate(tr: Trainer, data: Path, B: int, T: int, batches: int) -> float:
-    """Mean loss over the eval split's first batches; forward + backward on scratch (gradients discarded)."""
+def evaluate(tr: Trainer, data: Path, B: int, T: int, batches: int, gpus: int = 1) -> float:
+    """Mean loss over the eval split's first batches, `gpus` at a time (a last partial group is left
+    out); forward + backward on scratch (gradients discarded)."""
     losses = []
-    for batch in EvalLoader(data, B, T, max_batches=batches):
-        tr.accumulate([batch])
-        losses.append(tr.loss())
+    group: list = []
+    for batch in EvalLoader(data, B, T, max_batches=max(batches, gpus)):
+        group.append(batch)
+        if len(group) == gpus:
+            tr.accumulate(group)
+            losses.append(tr.loss())
+            group = []
     tr.zero_gradients()
     return sum(losses) / max(1, len(losses))
 

@@ -1,37 +1,31 @@
-"""The one-GPU trainer: executes a plan's schedule.json with the compiled program, cuBLASLt and cuDNN.
+"""The Trainer: executes a plan's schedule.json on every GPU of the run, in lockstep.
 
-Load: build (or reuse) the program, allocate the two arenas from the memory table, bind every
-operation of the schedule to pointers once. A micro-step (forward + backward of one micro-batch)
-is captured as one CUDA graph and replayed; the optimizer step runs eagerly, because its step
-counter and stochastic-rounding seeds change every step. Values the graph reads (loss scale, LR
-and the other hyper-parameters) live in device memory (stats.scalars) and are written per step.
+Load: build (or reuse) the program, make one Rank per GPU this process drives (its arenas from the
+memory table, the schedule bound to its pointers) and the collectives between them. One process
+drives all GPUs of a machine (copy-engine collectives); under NCCL a process drives one GPU and
+its peers are other processes (torchrun, mpirun, srun). Each step the same program runs on every
+rank: runs of operations (a CUDA graph each where it repeats) are issued rank after rank, so the
+GPUs work together, and a `collective` item is handed to the collectives for all ranks at once.
+The optimizer step runs eagerly: its step counter and stochastic-rounding seeds change every step.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
-from math import prod
-from typing import Callable
 
-import ml_dtypes
 import numpy as np
 
 from ..codegen.context import check_arch
 from ..codegen.families import adamw as adamw_family
-from ..codegen.families import gradnorm as gradnorm_family
 from ..codegen.kernel import kernel_from_json
-from ..codegen.schedule import SCALARS, build_schedule, fp8_slot_index
+from ..codegen.schedule import build_schedule
 from ..compile.cache import build
-from ..plan.memory import memory_table, param_tensors
+from ..plan.memory import param_tensors
 from ..plan.schema import Plan
 from . import driver
-from .arena import Arena
-from .attention import Attention, AttnShape
-from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
-
-NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
-             "e5m2": ml_dtypes.float8_e5m2, "int32": np.int32, "uint8": np.uint8}
+from .collectives import CopyEngine, Nccl
+from .dist import DistEnv
+from .rank import NP_DTYPES, Rank
 
 
 @dataclass
@@ -45,345 +39,240 @@ class AdamW:
 
 class Trainer:
     def __init__(self, plan: Plan, *, seed: int = 0, optim: AdamW | None = None, out_root: str = "build",
-                 graphs: bool = True, attention: str = "auto"):
+                 graphs: bool = True, attention: str = "auto", devices: list[int] | None = None,
+                 dist: DistEnv | None = None):
         """attention: "cudnn" (cuDNN SDPA), "flash" (the program's own flash-attention kernels) or
-        "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels)."""
-        unsupported = plan.offload.names() + (["sharding"] if plan.sharding.zero else [])
-        if plan.num_gpus != 1 or unsupported:
+        "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels).
+        devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
+        one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
+        unsupported = plan.offload.names() + (["ZeRO-3 weight sharding"] if plan.sharding.weights else [])
+        if unsupported:
             raise NotImplementedError(
-                f"plan {plan.name} uses {', '.join(unsupported) or f'{plan.num_gpus} GPUs'}: this runtime runs "
-                f"one GPU with everything resident; plan for a larger GPU or pin --set offload.<x>=false")
-        self.plan, self.seed, self.optim = plan, seed, optim or AdamW()
-        self.dev = driver.open_device(0)
-        check_arch(self.dev.arch, plan.inventory.gpu)
-        self.build = build(plan, self.dev.arch, out_root=out_root)
-        self.kernels = {d["name"]: kernel_from_json(d)
-                        for d in json.loads((self.build.path / "kernels.json").read_text())}
-        self.module = driver.module_load(self.build.cubin_path.read_bytes())
-        self.funcs: dict[str, int] = {}
-        self.rows = {r.name: r for r in memory_table(plan)}     # the table of this llmqgen, from the inputs
-        self.mem = Arena(self.rows.values(), "device")
-        self.stream = driver.stream_create()
-        driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients start at zero
-        self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
-        m, b = plan.model, plan.batch
+                f"plan {plan.name} uses {', '.join(unsupported)}: this runtime keeps weights, optimizer "
+                f"state and activations on the GPUs; plan for more or larger GPUs, or pin "
+                f"--set offload.<x>=false / --set sharding.weights=false")
+        self.plan, self.optim = plan, optim or AdamW()
+        N = plan.num_gpus
+        if plan.collectives == "nccl":
+            if dist is None and N > 1:
+                raise RuntimeError(f"plan {plan.name} uses NCCL over {N} GPUs: launch one process per GPU, e.g. "
+                                   f"`torchrun --nproc-per-node {plan.inventory.count} -m llmqgen run ...`")
+            if dist is not None and dist.world_size != N:
+                raise RuntimeError(f"{dist.world_size} processes were launched for a plan of {N} GPUs: launch "
+                                   f"{N}, or re-plan with --gpus for {dist.world_size}")
+            ranks = [dist.rank] if dist else [0]
+            devices = devices or [dist.local_rank if dist else 0]
+        else:
+            if dist is not None and dist.world_size > 1:
+                raise RuntimeError(f"plan {plan.name} drives all {N} GPUs from one process (copy engines): run "
+                                   f"it without torchrun/mpirun, or re-plan with --set collectives=nccl")
+            ranks = list(range(N))
+            devices = devices or list(range(N))
+        if len(devices) != len(ranks):
+            raise ValueError(f"{len(devices)} devices given for {len(ranks)} ranks of plan {plan.name}")
+        first = driver.open_device(devices[0])
+        if max(devices) >= driver.device_count():
+            raise RuntimeError(f"plan {plan.name} needs GPUs {sorted(set(devices))}, the driver sees "
+                               f"{driver.device_count()}: plan for the GPUs you have (--gpus auto)")
+        check_arch(first.arch, plan.inventory.gpu)
+        self.build = build(plan, first.arch, out_root=out_root)
+        kernels = {d["name"]: kernel_from_json(d) for d in json.loads((self.build.path / "kernels.json").read_text())}
         if attention == "auto":
             attention = "cudnn" if _has_cudnn() else "flash"
-        self.attn = None
-        if attention == "cudnn":
-            self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim))
-        elif "llmq_attention_forward" not in self.kernels:
+        if attention == "flash" and "llmq_attention_forward" not in kernels:
+            m = plan.model
             raise RuntimeError(f"no cuDNN attention and the program has no flash-attention kernels for this "
-                               f"shape (head_dim {m.head_dim}, seq_len {b.seq_len}): install "
+                               f"shape (head_dim {m.head_dim}, seq_len {plan.batch.seq_len}): install "
                                f"nvidia-cudnn-frontend, or use head_dim 64/128 and a seq_len multiple of 64")
-        if self.attn and self.attn.workspace_bytes > self.rows["ws.attention"].bytes:
-            raise RuntimeError(f"cuDNN SDPA needs {self.attn.workspace_bytes} bytes of workspace, the plan "
-                               f"reserved {self.rows['ws.attention'].bytes}: re-plan with a larger attn_bwd_chunks")
-        self.gemms: dict[tuple, Gemm] = {}
         self.sched = build_schedule(plan)
-        self.L = m.num_layers
-        if "work.ones" in self.rows:
-            ones = np.ones(b.micro_batch * b.seq_len, ml_dtypes.bfloat16)
-            self._upload(self.mem.ptr("work.ones"), ones)
-        self.micro = self._bind_micro_step()
-        self.graph = None
-        self.use_graphs = graphs
+        cubin = self.build.cubin_path.read_bytes()
+        self.ranks = [Rank(plan, self.sched, kernels, cubin, rank=r, device=d, attention=attention,
+                           graphs=graphs, seed=seed) for r, d in zip(ranks, devices)]
+        self.dev = self.ranks[0].dev
+        self.comm = None
+        if N > 1:
+            self.comm = (self._nccl(dist) if plan.collectives == "nccl"
+                         else CopyEngine(self.ranks, peer=plan.peer_copies))
+        self.pending: list[list[int]] = []      # done events of overlapped collectives, oldest first
         self.step_count = 0
+        self.L = plan.model.num_layers
 
-    # --- references -> pointers -------------------------------------------------------------------
-    def ptr(self, ref: str, layer: int | None) -> int:
-        if ref.startswith("fp8:"):
-            body, _, part = ref[4:].partition("/")
-            name, idx = _split_index(body, layer)
-            base = self.mem.ptr("stats.fp8") + 32 * fp8_slot_index(name, idx or 0, self.L)
-            return base + (16 if part == "descale" else 0)
-        if ref.startswith("scalar:"):
-            return self.mem.ptr("stats.scalars") + 4 * SCALARS[ref[7:]]
-        body, _, off = ref.partition("+")
-        name, idx = _split_index(body, layer)
-        row = self.rows[name]
-        return self.mem.ptr(name, idx if (idx is not None and row.count > 1) else 0) + int(off or 0)
+    def _nccl(self, dist: DistEnv | None) -> Nccl:
+        from . import nccl
+        from .dist import share_bytes
+        uid = share_bytes(dist, nccl.unique_id) if dist else nccl.unique_id()
+        rk = self.ranks[0]
+        rk.dev.make_current()
+        return Nccl(self.ranks, [nccl.Comm(uid, self.plan.num_gpus, rk.rank)])
 
-    def _value(self, v, layer, extra):
-        if isinstance(v, str) and (v.startswith(("fp8:", "scalar:")) or "." in v):
-            return self.ptr(v, layer)
-        if isinstance(v, str):
-            return extra[v.split(":")[0]](v, layer)
-        return v
+    # --- executing programs on every rank -----------------------------------------------------------
+    def _execute(self, programs: list[list[tuple]], key: str | None = None) -> None:
+        for i, items in enumerate(zip(*programs)):
+            if items[0][0] == "collective":
+                _, op, layer = items[0]
+                done = self.comm.run(op, layer)
+                if op.get("overlap"):
+                    self.pending.append(done)
+                else:
+                    self._wait(done)
+                continue
+            while len(self.pending) > 1:          # double buffers: the collective before last must be done
+                self._wait(self.pending.pop(0))
+            for rk, item in zip(self.ranks, items):
+                rk.dev.make_current()
+                rk.run_ops(item[1], (key, i) if key else None)
 
-    # --- binding operations to closures -------------------------------------------------------------
-    def _func(self, name: str) -> int:
-        if name not in self.funcs:
-            f = driver.function(self.module, name)
-            if self.kernels[name].smem > 48 * 1024:
-                driver.set_max_dynamic_smem(f, self.kernels[name].smem)
-            self.funcs[name] = f
-        return self.funcs[name]
+    def _wait(self, done: list[int]) -> None:
+        for rk in self.ranks:
+            rk.dev.make_current()
+            for e in done:
+                driver.stream_wait(rk.stream, e)
 
-    def _bind(self, op: dict, layer: int | None, extra=None) -> Callable[[], None]:
-        kind, s = op["op"], self.stream
-        if kind == "branch_on_layer":
-            ops = [self._bind(o, layer, extra) for o in (op["first"] if layer == 0 else op["rest"])]
-            return lambda: [f() for f in ops] and None
-        if kind == "kernel":
-            k = self.kernels[op["kernel"]]
-            func = self._func(k.name)
-            values = [self._value(op["args"][a], layer, extra) for a, _ in k.args]
-            grid = op.get("grid", k.grid)
-            types = [t for _, t in k.args]
-            return lambda: driver.launch(func, grid, k.block, k.smem, s, values, types)
-        if kind == "linear":
-            return self._bind_linear(op, layer)
-        if kind.startswith("attention_") and self.attn is None:
-            return self._bind_flash_attention(op, layer)
-        if kind == "attention_forward":
-            p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "lse")}
-            ws = self.mem.ptr("ws.attention")
-            return lambda: self.attn.forward(s, p["qkv"], p["out"], p["lse"], ws)
-        if kind == "attention_backward":
-            p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "dout", "lse", "dqkv")}
-            ws = self.mem.ptr("ws.attention")
-            return lambda: self.attn.backward(s, p["qkv"], p["out"], p["dout"], p["lse"], p["dqkv"], ws)
-        if kind == "memset":
-            dst, n = self.ptr(op["dst"], layer), op["bytes"]
-            return lambda: driver.memset_d8(dst, 0, n, s)
-        if kind == "bias_grad":     # db[1, cols] += ones[1, rows] . dy[rows, cols]
-            g = self._gemm(("bias", op["rows"], op["cols"]), lambda: Gemm(self.blas, 1, op["cols"], op["rows"],
-                                                                         b_trans=True, accumulate=True, align=256))
-            a, b_, d = self.ptr(op["ones"], layer), self.ptr(op["dy"], layer), self.ptr(op["db"], layer)
-            return lambda: g.run(s, a, b_, d)
-        raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
+    def _drain(self) -> None:
+        while self.pending:
+            self._wait(self.pending.pop(0))
 
-    def _bind_flash_attention(self, op: dict, layer: int | None) -> Callable[[], None]:
-        """The generated kernels: forward writes out and lse; backward = rowsum(dO*O) pre-pass + backward."""
-        if op["op"] == "attention_forward":
-            names = [("llmq_attention_forward", [op["qkv"], op["out"], op["lse"]])]
-        else:
-            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], "work.attn_delta"]),
-                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], "work.attn_delta", op["dqkv"]])]
-        fns = [self._bind({"op": "kernel", "kernel": k, "args": {a: v for (a, _), v in
-                                                                  zip(self.kernels[k].args, refs)}}, layer)
-               for k, refs in names]
-        return lambda: [f() for f in fns] and None
-
-    def _gemm(self, key, make) -> Gemm:
-        if key not in self.gemms:
-            self.gemms[key] = make()
-        return self.gemms[key]
-
-    def _bind_linear(self, op: dict, layer: int | None) -> Callable[[], None]:
-        P = lambda k: self.ptr(op[k], layer) if op.get(k) else 0      # noqa: E731
-        M, N, K, s, fp8 = op["M"], op["N"], op["K"], self.stream, op["dtype"] != "bf16"
-        if op["pass"] == "forward":
-            g = self._gemm(("fwd", M, N, K, op["dtype"], bool(op["bias"]), op["accumulate"]),
-                           lambda: linear_forward(self.blas, M, N, K, x_dtype=op["dtype"], w_dtype=op["dtype"],
-                                                  bias=bool(op["bias"]), accumulate=op["accumulate"]))
-            x, w, y, xs, ws, bias = P("x"), P("w"), P("y"), P("x_scale"), P("w_scale"), P("bias")
-            return lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias)
-        gd = op["grad_dtype"]
-        if op["pass"] == "dgrad":
-            if fp8:
-                g = self._gemm(("dgrad8", M, K, N, gd), lambda: linear_forward(self.blas, M, K, N, x_dtype=gd,
-                                                                               w_dtype="e4m3"))
-            else:
-                g = self._gemm(("dgrad", M, N, K), lambda: linear_dgrad(self.blas, M, N, K))
-            dy, w, dx, dys, ws = P("dy"), P("w"), P("dx"), P("dy_scale"), P("w_scale")
-            return lambda: g.run(s, dy, w, dx, a_scale=dys, b_scale=ws)
-        if fp8:
-            g = self._gemm(("wgrad8", N, K, M, gd), lambda: linear_forward(self.blas, N, K, M, x_dtype=gd,
-                                                                           w_dtype="e4m3", accumulate=True))
-        else:
-            g = self._gemm(("wgrad", M, N, K), lambda: linear_wgrad(self.blas, M, N, K))
-        dy, x, dw, dys, xs = P("dy"), P("x"), P("dw"), P("dy_scale"), P("x_scale")
-        return lambda: g.run(s, dy, x, dw, a_scale=dys, b_scale=xs)
-
-    def _bind_micro_step(self) -> list[Callable[[], None]]:
-        ms, L = self.sched["micro_step"], self.L
-        fns = [self._bind(op, None) for op in ms["prologue"]]
-        for layer in range(L):
-            fns += [self._bind(op, layer) for op in ms["layer_forward"]]
-        fns += [self._bind(op, None) for op in ms["head"]]
-        for layer in reversed(range(L)):
-            fns += [self._bind(op, layer) for op in ms["layer_backward"]]
-        fns += [self._bind(op, None) for op in ms["epilogue"]]
-        return fns
+    def _sync(self) -> None:
+        for rk in self.ranks:
+            driver.stream_synchronize(rk.stream)
 
     # --- parameters ------------------------------------------------------------------------------
-    def _param_row(self, name: str) -> str:
-        return f"master.{name}" if f"master.{name}" in self.rows else f"weights.{name}"
-
-    def _upload(self, dst: int, array: np.ndarray) -> None:
-        a = np.ascontiguousarray(array)
-        driver.memcpy_htod(dst, a.ctypes.data, a.nbytes, self.stream)
-        driver.stream_synchronize(self.stream)      # `a` may be freed once this returns
-
-    def _download(self, src: int, dtype, shape) -> np.ndarray:
-        out = np.empty(shape, dtype)
-        driver.memcpy_dtoh(out.ctypes.data, src, out.nbytes, self.stream)
-        driver.stream_synchronize(self.stream)
-        return out
-
     def load_params(self, params: dict[str, np.ndarray]) -> None:
-        """Master weights (llmqgen names, e.g. layers.3.qkv) from float arrays; then the e4m3 work copies."""
+        """Master weights (llmqgen names, e.g. layers.3.qkv) from float arrays; then the work copies."""
         for name, shape, per_layer, _ in param_tensors(self.plan):
-            row = self.rows[self._param_row(name)]
             for i in range(self.L if per_layer else 1):
                 key = f"layers.{i}.{name}" if per_layer else name
                 if key not in params:
                     raise KeyError(f"parameter {key} is missing")
-                a = np.asarray(params[key], np.float32).reshape(shape).astype(NP_DTYPES[row.dtype])
-                self._upload(self.mem.ptr(row.name, i), a)
-        for op in self.sched["init"]:
-            self._bind(op, None)()
-        for layer in range(self.L):
-            for op in self.sched["layer_init"]:
-                self._bind(op, layer)()
-        driver.stream_synchronize(self.stream)
+                a = np.asarray(params[key], np.float32).reshape(shape)
+                for rk in self.ranks:
+                    rk.write_tensor(rk.param_row(name), i, a)
+        self._execute([rk.load_program() for rk in self.ranks])
+        self._sync()
 
-    def _read_rows(self, prefix: str) -> dict[str, np.ndarray]:
+    def _gather(self, prefix: str) -> dict[str, np.ndarray]:
+        """Whole tensors from this process's ranks: a sharded row is its ranks' shards end to end."""
+        if self.plan.collectives == "nccl" and self.plan.num_gpus > 1:
+            raise NotImplementedError("reading whole tensors under NCCL needs every process's shard: "
+                                      "use the copy-engine plan of the same run on one machine")
         out = {}
         for name, shape, per_layer, _ in param_tensors(self.plan):
-            row = self.rows[prefix + name if prefix != "params." else self._param_row(name)]
+            rk0 = self.ranks[0]
+            row = rk0.param_row(name) if prefix == "params." else prefix + name
+            n = int(np.prod(shape))
             for i in range(self.L if per_layer else 1):
                 key = f"layers.{i}.{name}" if per_layer else name
-                a = self._download(self.mem.ptr(row.name, i), NP_DTYPES[row.dtype], (prod(shape),))
-                out[key] = a.astype(np.float32).reshape(shape)
+                if rk0.is_shard(row):
+                    a = np.concatenate([rk.read_row(row, i) for rk in self.ranks])
+                else:
+                    a = rk0.read_row(row, i)
+                out[key] = a[:n].astype(np.float32).reshape(shape)
         return out
 
     def params(self) -> dict[str, np.ndarray]:
-        return self._read_rows("params.")
+        return self._gather("params.")
 
     def gradients(self) -> dict[str, np.ndarray]:
-        return self._read_rows("grads.")
+        """This process's first rank's accumulated gradients: the local sum, before any reduction."""
+        if any(rk.is_shard(f"grads.{n}") for rk in self.ranks[:1] for n, *_ in param_tensors(self.plan)):
+            raise NotImplementedError("ZeRO-2 keeps only reduced gradient shards: read gradients of a ZeRO-1 plan")
+        return self._gather("grads.")
 
-    # --- exact training state: the raw bytes of every row a step carries over ------------------------
-    STATE_PREFIXES = ("weights.", "master.", "adam_m.", "adam_v.", "stats.fp8")
+    # --- exact training state, independent of the GPU count ---------------------------------------------
+    STATE = ("master", "adam_m", "adam_v")
 
     def state_tensors(self) -> dict[str, np.ndarray]:
-        """Raw bytes of weights, masters, Adam moments and FP8 weight scales: restoring them resumes
-        the run bit-exactly (gradients are zero between steps, activations are rebuilt)."""
+        """Masters and Adam moments as whole tensors in their stored dtypes, raw bytes; with the step
+        they resume the run bit-exactly (work copies and FP8 weight scales are made from the masters,
+        gradients are zero between steps, activations are rebuilt), at any GPU count."""
         out = {}
-        for name, row in self.rows.items():
-            if row.place == "device" and name.startswith(self.STATE_PREFIXES):
-                out[name] = self._download(self.mem.ptr(name), np.uint8, (row.total,))
+        for what in self.STATE:
+            for name, shape, per_layer, _ in param_tensors(self.plan):
+                rk0 = self.ranks[0]
+                row = rk0.param_row(name) if what == "master" else f"{what}.{name}"
+                n = int(np.prod(shape))
+                for i in range(self.L if per_layer else 1):
+                    parts = [rk.read_row(row, i) for rk in (self.ranks if rk0.is_shard(row) else self.ranks[:1])]
+                    key = f"{what}.layers.{i}.{name}" if per_layer else f"{what}.{name}"
+                    out[key] = np.concatenate(parts)[:n].view(np.uint8)
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
-        for name, row in self.rows.items():
-            if row.place == "device" and name.startswith(self.STATE_PREFIXES):
-                a = np.asarray(tensors[name], np.uint8)
-                if a.size != row.total:
-                    raise ValueError(f"checkpoint row {name} has {a.size} bytes, this plan's has {row.total}: "
-                                     f"resume with the plan the checkpoint was written with")
-                self._upload(self.mem.ptr(name), a)
-        for op in self.sched["init"]:
-            self._bind(op, None)()
+        for what in self.STATE:
+            for name, shape, per_layer, _ in param_tensors(self.plan):
+                row = self.ranks[0].param_row(name) if what == "master" else f"{what}.{name}"
+                dtype = np.dtype(NP_DTYPES[self.ranks[0].rows[row].dtype])
+                n = int(np.prod(shape))
+                for i in range(self.L if per_layer else 1):
+                    key = f"{what}.layers.{i}.{name}" if per_layer else f"{what}.{name}"
+                    if key not in tensors:
+                        raise KeyError(f"checkpoint lacks {key}: it was written by another llmqgen or model")
+                    a = np.asarray(tensors[key], np.uint8)
+                    if a.size != n * dtype.itemsize:
+                        raise ValueError(f"checkpoint tensor {key} has {a.size} bytes, this plan stores "
+                                         f"{n * dtype.itemsize} ({dtype.name}): resume with the "
+                                         f"checkpoint's precision settings")
+                    for rk in self.ranks:
+                        rk.write_raw(row, i, a.view(dtype))
+        self._execute([rk.load_program() for rk in self.ranks])
+        self._sync()
         self.step_count = step
 
     # --- a training step --------------------------------------------------------------------------
-    def _set_scalar(self, name: str, values) -> None:
-        self._upload(self.ptr(f"scalar:{name}", None), np.asarray(values, np.float32))
-
-    def _feed(self, batch) -> None:
-        BT = self.plan.batch.micro_batch * self.plan.batch.seq_len
-        seg = np.zeros(BT + 2, np.int32)
-        seg[:BT + 1] = batch.segment_starts[:BT + 1]
-        seg[BT + 1] = batch.num_unique
-        for row, a in (("tokens.inputs", batch.inputs), ("tokens.targets", batch.targets),
-                       ("tokens.sorted_pos", batch.sorted_positions), ("tokens.segments", seg)):
-            self._upload(self.mem.ptr(row), np.asarray(a, np.int32).reshape(-1))
-
-    def _run_micro(self) -> None:
-        if not self.use_graphs:
-            for f in self.micro:
-                f()
-            return
-        if self.graph is None:
-            for f in self.micro:            # warm-up run: libraries allocate and pick kernels outside capture
-                f()
-            driver.capture_begin(self.stream)
-            for f in self.micro:
-                f()
-            self.graph = driver.capture_end(self.stream)
-            return                           # the warm-up already did this micro-step's work
-        driver.graph_launch(self.graph, self.stream)
-
     def accumulate(self, batches) -> None:
-        """Forward + backward of each micro-batch; gradients summed over them (loss-scaled per token)."""
+        """Forward + backward of a step's micro-batches (all GPUs': rank r takes the r-th equal share);
+        gradients summed over them (loss-scaled by the step's valid-token count)."""
+        N = self.plan.num_gpus
+        if len(batches) % N:
+            raise ValueError(f"{len(batches)} micro-batches cannot be shared by {N} GPUs: give a multiple of {N}")
         valid = sum(int((np.asarray(b.targets) != -100).sum()) for b in batches)
         if valid == 0:
             raise ValueError("every target of this step is masked (-100): nothing to learn from")
-        self._set_scalar("loss", [0.0])
-        self._set_scalar("grad_scale", [1.0 / valid])
-        for b in batches:
-            self._feed(b)
-            self._run_micro()
-        driver.stream_synchronize(self.stream)
+        per = len(batches) // N
+        for rk in self.ranks:
+            rk.dev.make_current()
+            rk.set_scalar("loss", [0.0])
+            rk.set_scalar("grad_scale", [1.0 / valid])
+        for m in range(per):
+            for rk in self.ranks:
+                rk.dev.make_current()
+                rk.feed(batches[rk.rank * per + m])
+            self._execute([rk.micro for rk in self.ranks], key="micro")
+        self._drain()
+        self._sync()
 
     def zero_gradients(self) -> None:
-        for name, row in self.rows.items():
-            if name.startswith("grads."):
-                driver.memset_d8(self.mem.ptr(name), 0, row.total, self.stream)
-        driver.stream_synchronize(self.stream)
+        for rk in self.ranks:
+            for name, row in rk.rows.items():
+                if name.startswith(("grads.", "stage.grads.")):
+                    driver.memset_d8(rk.mem.ptr(name), 0, row.total, rk.stream)
+        self._sync()
 
     def loss(self) -> float:
-        return float(self._download(self.ptr("scalar:loss", None), np.float32, (1,))[0])
+        """The step's mean loss over all GPUs' tokens (each rank holds its tokens' share of the sum)."""
+        ptrs = [rk.ptr("scalar:loss", None) for rk in self.ranks]
+        if isinstance(self.comm, Nccl):
+            self.comm.sum_floats(ptrs, 1)
+        return sum(float(rk.download(p, np.float32, (1,))[0]) for rk, p in zip(self.ranks, ptrs))
 
     def optimizer_step(self, lr: float) -> float:
         """AdamW over all parameters with global-norm clipping; returns the gradient norm."""
         self.step_count += 1
         o, t = self.optim, self.step_count
-        self._set_scalar("hyper", adamw_family.hyper_values(lr, o.beta1, o.beta2, o.eps, o.weight_decay, t,
-                                                            o.max_norm))
-        opt = self.sched["optimizer_step"]
-        extra = {"step": lambda v, layer: t, "seed": self._seed}
-        for op in opt["optimizer"]:
-            self._run_optimizer_op(op, None, extra)
-        for layer in range(self.L):
-            for op in opt["layer_optimizer"]:
-                self._run_optimizer_op(op, layer, extra)
-        out = self._download(self.ptr("scalar:norm", None), np.float32, (4,))
-        return float(out[0])
-
-    def _run_optimizer_op(self, op, layer, extra) -> None:
-        if op["op"] == "gradnorm":
-            self._gradnorm(op)
-        elif op["op"] == "kernel" and op["kernel"].startswith("llmq_adamw"):
-            n = prod(self.rows[op["args"]["grad"].split("[")[0]].shape)
-            op = {**op, "args": {**op["args"], "n": n}, "grid": adamw_family.grid(n, self.dev.sm_count)}
-            self._bind(op, layer, extra)()
-        else:
-            self._bind(op, layer, extra)()
-
-    def _gradnorm(self, op) -> None:
-        ptrs, sizes = [], []
-        for name, per_layer in op["tensors"]:
-            for i in range(self.L if per_layer else 1):
-                ptrs.append(self.mem.ptr(name, i))
-                sizes.append(prod(self.rows[name].shape))
-        grids, offsets, total = gradnorm_family.partials_layout(sizes)
-        partial = self._func("llmq_gradnorm_partial")
-        k = self.kernels["llmq_gradnorm_partial"]
-        parts = self.ptr(op["partials"], None)
-        for p, n, g, off in zip(ptrs, sizes, grids, offsets):
-            driver.launch(partial, (g, 1, 1), k.block, 0, self.stream, [p, n, parts, off], [t for _, t in k.args])
-        fin = self.kernels["llmq_gradnorm_finalize"]
-        driver.launch(self._func(fin.name), fin.grid, fin.block, 0, self.stream,
-                      [parts, total, self.ptr(op["hyper"], None), self.ptr(op["out"], None)],
-                      [t for _, t in fin.args])
-
-    def _seed(self, tag: str, layer) -> int:
-        h = hashlib.sha256(f"{self.seed}:{tag}:{layer}".encode()).digest()
-        return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+        hyper = adamw_family.hyper_values(lr, o.beta1, o.beta2, o.eps, o.weight_decay, t, o.max_norm)
+        for rk in self.ranks:
+            rk.dev.make_current()
+            rk.set_scalar("hyper", hyper)
+        self._execute([rk.optimizer_program(t) for rk in self.ranks])
+        rk = self.ranks[0]
+        return float(rk.download(rk.ptr("scalar:norm", None), np.float32, (4,))[0])
 
     def close(self) -> None:
-        if self.graph is not None:
-            driver.graph_destroy(self.graph)
-            self.graph = None
-        for g in self.gemms.values():
-            g.close()
-        self.blas.close()
-        self.mem.free()
+        if self.comm is not None:
+            self.comm.close()
+        for rk in self.ranks:
+            rk.dev.make_current()
+            rk.close()
 
 
 def _has_cudnn() -> bool:
@@ -392,14 +281,3 @@ def _has_cudnn() -> bool:
         return True
     except ImportError:
         return False
-
-
-def _split_index(body: str, layer: int | None) -> tuple[str, int | None]:
-    if "[" not in body:
-        return body, None
-    name, idx = body[:-1].split("[")
-    if idx == "l":
-        return name, layer
-    if idx == "l-1":
-        return name, layer - 1
-    return name, int(idx)

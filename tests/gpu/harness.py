@@ -35,7 +35,7 @@ _ARCH_FLAGS = {  # what distinguishes the three families (Qwen2.5, Qwen3, Llama 
 }
 
 
-def small_plan(arch: str = "qwen2", fp8: bool = True, gpu: str = "h200", **overrides) -> Plan:
+def small_plan(arch: str = "qwen2", fp8: bool = True, gpu: str = "h200", gpus: int = 1, **overrides) -> Plan:
     """A tiny model (C=256, F=512, HQ=4, HKV=2, HD=64, V=1024, L=2, B=2, T=128) as a Plan.
 
     Overrides: the short names above, any ModelSpec / Batch / Precision field, or any Plan field
@@ -57,7 +57,7 @@ def small_plan(arch: str = "qwen2", fp8: bool = True, gpu: str = "h200", **overr
                             f"ModelSpec, Batch, Precision or Plan)")
         parts[part][field] = value
     gpu_spec = resolve_gpu(gpu)
-    inventory = Inventory(gpu=gpu_spec, count=1, host_mem_bytes=64 << 30)
+    inventory = Inventory(gpu=gpu_spec, count=gpus, host_mem_bytes=64 << 30)
     return Plan(model=ModelSpec(**parts["model"]), inventory=inventory, batch=Batch(**parts["batch"]),
                 precision=Precision(**parts["precision"]), **parts["plan"])
 

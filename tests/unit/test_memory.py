@@ -82,7 +82,8 @@ def test_zero_levels_divide_by_gpu_count():
     assert rows(make_plan("7b", count=4, sharding=Sharding.from_zero(1)))["master.qkv"].total == \
         pytest.approx(rows(make_plan("7b", count=4))["master.qkv"].total / 4, rel=1e-3)
     assert z1["grads"] == full["grads"]
-    assert z3["grads"] < full["grads"] / 3                      # sharded (+ a 2-layer staging buffer)
+    # block gradients sharded (+ a 2-layer staging buffer); embedding and LM head stay whole
+    assert z3["grads"] < full["grads"] / 2.5
     assert z3["weights"] < full["weights"]
 
 

@@ -15,7 +15,9 @@ PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.json"))
 
 def refs(op):
     fields = op.get("args", {}) | {k: v for k, v in op.items() if k not in ("args", "op", "phase")}
-    for v in fields.values():
+    values = [x for v in fields.values() for x in (v if isinstance(v, list) else [v])]
+    values = [x[0] if isinstance(x, list) else x for x in values]      # [row, per_layer] entries
+    for v in values:
         if isinstance(v, str) and "." in v and not v.startswith(("fp8:", "scalar:", "seed:")):
             yield v
 
@@ -28,7 +30,7 @@ def test_references_and_arguments_resolve(path):
     rows = {r.name: r for r in memory_table(plan)}
     for op in iter_ops(sched):
         for ref in refs(op):
-            name = re.sub(r"(\[[^\]]*\])?(\+\d+)?$", "", ref)
+            name = re.sub(r"(\[[^\]]*\])?(\+\d+)?(@shard)?$", "", ref)
             assert name in rows, (op, ref)
             if ref.endswith("[l]"):      # layer l's instance, or the one shared row of a recomputed tensor
                 assert rows[name].count == plan.model.num_layers or rows[name].lifetime == "shared", ref

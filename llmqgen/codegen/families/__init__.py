@@ -21,6 +21,7 @@ FAMILIES = [
     "crossentropy",
     "adamw",
     "gradnorm",
+    "shard",
     "flash_attention",
 ]
 

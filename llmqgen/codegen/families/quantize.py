@@ -57,9 +57,21 @@ def transpose_sites(ctx: dict) -> list[dict]:
     return _dedupe(site_shapes(ctx), lambda R, K, s, d: (R, K))
 
 
+WEIGHT_SITES = ("qkv", "att_out", "gate_up", "down")
+
+
+def shard_sites(ctx: dict) -> list[dict]:
+    """ZeRO-1+ on several GPUs: each GPU quantizes its shard of the new master weights (flat, S elements)."""
+    if ctx["NUM_GPUS"] == 1 or ctx["ZERO"] < 1:
+        return []
+    from ...plan.memory import shard_elems
+    return [dict(name=site, n=shard_elems(R * K, ctx["NUM_GPUS"]), src=src)
+            for site, R, K, src, _ in site_shapes(ctx) if site in WEIGHT_SITES]
+
+
 def context(ctx: dict) -> dict:
-    return dict(QUANT_SITES=quant_sites(ctx), TRANSPOSE_SITES=transpose_sites(ctx), QUANT_TILE=TILE,
-                QUANT_TILE_THREADS=TILE_THREADS, QUANT_FLAT_THREADS=FLAT_THREADS)
+    return dict(QUANT_SITES=quant_sites(ctx), TRANSPOSE_SITES=transpose_sites(ctx), QUANT_SHARD_SITES=shard_sites(ctx),
+                QUANT_TILE=TILE, QUANT_TILE_THREADS=TILE_THREADS, QUANT_FLAT_THREADS=FLAT_THREADS)
 
 
 def kernels(ctx: dict) -> list[Kernel]:
@@ -82,6 +94,17 @@ def kernels(ctx: dict) -> list[Kernel]:
             Kernel(f"llmq_quantize_dual_{name}", tiles, (TILE_THREADS, 1, 1),
                    (("out", "uint8_t*"), ("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
                    doc="quantize and quantize_t from one read of in", meta=meta),
+        ]
+    for s in shard_sites(ctx):
+        src = "const float*" if s["src"] == "float" else "const bf16*"
+        meta = dict(shard_elems=s["n"], src=s["src"], dst="e4m3", fmax=FMAX["e4m3"])
+        out += [
+            Kernel(f"llmq_amax_shard_{s['name']}", (grid_stride_blocks(ctx, s["n"] // 8, FLAT_THREADS), 1, 1),
+                   (FLAT_THREADS, 1, 1), (("in", src), ("stats", "float*")),
+                   doc="stats[0] = max(stats[0], amax(in)) over this GPU's master shard", meta=meta),
+            Kernel(f"llmq_quantize_shard_{s['name']}", (grid_stride_blocks(ctx, s["n"] // 16, FLAT_THREADS), 1, 1),
+                   (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
+                   doc="out = sat_e4m3(in * FMAX/amax) over this GPU's shard; stats[4] = amax/FMAX", meta=meta),
         ]
     for s in transpose_sites(ctx):
         out.append(Kernel(f"llmq_transpose_fp8_{s['name']}", (cdiv(s["K"], TILE), cdiv(s["R"], TILE), 1),

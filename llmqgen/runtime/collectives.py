@@ -1,0 +1,286 @@
+"""Collectives over the GPUs of a run: copy engines in one process, or NCCL (one process per GPU).
+
+A schedule's `collective` operation names whole parameter rows (every tensor padded to N equal
+shards, rank r owning [r*S, (r+1)*S)) or a byte region; `buffers` turns it into (pointer, bytes)
+per rank. Three kinds:
+  reduce_scatter  bf16, in place: rank r's shard becomes the sum over ranks (or is added into `into`)
+  all_gather      bytes, in place: every rank's shard is copied to every other rank
+  all_reduce_max  fp32 region: elementwise max over ranks (FP8 weight amaxes)
+Ordering: a collective starts on each rank's communication stream after every rank's compute stream
+has reached it (it reads the others' buffers) and records a done event per rank; the compute stream
+waits for all ranks' done events right away, or — for an `overlap` collective (ZeRO-2's per-layer
+reduce-scatter) — before the run after next (its buffer is a double buffer; Trainer does this).
+
+CopyEngine moves bytes with cuMemcpyAsync (no SMs): peer copies, or — where the GPUs cannot reach
+each other's memory (GeForce cards) — staged through pinned host memory: the sender copies a piece
+to its host buffer, the receiver copies it in. Reductions run on the receiving GPU
+(llmq_reduce_bf16 over the pieces in comm.recv, in rank order: deterministic). Nccl issues the same
+kinds to NCCL on the communication stream.
+"""
+from __future__ import annotations
+
+from math import prod
+
+from ..plan.memory import DTYPE_BYTES, shard_elems
+from . import driver
+from .rank import Rank, _at
+
+EVENT_RING = 8        # done events are reused after this many collectives (at most 2 are pending)
+VEC = 32              # piece sizes are multiples of this many bytes (16 bf16, the kernels' grain)
+
+
+def buffers(rank: Rank, op: dict, layer: int | None) -> list[tuple[int, int, int | None]]:
+    """(pointer, total bytes, `into` pointer or None) of every buffer of a collective on one rank."""
+    if "region" in op:
+        return [(rank.ptr(op["region"], layer), op["bytes"], None)]
+    out = []
+    into = op.get("into") or [None] * len(op["tensors"])
+    for (ref, per_layer), dst in zip(op["tensors"], into):
+        name = ref.split("[")[0].split("@")[0]
+        row = rank.rows[name]
+        total = shard_elems(prod(row.shape), rank.world) * rank.world * DTYPE_BYTES[row.dtype]
+        refs = [_at(ref, i) for i in range(rank.L)] if per_layer else [ref]
+        for r in refs:
+            out.append((rank.ptr(r, layer), total, rank.ptr(dst, layer) if dst else None))
+    return out
+
+
+class _Events:
+    """Ordering between compute and communication streams; optionally the time each collective takes
+    on the communication streams (from all inputs ready to the last rank done)."""
+
+    def __init__(self, ranks: list[Rank]):
+        self.ranks = ranks
+        self.ring = [[_event(rk) for rk in ranks] for _ in range(EVENT_RING)]
+        self.ready = [_event(rk) for rk in ranks]
+        self.count = 0
+        self.timed: list[tuple[int, list[int]]] | None = None
+
+    def start(self) -> None:
+        """Every communication stream waits until every compute stream reached the collective."""
+        for rk, e in zip(self.ranks, self.ready):
+            rk.dev.make_current()
+            driver.event_record(e, rk.stream)
+        for rk in self.ranks:
+            rk.dev.make_current()
+            for e in self.ready:
+                driver.stream_wait(rk.comm_stream, e)
+        if self.timed is not None:
+            t0 = _event(self.ranks[0], timing=True)
+            driver.event_record(t0, self.ranks[0].comm_stream)
+            self.timed.append((t0, []))
+
+    def finish(self) -> list[int]:
+        done = self.ring[self.count % EVENT_RING]
+        self.count += 1
+        for rk, e in zip(self.ranks, done):
+            rk.dev.make_current()
+            driver.event_record(e, rk.comm_stream)
+            if self.timed is not None:
+                t1 = _event(rk, timing=True)
+                driver.event_record(t1, rk.comm_stream)
+                self.timed[-1][1].append(t1)
+        return done
+
+    def take_ms(self) -> float:
+        """Milliseconds the collectives since the last call took (timing must be on); frees the events."""
+        total = 0.0
+        for t0, ends in self.timed or []:
+            for e in ends:
+                driver.event_synchronize(e)
+            total += max(driver.event_elapsed_ms(t0, e) for e in ends)
+            for e in [t0, *ends]:
+                driver.event_destroy(e)
+        self.timed = [] if self.timed is not None else None
+        return total
+
+    def close(self) -> None:
+        self.take_ms()
+        for e in [e for evs in self.ring for e in evs] + self.ready:
+            driver.event_destroy(e)
+
+
+class CopyEngine:
+    """All ranks of this process, driven from one thread; peer copies or host-staged."""
+
+    def __init__(self, ranks: list[Rank], peer: bool):
+        self.ranks, self.N = ranks, len(ranks)
+        self.peer = peer and _enable_peer_access(ranks)
+        self.events = _Events(ranks)
+        recv = ranks[0].rows["comm.recv"].bytes
+        self.piece = recv // (2 * (self.N - 1)) // VEC * VEC       # bytes of one piece of one sender
+        # host-staged pieces: [piece slot k][receiver slot]; the receiver's copy-in done events
+        self.h2d_done = [[_event(rk) for _ in range(2)] for rk in ranks]
+        self.d2h_done = [[_event(rk) for _ in range(2)] for rk in ranks]
+        self.pieces = 0
+        self.moved = 0                                             # bytes over the links, for reports
+
+    def run(self, op: dict, layer: int | None) -> list[int]:
+        self.events.start()
+        bufs = [buffers(rk, op, layer) for rk in self.ranks]
+        for i in range(len(bufs[0])):
+            per_rank = [b[i] for b in bufs]
+            if op["kind"] == "reduce_scatter":
+                self._reduce_scatter(per_rank)
+            elif op["kind"] == "all_gather":
+                self._all_gather(per_rank)
+            elif op["kind"] == "all_reduce_max":
+                self._all_reduce_max(per_rank)
+            else:
+                raise ValueError(f"collective {op['kind']!r} is unknown to this runtime")
+        return self.events.finish()
+
+    # --- moving one piece from rank s to rank r ------------------------------------------------------
+    def _move(self, s: int, r: int, dst: int, src: int, nbytes: int, k: int) -> None:
+        """Copy on r's communication stream (peer), or s -> host -> r (staged; host slot k of s for r)."""
+        rs, rr = self.ranks[s], self.ranks[r]
+        self.moved += nbytes
+        if self.peer:
+            rr.dev.make_current()
+            driver.memcpy_dtod(dst, src, nbytes, rr.comm_stream)
+            return
+        host = rs.host.ptr("comm.host") + (k * (self.N - 1) + _slot(r, s)) * self.piece
+        rs.dev.make_current()
+        driver.stream_wait(rs.comm_stream, self.h2d_done[r][k])   # r has read the slot's previous piece
+        driver.memcpy_dtoh(host, src, nbytes, rs.comm_stream)
+        driver.event_record(self.d2h_done[s][k], rs.comm_stream)
+        rr.dev.make_current()
+        driver.stream_wait(rr.comm_stream, self.d2h_done[s][k])
+        driver.memcpy_htod(dst, host, nbytes, rr.comm_stream)
+        driver.event_record(self.h2d_done[r][k], rr.comm_stream)
+
+    def _reduce_scatter(self, per_rank) -> None:
+        total = per_rank[0][1]
+        part = total // self.N
+        for off in range(0, part, self.piece):
+            n = min(self.piece, part - off)
+            k = self.pieces % 2
+            self.pieces += 1
+            for r, (ptr, _, into) in enumerate(per_rank):
+                rr = self.ranks[r]
+                recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
+                for s, (src, _, _) in enumerate(per_rank):
+                    if s != r:
+                        self._move(s, r, recv + _slot(s, r) * self.piece, src + r * part + off, n, k)
+                own = ptr + r * part + off
+                dst = (into + off) if into else own
+                rr.dev.make_current()
+                reduce = rr.launcher("llmq_reduce_bf16", rr.comm_stream)
+                reduce(rr.kernels["llmq_reduce_bf16"].grid, dst, own, recv, self.piece // 2, n // 2, r,
+                       int(into is not None))
+
+    def _all_gather(self, per_rank) -> None:
+        part = per_rank[0][1] // self.N
+        step = part if self.peer else self.piece
+        for off in range(0, part, step):
+            n = min(step, part - off)
+            k = self.pieces % 2
+            self.pieces += 1
+            for s, (src, _, _) in enumerate(per_rank):
+                for r, (dst, _, _) in enumerate(per_rank):
+                    if s != r:
+                        self._move(s, r, dst + s * part + off, src + s * part + off, n, k)
+
+    def _all_reduce_max(self, per_rank) -> None:
+        nbytes = per_rank[0][1]
+        if nbytes > self.piece:
+            raise ValueError(f"all_reduce_max of {nbytes} bytes exceeds one piece ({self.piece}): it is meant "
+                             f"for the FP8 weight amaxes")
+        k = self.pieces % 2
+        self.pieces += 1
+        for r, (dst, _, _) in enumerate(per_rank):
+            rr = self.ranks[r]
+            recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
+            for s, (src, _, _) in enumerate(per_rank):
+                if s != r:
+                    self._move(s, r, recv + _slot(s, r) * self.piece, src, nbytes, k)
+            rr.dev.make_current()
+            reduce = rr.launcher("llmq_reduce_max_f32", rr.comm_stream)
+            reduce(rr.kernels["llmq_reduce_max_f32"].grid, dst, recv, self.piece // 4, nbytes // 4)
+
+    def close(self) -> None:
+        self.events.close()
+        for e in [e for evs in self.h2d_done + self.d2h_done for e in evs]:
+            driver.event_destroy(e)
+
+
+class Nccl:
+    """This process's rank(s) through NCCL communicators (one process per GPU across machines)."""
+
+    def __init__(self, ranks: list[Rank], comms: list):
+        self.ranks, self.comms = ranks, comms
+        self.events = _Events(ranks)
+        self.moved = 0
+
+    def run(self, op: dict, layer: int | None) -> list[int]:
+        from . import nccl
+        self.events.start()
+        kind = op["kind"]
+        nccl.group_start()
+        for rk, comm in zip(self.ranks, self.comms):
+            for ptr, total, into in buffers(rk, op, layer):
+                part, cs = total // rk.world, rk.comm_stream
+                if kind == "reduce_scatter":
+                    comm.reduce_scatter(ptr, ptr + rk.rank * part, part // 2, "bf16", "sum", cs)
+                elif kind == "all_gather":
+                    comm.all_gather(ptr + rk.rank * part, ptr, part, "uint8", cs)
+                elif kind == "all_reduce_max":
+                    comm.all_reduce(ptr, ptr, total // 4, "fp32", "max", cs)
+                else:
+                    raise ValueError(f"collective {kind!r} is unknown to this runtime")
+                self.moved += total
+        nccl.group_end()
+        if kind == "reduce_scatter" and op.get("into"):     # ZeRO-2: add the reduced shard to the gradients
+            for rk in self.ranks:
+                rk.dev.make_current()
+                add = rk.launcher("llmq_add_bf16", rk.comm_stream)
+                for ptr, total, into in buffers(rk, op, layer):
+                    part = total // rk.world
+                    add(rk.kernels["llmq_add_bf16"].grid, into, ptr + rk.rank * part, part // 2)
+        return self.events.finish()
+
+    def sum_floats(self, ptrs: list[int], count: int) -> None:
+        """In-place sum over all processes of `count` floats at each rank's pointer (e.g. the loss)."""
+        from . import nccl
+        nccl.group_start()
+        for rk, comm, p in zip(self.ranks, self.comms, ptrs):
+            comm.all_reduce(p, p, count, "fp32", "sum", rk.stream)
+        nccl.group_end()
+
+    def close(self) -> None:
+        self.events.close()
+        for c in self.comms:
+            c.close()
+
+
+def _event(rank: Rank, timing: bool = False) -> int:
+    """An event of the rank's context (an event is recorded only on streams of its own context)."""
+    rank.dev.make_current()
+    return driver.event_create(timing)
+
+
+def _slot(sender: int, receiver: int) -> int:
+    """The staging slot of `sender`'s piece at `receiver`: the other ranks in rank order."""
+    return sender - (sender > receiver)
+
+
+def _enable_peer_access(ranks: list[Rank]) -> bool:
+    """Peer access between every pair of distinct GPUs (ranks sharing a GPU need none); False if any
+    pair cannot, so that the caller stages through host memory instead."""
+    from cuda.bindings import driver as cu
+    devices = {rk.dev.ordinal: rk.dev for rk in ranks}
+    for a in devices.values():
+        for b in devices.values():
+            if a.ordinal == b.ordinal:
+                continue
+            if not driver.check("cuDeviceCanAccessPeer", cu.cuDeviceCanAccessPeer(a.handle, b.handle)):
+                return False
+    for a in devices.values():
+        a.make_current()
+        for b in devices.values():
+            if a.ordinal != b.ordinal:
+                status, = cu.cuCtxEnablePeerAccess(cu.CUcontext(b.context), 0)
+                if status not in (cu.CUresult.CUDA_SUCCESS,
+                                  cu.CUresult.CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED):
+                    raise driver.CudaError("cuCtxEnablePeerAccess", status)
+    return True

@@ -1,0 +1,373 @@
+"""One GPU's share of a training run: its arenas, the schedule bound to its pointers, its CUDA graphs.
+
+A Rank allocates the plan's memory table on its GPU (device and pinned-host arenas), loads the
+compiled program into its context and binds every operation of schedule.json to closures over its
+own pointers, once. Sections become *programs*: lists of items, either ("ops", closures) — a run of
+operations on the rank's compute stream, captured as one CUDA graph where the program is replayed —
+or ("collective", op, layer), which the Trainer hands to the collectives of all ranks at once.
+Values the graphs read (loss scale, LR, ...) live in device memory (stats.scalars), written per step.
+"""
+from __future__ import annotations
+
+import hashlib
+from math import prod
+from typing import Callable
+
+import ml_dtypes
+import numpy as np
+
+from ..codegen.families import adamw as adamw_family
+from ..codegen.families import gradnorm as gradnorm_family
+from ..codegen.schedule import SCALARS, fp8_slot_index
+from ..plan.memory import DTYPE_BYTES, memory_table, param_tensors, shard_elems
+from ..plan.schema import Plan
+from . import driver
+from .arena import Arena
+from .attention import Attention, AttnShape
+from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
+
+NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
+             "e5m2": ml_dtypes.float8_e5m2, "int32": np.int32, "uint8": np.uint8}
+TOKEN_ROWS = ("tokens.inputs", "tokens.targets", "tokens.sorted_pos", "tokens.segments")
+
+Item = tuple
+
+
+class Rank:
+    def __init__(self, plan: Plan, sched: dict, kernels: dict, cubin: bytes, *, rank: int, device: int,
+                 attention: str, graphs: bool, seed: int):
+        self.plan, self.sched, self.kernels, self.rank, self.seed = plan, sched, kernels, rank, seed
+        self.world = plan.num_gpus
+        self.dev = driver.open_device(device)
+        self.module = driver.module_load(cubin)
+        self.funcs: dict[str, int] = {}
+        self.rows = {r.name: r for r in memory_table(plan)}     # the table of this llmqgen, from the inputs
+        self.mem = Arena(self.rows.values(), "device")
+        self.host = Arena(self.rows.values(), "host")
+        self.stream = driver.stream_create()
+        self.comm_stream = driver.stream_create()
+        driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
+        self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
+        m, b = plan.model, plan.batch
+        self.attn = None
+        if attention == "cudnn":
+            self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim))
+            if self.attn.workspace_bytes > self.rows["ws.attention"].bytes:
+                raise RuntimeError(f"cuDNN SDPA needs {self.attn.workspace_bytes} bytes of workspace, the plan "
+                                   f"reserved {self.rows['ws.attention'].bytes}: re-plan with a larger "
+                                   f"attn_bwd_chunks")
+        self.gemms: dict[tuple, Gemm] = {}
+        self.L = m.num_layers
+        if "work.ones" in self.rows:
+            self.upload(self.mem.ptr("work.ones"), np.ones(b.micro_batch * b.seq_len, ml_dtypes.bfloat16))
+        self.graphs: dict[tuple, int] = {}
+        self.use_graphs = graphs
+        self.fed = 0
+        self.feed_done = [driver.event_create(), driver.event_create()]
+        for e in self.feed_done:
+            driver.event_record(e, self.stream)
+        self.micro = self.program([(ms, layers) for ms, layers in self._micro_sections()])
+
+    # --- references -> pointers -------------------------------------------------------------------
+    def shard_bytes(self, name: str) -> int:
+        """Bytes of one GPU's shard of a whole (padded) parameter row."""
+        row = self.rows[name]
+        return shard_elems(prod(row.shape), self.world) * DTYPE_BYTES[row.dtype]
+
+    def ptr(self, ref: str, layer: int | None) -> int:
+        if ref.startswith("fp8:"):
+            body, _, part = ref[4:].partition("/")
+            name, idx = _split_index(body, layer)
+            base = self.mem.ptr("stats.fp8") + 32 * fp8_slot_index(name, idx or 0, self.L)
+            return base + (16 if part == "descale" else 0)
+        if ref.startswith("scalar:"):
+            return self.mem.ptr("stats.scalars") + 4 * SCALARS[ref[7:]]
+        ref, _, shard = ref.partition("@")
+        body, _, off = ref.partition("+")
+        name, idx = _split_index(body, layer)
+        row = self.rows[name]
+        arena = self.mem if row.place == "device" else self.host
+        p = arena.ptr(name, idx if (idx is not None and row.count > 1) else 0) + int(off or 0)
+        return p + (self.rank * self.shard_bytes(name) if shard else 0)
+
+    def _value(self, v, layer, extra):
+        if isinstance(v, str) and (v.startswith(("fp8:", "scalar:")) or "." in v):
+            return self.ptr(v, layer)
+        if isinstance(v, str):
+            return extra[v.split(":")[0]](v, layer)
+        return v
+
+    # --- binding operations to closures -------------------------------------------------------------
+    def _func(self, name: str) -> int:
+        if name not in self.funcs:
+            f = driver.function(self.module, name)
+            if self.kernels[name].smem > 48 * 1024:
+                driver.set_max_dynamic_smem(f, self.kernels[name].smem)
+            self.funcs[name] = f
+        return self.funcs[name]
+
+    def launcher(self, name: str, stream: int) -> Callable[..., None]:
+        """A kernel of the program as a function of its argument values (the collectives use these)."""
+        k = self.kernels[name]
+        func, types = self._func(name), [t for _, t in k.args]
+        return lambda grid, *values: driver.launch(func, grid, k.block, k.smem, stream, list(values), types)
+
+    def _bind(self, op: dict, layer: int | None, extra=None) -> Callable[[], None]:
+        kind, s = op["op"], self.stream
+        if kind == "branch_on_layer":
+            ops = [self._bind(o, layer, extra) for o in (op["first"] if layer == 0 else op["rest"])]
+            return lambda: [f() for f in ops] and None
+        if kind == "kernel":
+            k = self.kernels[op["kernel"]]
+            func = self._func(k.name)
+            values = [self._value(op["args"][a], layer, extra) for a, _ in k.args]
+            grid = op.get("grid", k.grid)
+            if k.name.startswith("llmq_adamw"):         # its grid is one wave of this GPU
+                grid = adamw_family.grid(op["args"]["n"], self.dev.sm_count)
+            types = [t for _, t in k.args]
+            return lambda: driver.launch(func, grid, k.block, k.smem, s, values, types)
+        if kind == "linear":
+            return self._bind_linear(op, layer)
+        if kind.startswith("attention_") and self.attn is None:
+            return self._bind_flash_attention(op, layer)
+        if kind == "attention_forward":
+            p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "lse")}
+            ws = self.mem.ptr("ws.attention")
+            return lambda: self.attn.forward(s, p["qkv"], p["out"], p["lse"], ws)
+        if kind == "attention_backward":
+            p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "dout", "lse", "dqkv")}
+            ws = self.mem.ptr("ws.attention")
+            return lambda: self.attn.backward(s, p["qkv"], p["out"], p["dout"], p["lse"], p["dqkv"], ws)
+        if kind == "memset":
+            dst, n = self.ptr(op["dst"], layer), op["bytes"]
+            return lambda: driver.memset_d8(dst, 0, n, s)
+        if kind == "copy":
+            dst, src, n = self.ptr(op["dst"], layer), self.ptr(op["src"], layer), op["bytes"]
+            return lambda: driver.memcpy_dtod(dst, src, n, s)
+        if kind == "bias_grad":     # db[1, cols] += ones[1, rows] . dy[rows, cols]
+            g = self._gemm(("bias", op["rows"], op["cols"]), lambda: Gemm(self.blas, 1, op["cols"], op["rows"],
+                                                                         b_trans=True, accumulate=True, align=256))
+            a, b_, d = self.ptr(op["ones"], layer), self.ptr(op["dy"], layer), self.ptr(op["db"], layer)
+            return lambda: g.run(s, a, b_, d)
+        if kind == "gradnorm_partials":
+            return self._bind_gradnorm_partials(op)
+        if kind == "gradnorm_finalize":
+            fin = self.launcher("llmq_gradnorm_finalize", s)
+            grid = self.kernels["llmq_gradnorm_finalize"].grid
+            args = (self.ptr(op["partials"], None), op["count"], self.ptr(op["hyper"], None),
+                    self.ptr(op["out"], None))
+            return lambda: fin(grid, *args)
+        raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
+
+    def _bind_gradnorm_partials(self, op: dict) -> Callable[[], None]:
+        ptrs = [self.ptr(ref if not per_layer else _at(ref, i), None)
+                for ref, per_layer in op["tensors"] for i in range(self.L if per_layer else 1)]
+        grids, offsets, _ = gradnorm_family.partials_layout(op["sizes"])
+        base = self.rank * op["rank_offset"]
+        partial = self.launcher("llmq_gradnorm_partial", self.stream)
+        parts = self.ptr(op["partials"], None)
+        calls = [((g, 1, 1), p, n, parts, base + off) for p, n, g, off in zip(ptrs, op["sizes"], grids, offsets)]
+        return lambda: [partial(*c) for c in calls] and None
+
+    def _bind_flash_attention(self, op: dict, layer: int | None) -> Callable[[], None]:
+        """The generated kernels: forward writes out and lse; backward = rowsum(dO*O) pre-pass + backward."""
+        if op["op"] == "attention_forward":
+            names = [("llmq_attention_forward", [op["qkv"], op["out"], op["lse"]])]
+        else:
+            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], "work.attn_delta"]),
+                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], "work.attn_delta", op["dqkv"]])]
+        fns = [self._bind({"op": "kernel", "kernel": k, "args": {a: v for (a, _), v in
+                                                                  zip(self.kernels[k].args, refs)}}, layer)
+               for k, refs in names]
+        return lambda: [f() for f in fns] and None
+
+    def _gemm(self, key, make) -> Gemm:
+        if key not in self.gemms:
+            self.gemms[key] = make()
+        return self.gemms[key]
+
+    def _bind_linear(self, op: dict, layer: int | None) -> Callable[[], None]:
+        P = lambda k: self.ptr(op[k], layer) if op.get(k) else 0      # noqa: E731
+        M, N, K, s, fp8 = op["M"], op["N"], op["K"], self.stream, op["dtype"] != "bf16"
+        if op["pass"] == "forward":
+            g = self._gemm(("fwd", M, N, K, op["dtype"], bool(op["bias"]), op["accumulate"]),
+                           lambda: linear_forward(self.blas, M, N, K, x_dtype=op["dtype"], w_dtype=op["dtype"],
+                                                  bias=bool(op["bias"]), accumulate=op["accumulate"]))
+            x, w, y, xs, ws, bias = P("x"), P("w"), P("y"), P("x_scale"), P("w_scale"), P("bias")
+            return lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias)
+        gd = op["grad_dtype"]
+        if op["pass"] == "dgrad":
+            if fp8:
+                g = self._gemm(("dgrad8", M, K, N, gd), lambda: linear_forward(self.blas, M, K, N, x_dtype=gd,
+                                                                               w_dtype="e4m3"))
+            else:
+                g = self._gemm(("dgrad", M, N, K), lambda: linear_dgrad(self.blas, M, N, K))
+            dy, w, dx, dys, ws = P("dy"), P("w"), P("dx"), P("dy_scale"), P("w_scale")
+            return lambda: g.run(s, dy, w, dx, a_scale=dys, b_scale=ws)
+        if fp8:
+            g = self._gemm(("wgrad8", N, K, M, gd), lambda: linear_forward(self.blas, N, K, M, x_dtype=gd,
+                                                                           w_dtype="e4m3", accumulate=True))
+        else:
+            g = self._gemm(("wgrad", M, N, K), lambda: linear_wgrad(self.blas, M, N, K))
+        dy, x, dw, dys, xs = P("dy"), P("x"), P("dw"), P("dy_scale"), P("x_scale")
+        return lambda: g.run(s, dy, x, dw, a_scale=dys, b_scale=xs)
+
+    # --- programs ------------------------------------------------------------------------------------
+    def _micro_sections(self):
+        ms, L = self.sched["micro_step"], self.L
+        return ([(ms["prologue"], [None])] + [(ms["layer_forward"], list(range(L))), (ms["head"], [None]),
+                (ms["layer_backward"], list(reversed(range(L)))), (ms["epilogue"], [None])])
+
+    def program(self, sections, extra=None) -> list[Item]:
+        """Bind sections [(ops, layers)] into items; a collective ends the run of operations before it."""
+        items, run = [], []
+        for ops, layers in sections:
+            for layer in layers:
+                for op in ops:
+                    if op["op"] == "collective":
+                        if run:
+                            items.append(("ops", run))
+                            run = []
+                        items.append(("collective", op, layer))
+                    else:
+                        run.append(self._bind(op, layer, extra))
+        if run:
+            items.append(("ops", run))
+        return items
+
+    def load_program(self) -> list[Item]:
+        """At load: RoPE table, weight amaxes, then the work copies from the masters (and their gather)."""
+        s, o, L = self.sched, self.sched["optimizer_step"], list(range(self.L))
+        return self.program([(s["init"], [None]), (s["layer_init"], L), (o["publish"], [None]),
+                             (o["layer_publish"], L), (o["gather"], [None])])
+
+    def optimizer_program(self, step: int) -> list[Item]:
+        o, L = self.sched["optimizer_step"], list(range(self.L))
+        extra = {"step": lambda v, layer: step, "seed": self._seed}
+        return self.program([(o["optimizer"], [None]), (o["layer_optimizer"], L), (o["publish"], [None]),
+                             (o["layer_publish"], L), (o["gather"], [None])], extra)
+
+    def run_ops(self, fns, key: tuple | None) -> None:
+        """A run of operations: eagerly, or as a CUDA graph captured on first use under `key`."""
+        if key is None or not self.use_graphs:
+            for f in fns:
+                f()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            for f in fns:            # warm-up run: libraries allocate and pick kernels outside capture
+                f()
+            driver.capture_begin(self.stream)
+            for f in fns:
+                f()
+            self.graphs[key] = driver.capture_end(self.stream)
+            return                   # the warm-up already did this work
+        driver.graph_launch(graph, self.stream)
+
+    def _seed(self, tag: str, layer) -> int:
+        # each GPU rounds its own shard: a shard's random stream must not repeat another's
+        shard = f":{self.rank}" if self.world > 1 and self.plan.sharding.optimizer else ""
+        h = hashlib.sha256(f"{self.seed}:{tag}:{layer}{shard}".encode()).digest()
+        return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+    # --- host <-> device -----------------------------------------------------------------------------
+    def upload(self, dst: int, array: np.ndarray) -> None:
+        self.dev.make_current()
+        a = np.ascontiguousarray(array)
+        driver.memcpy_htod(dst, a.ctypes.data, a.nbytes, self.stream)
+        driver.stream_synchronize(self.stream)      # `a` may be freed once this returns
+
+    def download(self, src: int, dtype, shape) -> np.ndarray:
+        self.dev.make_current()
+        out = np.empty(shape, dtype)
+        driver.memcpy_dtoh(out.ctypes.data, src, out.nbytes, self.stream)
+        driver.stream_synchronize(self.stream)
+        return out
+
+    def set_scalar(self, name: str, values) -> None:
+        self.upload(self.ptr(f"scalar:{name}", None), np.asarray(values, np.float32))
+
+    def feed(self, batch) -> None:
+        """Tokens of one micro-batch, through a pinned double buffer: no wait for the GPU unless the
+        buffer's previous copy (two micro-batches ago) is still in flight."""
+        BT = self.plan.batch.micro_batch * self.plan.batch.seq_len
+        slot = self.fed % 2
+        self.fed += 1
+        driver.event_synchronize(self.feed_done[slot])
+        stage = self.host.view("stage.tokens", 0, np.int32)[slot * (4 * BT + 2):(slot + 1) * (4 * BT + 2)]
+        stage[0:BT] = np.asarray(batch.inputs, np.int32).reshape(-1)
+        stage[BT:2 * BT] = np.asarray(batch.targets, np.int32).reshape(-1)
+        stage[2 * BT:3 * BT] = np.asarray(batch.sorted_positions, np.int32).reshape(-1)
+        stage[3 * BT:4 * BT + 1] = np.asarray(batch.segment_starts[:BT + 1], np.int32)
+        stage[4 * BT + 1] = batch.num_unique
+        src = stage.ctypes.data
+        for row, (lo, hi) in zip(TOKEN_ROWS, ((0, BT), (BT, 2 * BT), (2 * BT, 3 * BT), (3 * BT, 4 * BT + 2))):
+            driver.memcpy_htod(self.mem.ptr(row), src + 4 * lo, 4 * (hi - lo), self.stream)
+        driver.event_record(self.feed_done[slot], self.stream)
+
+    # --- parameters (this GPU's part) --------------------------------------------------------------
+    def param_row(self, name: str) -> str:
+        return f"master.{name}" if f"master.{name}" in self.rows else f"weights.{name}"
+
+    def is_shard(self, name: str) -> bool:
+        """A row holding this GPU's shard (shape (S,)) rather than a whole tensor."""
+        row = self.rows[name]
+        return self.world > 1 and len(row.shape) == 1 and row.shape[0] == shard_elems_of(self, name)
+
+    def write_tensor(self, name: str, index: int, full: np.ndarray) -> None:
+        """A whole tensor (any float dtype) into row instance `index`, in the row's dtype."""
+        self.write_raw(name, index, np.asarray(full, np.float32).reshape(-1).astype(NP_DTYPES[self.rows[name].dtype]))
+
+    def write_raw(self, name: str, index: int, flat: np.ndarray) -> None:
+        """A whole tensor already in the row's dtype: padded to N shards, and only this GPU's shard if
+        the row holds one."""
+        flat = flat.reshape(-1)
+        if self.world > 1:
+            S = shard_elems(flat.size, self.world)
+            flat = np.concatenate([flat, np.zeros(S * self.world - flat.size, flat.dtype)])
+            if self.is_shard(name):
+                flat = flat[self.rank * S:(self.rank + 1) * S]
+        self.upload(self.ptr(f"{name}[{index}]", None), flat)
+
+    def read_row(self, name: str, index: int) -> np.ndarray:
+        """Row instance `index` as stored (its dtype): the shard or the whole padded tensor."""
+        row = self.rows[name]
+        n = shard_elems_of(self, name) if self.is_shard(name) else (
+            shard_elems(prod(row.shape), self.world) * self.world if self.world > 1 else prod(row.shape))
+        return self.download(self.ptr(f"{name}[{index}]", None), NP_DTYPES[row.dtype], (n,))
+
+    def close(self) -> None:
+        for g in self.graphs.values():
+            driver.graph_destroy(g)
+        self.graphs.clear()
+        for g in self.gemms.values():
+            g.close()
+        self.blas.close()
+        self.mem.free()
+        self.host.free()
+
+
+def shard_elems_of(rank: Rank, name: str) -> int:
+    """S of the tensor behind a parameter row: the table's shape is the tensor's, or (S,) when sharded."""
+    base = name.split(".", 1)[1]
+    shape = next(sh for n, sh, _, _ in param_tensors(rank.plan) if n == base)
+    return shard_elems(prod(shape), rank.world)
+
+
+def _at(ref: str, i: int) -> str:
+    """Instance i of a row reference ("grads.qkv@shard" -> "grads.qkv[3]@shard")."""
+    body, at, shard = ref.partition("@")
+    return f"{body}[{i}]{at}{shard}"
+
+
+def _split_index(body: str, layer: int | None) -> tuple[str, int | None]:
+    if "[" not in body:
+        return body, None
+    name, idx = body[:-1].split("[")
+    if idx == "l":
+        return name, layer
+    if idx == "l-1":
+        return name, layer - 1
+    if idx == "l%2":
+        return name, layer % 2
+    return name, int(idx)
