@@ -13,4 +13,6 @@ llmqgen plan --model llama3.2-1b --gpus 1x4090 --host-mem 64G --name llama3.2-1b
 llmqgen plan --model qwen2.5-0.5b --gpus 2xH200 --host-mem 256G --name qwen2.5-0.5b-fp8-2xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-1.5b --gpus 2x4090 --host-mem 128G --set sharding.gradients=true \
   --name qwen2.5-1.5b-fp8-2x4090-zero2 "$@" >/dev/null
+llmqgen plan --model qwen2.5-7b --gpus 2xH200 --host-mem 256G --set sharding.weights=true \
+  --name qwen2.5-7b-fp8-2xh200-zero3 "$@" >/dev/null
 ls plans/*.json

@@ -14,8 +14,12 @@ References (strings) name rows of the plan's memory table:
   "scalar:grad_scale"  a float of stats.scalars (SCALARS gives the index)
   "stage.grads.qkv[l%2]"  instance l mod 2 of a double buffer
   "grads.qkv[l]@shard"    this GPU's shard of a whole row: + rank * S elements (memory.shard_elems)
-`collective` operations name whole rows (`tensors`: [row, per_layer], every instance) or a byte
-`region`; the runtime runs them over all GPUs at once (copy engines or NCCL).
+`collective` operations name whole rows (`tensors`: [row, per_layer], every instance; `into`: other
+rows receiving the result) or a byte `region`; the runtime runs them over all GPUs at once (copy
+engines or NCCL). An `overlap` collective runs beside the computation that follows it, under a `tag`
+("w[l+1]": layer l+1's weights); `await` makes the computation after it wait for that tag, and
+`skip_layers` lists the layers where a per-layer collective does not happen. Index expressions:
+"[l]", "[l-1]", "[l+1]", "[l%2]", "[(l+1)%2]".
 Numbers are passed as they are. `linear` ops are the three GEMMs of a linear layer (forward,
 dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . W[N,K]^T.
 """
@@ -27,7 +31,8 @@ from ..plan.memory import memory_table, param_tensors
 from ..plan.schema import MemRow, Plan
 
 # stats.scalars: fp32 values the graphs read from device memory, so a replay picks up new values.
-SCALARS = {"loss": 0, "grad_scale": 1, "norm": 4, "clip_scale": 5, "nonfinite": 6, "sumsq": 7, "hyper": 8}
+SCALARS = {"loss": 0, "grad_scale": 1, "norm": 4, "clip_scale": 5, "nonfinite": 6, "sumsq": 7, "hyper": 8,
+           "flag": 63}
 ACT_SLOTS = ("ln1", "att", "ln2", "h", "d_down", "d_gu", "d_att_out", "d_qkv")
 WEIGHT_SLOTS = ("qkv", "attn_out", "gate_up", "down")
 
@@ -101,8 +106,9 @@ def build_schedule(plan: Plan) -> dict:
     site, tsite = _site_kernels(plan)
     gdt = plan.precision.gradient
     N_gpu, sh = plan.num_gpus, plan.sharding
-    zero2 = N_gpu > 1 and sh.gradients
-    W = lambda n: f"weights.{n}[l]"       # noqa: E731
+    zero2, zero3 = N_gpu > 1 and sh.gradients, N_gpu > 1 and sh.weights
+    # ZeRO-3: a block's weights are all-gathered from the shards into a double buffer ahead of use
+    W = (lambda n: f"stage.weights.{n}[l%2]") if zero3 else (lambda n: f"weights.{n}[l]")    # noqa: E731
     # ZeRO-2: a block's gradients go to a double buffer, reduce-scattered as backward leaves the block
     G = (lambda n: f"stage.grads.{n}[l%2]") if zero2 else (lambda n: f"grads.{n}[l]")   # noqa: E731
     amax = (lambda s: {"amax": f"fp8:{s}[l]"}) if fp8 else (lambda s: {})    # noqa: E731
@@ -160,14 +166,29 @@ def build_schedule(plan: Plan) -> dict:
               rest=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1",
                      "args": {"res_out": "act.res[l]", "res_in": "act.res2[l-1]", "delta": "work.branch", **args}}])
 
+    layer_tensors = [(n, sh_) for n, sh_, per_layer, _ in param_tensors(plan) if per_layer]
+
+    def gather_weights(phase, target, skip):
+        """Overlapped all-gather of layer `target`'s weights (an index expression of l) into its buffer;
+        skipped for the layers in `skip` (no such layer, or its weights are still in the buffer)."""
+        o.add("collective", phase, kind="all_gather", dtype="uint8", overlap=True, tag=f"w[{target}]",
+              skip_layers=skip, tensors=[[f"weights.{n}[{target}]", False] for n, _ in layer_tensors],
+              into=[f"stage.weights.{n}[({target})%2]" for n, _ in layer_tensors])
+
+    if zero3:      # layer l+1 arrives while layer l computes (layer 0: gathered in the prologue)
+        gather_weights("forward", "l+1", [L - 1])
+        o.add("await", "forward", tag="w[l]")
     ln1_forward("forward")
     block_forward("forward")
     linear_forward("down", "forward", "act.h[l]", "work.branch", "h")
     layer_forward = o.take()
 
     # ---- backward of one block: recompute first, then the chain rule bottom-up ---------------------
-    layer_tensors = [(n, sh_) for n, sh_, per_layer, _ in param_tensors(plan) if per_layer]
-    if zero2:      # the buffer's previous reduce-scatter (layer l+2) is done before this memset: runtime
+    if zero3:      # the last two layers are still in the buffers from the forward
+        gather_weights("backward", "l-1", [0, L - 1])
+        o.add("await", "backward", tag="w[l]")
+    if zero2:      # the buffer's previous user, layer l+2, has been reduce-scattered
+        o.add("await", "backward", tag="g[l+2]")
         for n, shape in layer_tensors:
             o.add("memset", "backward", dst=G(n), bytes=o.rows[f"stage.grads.{n}"].bytes)
     if r.block:    # rstd1 was not kept either: the no-add forward norm recomputes it from the block input
@@ -241,13 +262,17 @@ def build_schedule(plan: Plan) -> dict:
              res="act.res[l]", weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
     o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=G("ln1"), dw_partial="work.norm_partials")
     if zero2:      # overlapped with the next block's backward on the communication streams
-        o.add("collective", b, kind="reduce_scatter", dtype="bf16", overlap=True,
+        o.add("collective", b, kind="reduce_scatter", dtype="bf16", overlap=True, tag="g[l]", skip_layers=[],
               tensors=[[G(n), False] for n, _ in layer_tensors], into=[f"grads.{n}[l]" for n, _ in layer_tensors])
     layer_backward = o.take()
 
     # ---- tokens in, embedding, LM head and loss --------------------------------------------------------
     if fp8:
         o.add("memset", "forward", dst="stats.fp8", bytes=len(ACT_SLOTS) * L * 32)   # zero act/grad amaxes
+    if zero3:
+        o.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
+              skip_layers=[], tensors=[[f"weights.{n}[0]", False] for n, _ in layer_tensors],
+              into=[f"stage.weights.{n}[0]" for n, _ in layer_tensors])
     o.kernel("llmq_embedding_forward", "forward", x="act.res[0]", tokens="tokens.inputs", wte="weights.embedding")
     prologue = o.take()
     head_w = "weights.embedding" if m.tie_embeddings else "weights.lm_head"
@@ -339,7 +364,8 @@ def build_schedule(plan: Plan) -> dict:
 
     def publish(n, shape, idx, is_matrix):
         """The work copy from the new master (this GPU's shard of it when the optimizer is sharded)."""
-        src, dst = master_of(n, idx), f"weights.{n}{idx}{sub}"
+        shard_row = zero3 and idx                   # ZeRO-3 block weights: the row is this GPU's shard
+        src, dst = master_of(n, idx), f"weights.{n}{idx}" + ("" if shard_row else sub)
         if src.startswith("weights."):
             return                                  # the work copy is the master
         if fp8 and is_matrix:
@@ -374,7 +400,7 @@ def build_schedule(plan: Plan) -> dict:
     layer_publish = o.take()
     if opt_shard:
         o.add("collective", "optimizer", kind="all_gather", dtype="uint8", overlap=False,
-              tensors=[[f"weights.{n}", pl] for n, _, pl, _ in tensors])
+              tensors=[[f"weights.{n}", pl] for n, _, pl, _ in tensors if not (zero3 and pl)])
         for n, _, pl, _ in tensors:      # AdamW zeroed this GPU's shard; the rest held local sums
             if not staged[n]:
                 row = o.rows[f"grads.{n}"]

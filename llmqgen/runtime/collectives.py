@@ -19,29 +19,49 @@ kinds to NCCL on the communication stream.
 """
 from __future__ import annotations
 
-from math import prod
+from dataclasses import dataclass
 
-from ..plan.memory import DTYPE_BYTES, shard_elems
+import numpy as np
+
 from . import driver
-from .rank import Rank, _at
+from .rank import Rank
+from .refs import at
 
-EVENT_RING = 8        # done events are reused after this many collectives (at most 2 are pending)
+EVENT_RING = 16       # done events are reused after this many collectives (a few are ever pending)
 VEC = 32              # piece sizes are multiples of this many bytes (16 bf16, the kernels' grain)
 
 
-def buffers(rank: Rank, op: dict, layer: int | None) -> list[tuple[int, int, int | None]]:
-    """(pointer, total bytes, `into` pointer or None) of every buffer of a collective on one rank."""
+@dataclass(frozen=True)
+class Buffer:
+    """One tensor (or region) of a collective on one rank: `full` holds all N parts of `part` bytes
+    (rank r's at r*part); `mine` is this rank's part — inside `full`, or a separate row (the ZeRO-3
+    weight shard an all-gather reads, the ZeRO-2 gradient shard a reduce-scatter adds into)."""
+    full: int
+    part: int
+    mine: int
+    separate: bool
+
+
+def buffers(rank: Rank, op: dict, layer: int | None) -> list[Buffer]:
+    """Every buffer of a collective on one rank."""
+    N, r = rank.world, rank.rank
     if "region" in op:
-        return [(rank.ptr(op["region"], layer), op["bytes"], None)]
+        base = rank.ptr(op["region"], layer)
+        part = op["bytes"] // N
+        return [Buffer(base, part, base + r * part, False)]
     out = []
     into = op.get("into") or [None] * len(op["tensors"])
     for (ref, per_layer), dst in zip(op["tensors"], into):
         name = ref.split("[")[0].split("@")[0]
-        row = rank.rows[name]
-        total = shard_elems(prod(row.shape), rank.world) * rank.world * DTYPE_BYTES[row.dtype]
-        refs = [_at(ref, i) for i in range(rank.L)] if per_layer else [ref]
-        for r in refs:
-            out.append((rank.ptr(r, layer), total, rank.ptr(dst, layer) if dst else None))
+        part = rank.shard_bytes(name)
+        for i in (range(rank.L) if per_layer else [None]):
+            p = rank.ptr(ref if i is None else at(ref, i), layer)
+            if dst is None:
+                out.append(Buffer(p, part, p + r * part, False))
+            elif op["kind"] == "all_gather":      # from this rank's shard row into a whole buffer
+                out.append(Buffer(rank.ptr(dst, layer), part, p, True))
+            else:                                 # reduce-scatter of a whole buffer, added into a shard row
+                out.append(Buffer(p, part, rank.ptr(dst, layer), True))
     return out
 
 
@@ -86,6 +106,9 @@ class _Events:
         """Milliseconds the collectives since the last call took (timing must be on); frees the events."""
         total = 0.0
         for t0, ends in self.timed or []:
+            if not ends:                 # a collective that failed half-way: nothing to time
+                driver.event_destroy(t0)
+                continue
             for e in ends:
                 driver.event_synchronize(e)
             total += max(driver.event_elapsed_ms(t0, e) for e in ends)
@@ -118,8 +141,7 @@ class CopyEngine:
     def run(self, op: dict, layer: int | None) -> list[int]:
         self.events.start()
         bufs = [buffers(rk, op, layer) for rk in self.ranks]
-        for i in range(len(bufs[0])):
-            per_rank = [b[i] for b in bufs]
+        for per_rank in zip(*bufs):
             if op["kind"] == "reduce_scatter":
                 self._reduce_scatter(per_rank)
             elif op["kind"] == "all_gather":
@@ -149,54 +171,56 @@ class CopyEngine:
         driver.memcpy_htod(dst, host, nbytes, rr.comm_stream)
         driver.event_record(self.h2d_done[r][k], rr.comm_stream)
 
-    def _reduce_scatter(self, per_rank) -> None:
-        total = per_rank[0][1]
-        part = total // self.N
+    def _reduce_scatter(self, per_rank: list[Buffer]) -> None:
+        part = per_rank[0].part
         for off in range(0, part, self.piece):
             n = min(self.piece, part - off)
             k = self.pieces % 2
             self.pieces += 1
-            for r, (ptr, _, into) in enumerate(per_rank):
+            for r, b in enumerate(per_rank):
                 rr = self.ranks[r]
                 recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
-                for s, (src, _, _) in enumerate(per_rank):
+                for s, src in enumerate(per_rank):
                     if s != r:
-                        self._move(s, r, recv + _slot(s, r) * self.piece, src + r * part + off, n, k)
-                own = ptr + r * part + off
-                dst = (into + off) if into else own
+                        self._move(s, r, recv + _slot(s, r) * self.piece, src.full + r * part + off, n, k)
                 rr.dev.make_current()
                 reduce = rr.launcher("llmq_reduce_bf16", rr.comm_stream)
-                reduce(rr.kernels["llmq_reduce_bf16"].grid, dst, own, recv, self.piece // 2, n // 2, r,
-                       int(into is not None))
+                reduce(rr.kernels["llmq_reduce_bf16"].grid, b.mine + off, b.full + r * part + off, recv,
+                       self.piece // 2, n // 2, r, int(b.separate))
 
-    def _all_gather(self, per_rank) -> None:
-        part = per_rank[0][1] // self.N
+    def _all_gather(self, per_rank: list[Buffer]) -> None:
+        part = per_rank[0].part
         step = part if self.peer else self.piece
+        for r, b in enumerate(per_rank):          # a separate shard row: this rank's part, copied locally
+            if b.separate:
+                rr = self.ranks[r]
+                rr.dev.make_current()
+                driver.memcpy_dtod(b.full + r * part, b.mine, part, rr.comm_stream)
         for off in range(0, part, step):
             n = min(step, part - off)
             k = self.pieces % 2
             self.pieces += 1
-            for s, (src, _, _) in enumerate(per_rank):
-                for r, (dst, _, _) in enumerate(per_rank):
+            for s, src in enumerate(per_rank):
+                for r, dst in enumerate(per_rank):
                     if s != r:
-                        self._move(s, r, dst + s * part + off, src + s * part + off, n, k)
+                        self._move(s, r, dst.full + s * part + off, src.mine + off, n, k)
 
-    def _all_reduce_max(self, per_rank) -> None:
-        nbytes = per_rank[0][1]
+    def _all_reduce_max(self, per_rank: list[Buffer]) -> None:
+        nbytes = per_rank[0].part * self.N
         if nbytes > self.piece:
             raise ValueError(f"all_reduce_max of {nbytes} bytes exceeds one piece ({self.piece}): it is meant "
                              f"for the FP8 weight amaxes")
         k = self.pieces % 2
         self.pieces += 1
-        for r, (dst, _, _) in enumerate(per_rank):
+        for r, b in enumerate(per_rank):
             rr = self.ranks[r]
             recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
-            for s, (src, _, _) in enumerate(per_rank):
+            for s, src in enumerate(per_rank):
                 if s != r:
-                    self._move(s, r, recv + _slot(s, r) * self.piece, src, nbytes, k)
+                    self._move(s, r, recv + _slot(s, r) * self.piece, src.full, nbytes, k)
             rr.dev.make_current()
             reduce = rr.launcher("llmq_reduce_max_f32", rr.comm_stream)
-            reduce(rr.kernels["llmq_reduce_max_f32"].grid, dst, recv, self.piece // 4, nbytes // 4)
+            reduce(rr.kernels["llmq_reduce_max_f32"].grid, b.full, recv, self.piece // 4, nbytes // 4)
 
     def close(self) -> None:
         self.events.close()
@@ -218,26 +242,37 @@ class Nccl:
         kind = op["kind"]
         nccl.group_start()
         for rk, comm in zip(self.ranks, self.comms):
-            for ptr, total, into in buffers(rk, op, layer):
-                part, cs = total // rk.world, rk.comm_stream
-                if kind == "reduce_scatter":
-                    comm.reduce_scatter(ptr, ptr + rk.rank * part, part // 2, "bf16", "sum", cs)
+            cs = rk.comm_stream
+            for b in buffers(rk, op, layer):
+                if kind == "reduce_scatter":          # in place; a separate shard row is added to below
+                    comm.reduce_scatter(b.full, b.full + rk.rank * b.part, b.part // 2, "bf16", "sum", cs)
                 elif kind == "all_gather":
-                    comm.all_gather(ptr + rk.rank * part, ptr, part, "uint8", cs)
+                    comm.all_gather(b.mine, b.full, b.part, "uint8", cs)
                 elif kind == "all_reduce_max":
-                    comm.all_reduce(ptr, ptr, total // 4, "fp32", "max", cs)
+                    comm.all_reduce(b.full, b.full, b.part * rk.world // 4, "fp32", "max", cs)
                 else:
                     raise ValueError(f"collective {kind!r} is unknown to this runtime")
-                self.moved += total
+                self.moved += b.part * rk.world
         nccl.group_end()
         if kind == "reduce_scatter" and op.get("into"):     # ZeRO-2: add the reduced shard to the gradients
             for rk in self.ranks:
                 rk.dev.make_current()
                 add = rk.launcher("llmq_add_bf16", rk.comm_stream)
-                for ptr, total, into in buffers(rk, op, layer):
-                    part = total // rk.world
-                    add(rk.kernels["llmq_add_bf16"].grid, into, ptr + rk.rank * part, part // 2)
+                for b in buffers(rk, op, layer):
+                    add(rk.kernels["llmq_add_bf16"].grid, b.mine, b.full + rk.rank * b.part, b.part // 2)
         return self.events.finish()
+
+    def gather_part(self, rank: Rank, ptr: int, part: int) -> bytes:
+        """All processes' `part`-byte shards at `ptr`, end to end (checkpoints, exports)."""
+        rank.dev.make_current()
+        tmp = driver.alloc(part * rank.world)
+        try:
+            comm = self.comms[self.ranks.index(rank)]
+            comm.all_gather(ptr, tmp, part, "uint8", rank.stream)
+            return rank.download(tmp, np.uint8, (part * rank.world,)).tobytes()
+        finally:
+            driver.stream_synchronize(rank.stream)
+            driver.free(tmp)
 
     def sum_floats(self, ptrs: list[int], count: int) -> None:
         """In-place sum over all processes of `count` floats at each rank's pointer (e.g. the loss)."""

@@ -25,6 +25,7 @@ from . import driver
 from .arena import Arena
 from .attention import Attention, AttnShape
 from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
+from .refs import at, parse_ref, resolve_tag, split_index
 
 NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
              "e5m2": ml_dtypes.float8_e5m2, "int32": np.int32, "uint8": np.uint8}
@@ -70,24 +71,21 @@ class Rank:
 
     # --- references -> pointers -------------------------------------------------------------------
     def shard_bytes(self, name: str) -> int:
-        """Bytes of one GPU's shard of a whole (padded) parameter row."""
-        row = self.rows[name]
-        return shard_elems(prod(row.shape), self.world) * DTYPE_BYTES[row.dtype]
+        """Bytes of one GPU's shard of the tensor a parameter-sized row holds (whole or sharded)."""
+        return shard_elems_of(self, name) * DTYPE_BYTES[self.rows[name].dtype]
 
     def ptr(self, ref: str, layer: int | None) -> int:
         if ref.startswith("fp8:"):
             body, _, part = ref[4:].partition("/")
-            name, idx = _split_index(body, layer)
+            name, idx = split_index(body, layer)
             base = self.mem.ptr("stats.fp8") + 32 * fp8_slot_index(name, idx or 0, self.L)
             return base + (16 if part == "descale" else 0)
         if ref.startswith("scalar:"):
             return self.mem.ptr("stats.scalars") + 4 * SCALARS[ref[7:]]
-        ref, _, shard = ref.partition("@")
-        body, _, off = ref.partition("+")
-        name, idx = _split_index(body, layer)
+        name, idx, off, shard = parse_ref(ref, layer)
         row = self.rows[name]
         arena = self.mem if row.place == "device" else self.host
-        p = arena.ptr(name, idx if (idx is not None and row.count > 1) else 0) + int(off or 0)
+        p = arena.ptr(name, idx if (idx is not None and row.count > 1) else 0) + off
         return p + (self.rank * self.shard_bytes(name) if shard else 0)
 
     def _value(self, v, layer, extra):
@@ -160,7 +158,7 @@ class Rank:
         raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
 
     def _bind_gradnorm_partials(self, op: dict) -> Callable[[], None]:
-        ptrs = [self.ptr(ref if not per_layer else _at(ref, i), None)
+        ptrs = [self.ptr(ref if not per_layer else at(ref, i), None)
                 for ref, per_layer in op["tensors"] for i in range(self.L if per_layer else 1)]
         grids, offsets, _ = gradnorm_family.partials_layout(op["sizes"])
         base = self.rank * op["rank_offset"]
@@ -224,11 +222,14 @@ class Rank:
         for ops, layers in sections:
             for layer in layers:
                 for op in ops:
-                    if op["op"] == "collective":
+                    if op["op"] in ("collective", "await"):
+                        if op["op"] == "collective" and layer in op.get("skip_layers", ()):
+                            continue
                         if run:
                             items.append(("ops", run))
                             run = []
-                        items.append(("collective", op, layer))
+                        tag = resolve_tag(op["tag"], layer) if "tag" in op else None
+                        items.append((op["op"], op, layer, tag))
                     else:
                         run.append(self._bind(op, layer, extra))
         if run:
@@ -349,25 +350,6 @@ class Rank:
 
 def shard_elems_of(rank: Rank, name: str) -> int:
     """S of the tensor behind a parameter row: the table's shape is the tensor's, or (S,) when sharded."""
-    base = name.split(".", 1)[1]
+    base = name.rsplit(".", 1)[1]          # weights.qkv, stage.grads.qkv, master.embedding, ...
     shape = next(sh for n, sh, _, _ in param_tensors(rank.plan) if n == base)
     return shard_elems(prod(shape), rank.world)
-
-
-def _at(ref: str, i: int) -> str:
-    """Instance i of a row reference ("grads.qkv@shard" -> "grads.qkv[3]@shard")."""
-    body, at, shard = ref.partition("@")
-    return f"{body}[{i}]{at}{shard}"
-
-
-def _split_index(body: str, layer: int | None) -> tuple[str, int | None]:
-    if "[" not in body:
-        return body, None
-    name, idx = body[:-1].split("[")
-    if idx == "l":
-        return name, layer
-    if idx == "l-1":
-        return name, layer - 1
-    if idx == "l%2":
-        return name, layer % 2
-    return name, int(idx)

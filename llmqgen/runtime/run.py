@@ -1,7 +1,9 @@
 """`llmqgen run`: the training loop around the Trainer — data, LR schedule, eval, log, checkpoints, export."""
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord
 from .lr import LRSchedule
+from .dist import dist_env
 from .trainer import AdamW, Trainer
 
 
@@ -40,9 +43,15 @@ class RunConfig:
 
 
 def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
-    """Run cfg.steps optimizer steps; returns the exported model directory."""
+    """Run cfg.steps optimizer steps; returns the exported model directory. Under NCCL every process
+    (torchrun, mpirun, srun) runs this; rank 0 alone logs, checkpoints and exports."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
-    tr = Trainer(plan, seed=cfg.seed, optim=AdamW(weight_decay=cfg.weight_decay, max_norm=cfg.max_norm))
+    dist = dist_env() if plan.collectives == "nccl" else None
+    main = dist is None or dist.rank == 0
+    if not main:
+        echo = lambda *_: None      # noqa: E731
+    tr = Trainer(plan, seed=cfg.seed, optim=AdamW(weight_decay=cfg.weight_decay, max_norm=cfg.max_norm),
+                 dist=dist)
     stop = {"now": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))   # Ctrl-C: finish the step, save
     try:
@@ -63,10 +72,11 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
                            kind=cfg.schedule, final_fraction=cfg.final_fraction)
         gpu, tokens = plan.inventory.gpu, plan.tokens_per_step
         sol_s = sol_seconds_per_token(plan.model, T, gpu, plan.precision.matmul) * tokens
-        with StepLogger(cfg.out / "log.jsonl", cfg.steps) as log:
+        quiet = None if main else open(os.devnull, "w")     # noqa: SIM115 - closed after the loop
+        with StepLogger(cfg.out / "log.jsonl" if main else None, cfg.steps, stream=quiet or sys.stderr) as log:
             step = start
             end = min(cfg.steps, cfg.stop_after or cfg.steps)
-            while step < end and not stop["now"]:
+            while step < end and not tr.any_rank(stop["now"]):
                 t0 = time.perf_counter()
                 tr.accumulate([loader.next_batch() for _ in range(plan.batch.grad_accum * plan.num_gpus)])
                 loss = tr.loss()
@@ -83,12 +93,16 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
                                    eval_loss=eval_loss))
                 step += 1
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    _checkpoint(tr, plan, cfg, step, loader)
+                    _checkpoint(tr, plan, cfg, step, loader, main)
+        if quiet:
+            quiet.close()
         if stop["now"]:
             echo(f"stopped at step {step}: saving")
-        _checkpoint(tr, plan, cfg, step, loader)
+        _checkpoint(tr, plan, cfg, step, loader, main)
         out = cfg.out / "model"
-        export_hf(tr.params(), plan.model, out)
+        params = tr.params()            # every process takes part in gathering the shards
+        if main:
+            export_hf(params, plan.model, out)
         echo(f"model exported to {out} (Hugging Face safetensors + config.json)")
         return out
     finally:
@@ -111,8 +125,11 @@ def evaluate(tr: Trainer, data: Path, B: int, T: int, batches: int, gpus: int = 
     return sum(losses) / max(1, len(losses))
 
 
-def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, step: int, loader: TrainLoader) -> Path:
+def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, step: int, loader: TrainLoader, main: bool = True):
+    tensors = tr.state_tensors()        # every process takes part in gathering the shards
+    if not main:
+        return None
     state = {"step": step, "loader": loader.cursor, "seed": cfg.seed, "lr_schedule": {
         "peak": cfg.lr, "warmup": cfg.warmup, "kind": cfg.schedule, "total": cfg.steps}}
-    return save_checkpoint(cfg.out / "checkpoints", step, tr.state_tensors(), state, plan.to_json(),
+    return save_checkpoint(cfg.out / "checkpoints", step, tensors, state, plan.to_json(),
                            keep_last=cfg.keep_last)

@@ -45,7 +45,8 @@ class Trainer:
         "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels).
         devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
         one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
-        unsupported = plan.offload.names() + (["ZeRO-3 weight sharding"] if plan.sharding.weights else [])
+        streamed = plan.sharding.weights and plan.num_gpus == 1
+        unsupported = plan.offload.names() + (["weight streaming (sharding.weights on one GPU)"] if streamed else [])
         if unsupported:
             raise NotImplementedError(
                 f"plan {plan.name} uses {', '.join(unsupported)}: this runtime keeps weights, optimizer "
@@ -93,7 +94,7 @@ class Trainer:
         if N > 1:
             self.comm = (self._nccl(dist) if plan.collectives == "nccl"
                          else CopyEngine(self.ranks, peer=plan.peer_copies))
-        self.pending: list[list[int]] = []      # done events of overlapped collectives, oldest first
+        self.pending: dict[str, list[int]] = {}   # done events of overlapped collectives, by tag
         self.step_count = 0
         self.L = plan.model.num_layers
 
@@ -108,19 +109,22 @@ class Trainer:
     # --- executing programs on every rank -----------------------------------------------------------
     def _execute(self, programs: list[list[tuple]], key: str | None = None) -> None:
         for i, items in enumerate(zip(*programs)):
-            if items[0][0] == "collective":
-                _, op, layer = items[0]
+            kind = items[0][0]
+            if kind == "collective":
+                _, op, layer, tag = items[0]
                 done = self.comm.run(op, layer)
                 if op.get("overlap"):
-                    self.pending.append(done)
+                    self.pending[tag] = done
                 else:
                     self._wait(done)
-                continue
-            while len(self.pending) > 1:          # double buffers: the collective before last must be done
-                self._wait(self.pending.pop(0))
-            for rk, item in zip(self.ranks, items):
-                rk.dev.make_current()
-                rk.run_ops(item[1], (key, i) if key else None)
+            elif kind == "await":
+                done = self.pending.pop(items[0][3], None)
+                if done:
+                    self._wait(done)
+            else:
+                for rk, item in zip(self.ranks, items):
+                    rk.dev.make_current()
+                    rk.run_ops(item[1], (key, i) if key else None)
 
     def _wait(self, done: list[int]) -> None:
         for rk in self.ranks:
@@ -129,8 +133,9 @@ class Trainer:
                 driver.stream_wait(rk.stream, e)
 
     def _drain(self) -> None:
-        while self.pending:
-            self._wait(self.pending.pop(0))
+        for done in self.pending.values():
+            self._wait(done)
+        self.pending.clear()
 
     def _sync(self) -> None:
         for rk in self.ranks:
@@ -150,23 +155,26 @@ class Trainer:
         self._execute([rk.load_program() for rk in self.ranks])
         self._sync()
 
+    def _whole(self, row: str, index: int, n: int, dtype) -> np.ndarray:
+        """Instance `index` of a parameter row as the whole tensor's first n values: a sharded row is
+        every rank's shard end to end (through NCCL when the other ranks are other processes)."""
+        rk0 = self.ranks[0]
+        if not rk0.is_shard(row):
+            return rk0.read_row(row, index)[:n]
+        if isinstance(self.comm, Nccl):
+            raw = self.comm.gather_part(rk0, rk0.ptr(f"{row}[{index}]", None), rk0.shard_bytes(row))
+            return np.frombuffer(raw, dtype)[:n]
+        return np.concatenate([rk.read_row(row, index) for rk in self.ranks])[:n]
+
     def _gather(self, prefix: str) -> dict[str, np.ndarray]:
-        """Whole tensors from this process's ranks: a sharded row is its ranks' shards end to end."""
-        if self.plan.collectives == "nccl" and self.plan.num_gpus > 1:
-            raise NotImplementedError("reading whole tensors under NCCL needs every process's shard: "
-                                      "use the copy-engine plan of the same run on one machine")
         out = {}
+        rk0 = self.ranks[0]
         for name, shape, per_layer, _ in param_tensors(self.plan):
-            rk0 = self.ranks[0]
             row = rk0.param_row(name) if prefix == "params." else prefix + name
-            n = int(np.prod(shape))
+            dtype = NP_DTYPES[rk0.rows[row].dtype]
             for i in range(self.L if per_layer else 1):
                 key = f"layers.{i}.{name}" if per_layer else name
-                if rk0.is_shard(row):
-                    a = np.concatenate([rk.read_row(row, i) for rk in self.ranks])
-                else:
-                    a = rk0.read_row(row, i)
-                out[key] = a[:n].astype(np.float32).reshape(shape)
+                out[key] = self._whole(row, i, int(np.prod(shape)), dtype).astype(np.float32).reshape(shape)
         return out
 
     def params(self) -> dict[str, np.ndarray]:
@@ -186,15 +194,14 @@ class Trainer:
         they resume the run bit-exactly (work copies and FP8 weight scales are made from the masters,
         gradients are zero between steps, activations are rebuilt), at any GPU count."""
         out = {}
+        rk0 = self.ranks[0]
         for what in self.STATE:
             for name, shape, per_layer, _ in param_tensors(self.plan):
-                rk0 = self.ranks[0]
                 row = rk0.param_row(name) if what == "master" else f"{what}.{name}"
-                n = int(np.prod(shape))
+                dtype = NP_DTYPES[rk0.rows[row].dtype]
                 for i in range(self.L if per_layer else 1):
-                    parts = [rk.read_row(row, i) for rk in (self.ranks if rk0.is_shard(row) else self.ranks[:1])]
                     key = f"{what}.layers.{i}.{name}" if per_layer else f"{what}.{name}"
-                    out[key] = np.concatenate(parts)[:n].view(np.uint8)
+                    out[key] = np.ascontiguousarray(self._whole(row, i, int(np.prod(shape)), dtype)).view(np.uint8)
         return out
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
@@ -238,7 +245,7 @@ class Trainer:
                 rk.dev.make_current()
                 rk.feed(batches[rk.rank * per + m])
             self._execute([rk.micro for rk in self.ranks], key="micro")
-        self._drain()
+            self._drain()       # the next micro-step reuses the double buffers from its first block on
         self._sync()
 
     def zero_gradients(self) -> None:
@@ -254,6 +261,16 @@ class Trainer:
         if isinstance(self.comm, Nccl):
             self.comm.sum_floats(ptrs, 1)
         return sum(float(rk.download(p, np.float32, (1,))[0]) for rk, p in zip(self.ranks, ptrs))
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every process when `flag` is true on any (e.g. a Ctrl-C that reached only some)."""
+        if not isinstance(self.comm, Nccl):
+            return flag
+        rk = self.ranks[0]
+        rk.set_scalar("flag", [float(flag)])
+        p = rk.ptr("scalar:flag", None)
+        self.comm.sum_floats([p], 1)
+        return float(rk.download(p, np.float32, (1,))[0]) > 0
 
     def optimizer_step(self, lr: float) -> float:
         """AdamW over all parameters with global-norm clipping; returns the gradient norm."""

@@ -16,7 +16,7 @@ from reference import init_params  # noqa: E402
 from test_trainer import batches  # noqa: E402
 
 import llmqgen.plan.memory as memory  # noqa: E402
-from llmqgen.plan.schema import Sharding  # noqa: E402
+from llmqgen.plan.schema import Recompute, Sharding  # noqa: E402
 from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
 STEPS = 4
@@ -47,6 +47,8 @@ CASES = [  # fp8, zero, peer, extra
     (True, 1, True, {}), (True, 1, False, {}), (True, 2, True, {}), (True, 2, False, {}),
     (False, 0, True, {}), (False, 1, False, {}), (False, 2, True, {}),
     (False, 1, True, {"master": "fp32"}), (True, 1, True, {"master": "fp32"}),
+    (True, 3, True, {}), (True, 3, False, {}), (False, 3, True, {}),
+    (True, 3, True, {"recompute": Recompute(block=True)}),
 ]
 
 

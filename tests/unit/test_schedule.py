@@ -1,6 +1,5 @@
 """schedule.json: every reference is a row of the memory table, every kernel launch binds exactly the
 kernel's arguments, and recompute operations open a layer's backward exactly for the recompute set."""
-import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +8,7 @@ from llmqgen.codegen.render import render
 from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops
 from llmqgen.plan.memory import memory_table
 from llmqgen.plan.schema import Plan, Recompute
+from llmqgen.runtime.refs import parse_ref
 
 PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.json"))
 
@@ -28,10 +28,12 @@ def test_references_and_arguments_resolve(path):
     sched = build_schedule(plan)
     check_schedule(sched, render(plan, "sm_90").kernels)
     rows = {r.name: r for r in memory_table(plan)}
+    L = plan.model.num_layers
     for op in iter_ops(sched):
         for ref in refs(op):
-            name = re.sub(r"(\[[^\]]*\])?(\+\d+)?(@shard)?$", "", ref)
-            assert name in rows, (op, ref)
+            for layer in range(L):          # the runtime's reading of the reference, at every layer
+                name, idx, _, _ = parse_ref(ref, layer)     # ("[l-1]" at 0 sits in a branch never taken)
+                assert name in rows, (op, ref)
             if ref.endswith("[l]"):      # layer l's instance, or the one shared row of a recomputed tensor
                 assert rows[name].count == plan.model.num_layers or rows[name].lifetime == "shared", ref
 
