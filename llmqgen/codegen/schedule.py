@@ -100,8 +100,8 @@ class _Ops:
 
 def build_schedule(plan: Plan) -> dict:
     m, r, fp8 = plan.model, plan.recompute, plan.fp8
-    L, C, F, BT = m.num_layers, m.hidden_size, m.intermediate_size, plan.batch.micro_batch * plan.batch.seq_len
-    QKV, QDIM, qk = m.qkv_dim, m.q_dim, m.qk_norm
+    L, C, BT = m.num_layers, m.hidden_size, plan.batch.micro_batch * plan.batch.seq_len
+    QKV, qk = m.qkv_dim, m.qk_norm
     o = _Ops(memory_table(plan))    # from the inputs: a saved estimate may predate this llmqgen
     site, tsite = _site_kernels(plan)
     gdt = plan.precision.gradient
@@ -379,24 +379,21 @@ def build_schedule(plan: Plan) -> dict:
         else:
             o.add("copy", "optimizer", dst=dst, src=src, bytes=2 * elems(shape))
 
-    for n, shape, per_layer, is_matrix in tensors:
-        if not per_layer:
-            adamw(n, shape, "", is_matrix)
+    def each(fn, layered: bool):
+        for n, shape, per_layer, is_matrix in tensors:
+            if per_layer == layered:
+                fn(n, shape, "[l]" if per_layer else "", is_matrix)
+
+    each(adamw, False)
     optimizer = o.take()
-    for n, shape, per_layer, is_matrix in tensors:
-        if per_layer:
-            adamw(n, shape, "[l]", is_matrix)
+    each(adamw, True)
     layer_optimizer = o.take()
     if opt_shard and fp8:
         o.add("collective", "optimizer", kind="all_reduce_max", dtype="fp32", overlap=False,
               region=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
-    for n, shape, per_layer, is_matrix in tensors:
-        if not per_layer:
-            publish(n, shape, "", is_matrix)
+    each(publish, False)
     publish_once = o.take()
-    for n, shape, per_layer, is_matrix in tensors:
-        if per_layer:
-            publish(n, shape, "[l]", is_matrix)
+    each(publish, True)
     layer_publish = o.take()
     if opt_shard:
         o.add("collective", "optimizer", kind="all_gather", dtype="uint8", overlap=False,

@@ -52,9 +52,9 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         tr.load_params(bench_params(plan.model))
         data = synthetic_batches(plan)
         times, comm_ms, moved = [], [], []
-        events = getattr(tr.comm, "events", None)
+        events = tr.comm.events if tr.comm else None
         if events is not None:
-            events.timed = []
+            events.start_timing()
         for step in range(warmup + steps):
             t0 = time.perf_counter()
             before = tr.comm.moved if tr.comm else 0

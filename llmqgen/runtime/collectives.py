@@ -13,8 +13,9 @@ reduce-scatter) — before the run after next (its buffer is a double buffer; Tr
 
 CopyEngine moves bytes with cuMemcpyAsync (no SMs): peer copies, or — where the GPUs cannot reach
 each other's memory (GeForce cards) — staged through pinned host memory: the sender copies a piece
-to its host buffer, the receiver copies it in. Reductions run on the receiving GPU
-(llmq_reduce_bf16 over the pieces in comm.recv, in rank order: deterministic). Nccl issues the same
+to its host buffer, the receiver copies it in (an all-gather piece leaves its GPU once for all).
+Reductions run on the receiving GPU (llmq_reduce_bf16 over the pieces in comm.recv, in rank order:
+deterministic). Nccl issues the same
 kinds to NCCL on the communication stream.
 """
 from __future__ import annotations
@@ -102,6 +103,9 @@ class _Events:
                 self.timed[-1][1].append(t1)
         return done
 
+    def start_timing(self) -> None:
+        self.timed = []
+
     def take_ms(self) -> float:
         """Milliseconds the collectives since the last call took (timing must be on); frees the events."""
         total = 0.0
@@ -132,9 +136,11 @@ class CopyEngine:
         self.events = _Events(ranks)
         recv = ranks[0].rows["comm.recv"].bytes
         self.piece = recv // (2 * (self.N - 1)) // VEC * VEC       # bytes of one piece of one sender
-        # host-staged pieces: [piece slot k][receiver slot]; the receiver's copy-in done events
-        self.h2d_done = [[_event(rk) for _ in range(2)] for rk in ranks]
+        # host-staged pieces: sender s's pinned slots [half k][slot j]; read_done[s][k][r]: r's last copy-in
+        # from s's half k; readers[s][k][j]: who last read slot j (the next write waits for them)
+        self.read_done = [[[_event(rk) for rk in ranks] for _ in range(2)] for _ in ranks]
         self.d2h_done = [[_event(rk) for _ in range(2)] for rk in ranks]
+        self.readers: list[list[dict[int, set[int]]]] = [[{}, {}] for _ in ranks]
         self.pieces = 0
         self.moved = 0                                             # bytes over the links, for reports
 
@@ -154,36 +160,53 @@ class CopyEngine:
 
     # --- moving one piece from rank s to rank r ------------------------------------------------------
     def _move(self, s: int, r: int, dst: int, src: int, nbytes: int, k: int) -> None:
-        """Copy on r's communication stream (peer), or s -> host -> r (staged; host slot k of s for r)."""
-        rs, rr = self.ranks[s], self.ranks[r]
+        """Copy on r's communication stream (peer), or s -> host -> r (staged; s's host slot for r)."""
         self.moved += nbytes
         if self.peer:
+            rr = self.ranks[r]
             rr.dev.make_current()
             driver.memcpy_dtod(dst, src, nbytes, rr.comm_stream)
             return
-        host = rs.host.ptr("comm.host") + (k * (self.N - 1) + _slot(r, s)) * self.piece
+        self._through_host(s, {r: dst}, src, nbytes, k, _slot(r, s))
+
+    def _through_host(self, s: int, dsts: dict[int, int], src: int, n: int, k: int, j: int) -> None:
+        """s's piece into its pinned slot j of half k once; every rank in dsts copies it in."""
+        rs = self.ranks[s]
+        host = rs.host.ptr("comm.host") + (k * (self.N - 1) + j) * self.piece
         rs.dev.make_current()
-        driver.stream_wait(rs.comm_stream, self.h2d_done[r][k])   # r has read the slot's previous piece
-        driver.memcpy_dtoh(host, src, nbytes, rs.comm_stream)
+        for r in self.readers[s][k].get(j, ()):        # the slot's last readers are done with it
+            driver.stream_wait(rs.comm_stream, self.read_done[s][k][r])
+        driver.memcpy_dtoh(host, src, n, rs.comm_stream)
         driver.event_record(self.d2h_done[s][k], rs.comm_stream)
-        rr.dev.make_current()
-        driver.stream_wait(rr.comm_stream, self.d2h_done[s][k])
-        driver.memcpy_htod(dst, host, nbytes, rr.comm_stream)
-        driver.event_record(self.h2d_done[r][k], rr.comm_stream)
+        for r, dst in dsts.items():
+            rr = self.ranks[r]
+            rr.dev.make_current()
+            driver.stream_wait(rr.comm_stream, self.d2h_done[s][k])
+            driver.memcpy_htod(dst, host, n, rr.comm_stream)
+            driver.event_record(self.read_done[s][k][r], rr.comm_stream)
+        self.readers[s][k][j] = set(dsts)
+
+    def _next_piece(self) -> int:
+        """The double-buffer half (staging and host slots) the next piece uses."""
+        self.pieces += 1
+        return (self.pieces - 1) % 2
+
+    def _stage(self, r: int, srcs: list[int], n: int, k: int) -> int:
+        """n bytes at srcs[s] of every other rank s into r's staging slots (half k); their base."""
+        recv = self.ranks[r].mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
+        for s, src in enumerate(srcs):
+            if s != r:
+                self._move(s, r, recv + _slot(s, r) * self.piece, src, n, k)
+        self.ranks[r].dev.make_current()
+        return recv
 
     def _reduce_scatter(self, per_rank: list[Buffer]) -> None:
         part = per_rank[0].part
         for off in range(0, part, self.piece):
-            n = min(self.piece, part - off)
-            k = self.pieces % 2
-            self.pieces += 1
+            n, k = min(self.piece, part - off), self._next_piece()
             for r, b in enumerate(per_rank):
                 rr = self.ranks[r]
-                recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
-                for s, src in enumerate(per_rank):
-                    if s != r:
-                        self._move(s, r, recv + _slot(s, r) * self.piece, src.full + r * part + off, n, k)
-                rr.dev.make_current()
+                recv = self._stage(r, [src.full + r * part + off for src in per_rank], n, k)
                 reduce = rr.launcher("llmq_reduce_bf16", rr.comm_stream)
                 reduce(rr.kernels["llmq_reduce_bf16"].grid, b.mine + off, b.full + r * part + off, recv,
                        self.piece // 2, n // 2, r, int(b.separate))
@@ -197,34 +220,36 @@ class CopyEngine:
                 rr.dev.make_current()
                 driver.memcpy_dtod(b.full + r * part, b.mine, part, rr.comm_stream)
         for off in range(0, part, step):
-            n = min(step, part - off)
-            k = self.pieces % 2
-            self.pieces += 1
+            n, k = min(step, part - off), self._next_piece()
             for s, src in enumerate(per_rank):
-                for r, dst in enumerate(per_rank):
-                    if s != r:
-                        self._move(s, r, dst.full + s * part + off, src.mine + off, n, k)
+                dsts = {r: dst.full + s * part + off for r, dst in enumerate(per_rank) if r != s}
+                if self.peer:
+                    for r, dst in dsts.items():
+                        self._move(s, r, dst, src.mine + off, n, k)
+                else:
+                    self._broadcast(s, dsts, src.mine + off, n, k)
+
+    def _broadcast(self, s: int, dsts: dict[int, int], src: int, n: int, k: int) -> None:
+        """Host-staged all-gather piece: it leaves s's GPU once, every other rank copies it in."""
+        self._through_host(s, dsts, src, n, k, 0)
+        self.moved += n * len(dsts)
 
     def _all_reduce_max(self, per_rank: list[Buffer]) -> None:
         nbytes = per_rank[0].part * self.N
         if nbytes > self.piece:
             raise ValueError(f"all_reduce_max of {nbytes} bytes exceeds one piece ({self.piece}): it is meant "
                              f"for the FP8 weight amaxes")
-        k = self.pieces % 2
-        self.pieces += 1
+        k = self._next_piece()
         for r, b in enumerate(per_rank):
             rr = self.ranks[r]
-            recv = rr.mem.ptr("comm.recv") + k * (self.N - 1) * self.piece
-            for s, src in enumerate(per_rank):
-                if s != r:
-                    self._move(s, r, recv + _slot(s, r) * self.piece, src.full, nbytes, k)
-            rr.dev.make_current()
+            recv = self._stage(r, [src.full for src in per_rank], nbytes, k)
             reduce = rr.launcher("llmq_reduce_max_f32", rr.comm_stream)
             reduce(rr.kernels["llmq_reduce_max_f32"].grid, b.full, recv, self.piece // 4, nbytes // 4)
 
     def close(self) -> None:
         self.events.close()
-        for e in [e for evs in self.h2d_done + self.d2h_done for e in evs]:
+        for e in [e for per_s in self.read_done for half in per_s for e in half] + \
+                [e for evs in self.d2h_done for e in evs]:
             driver.event_destroy(e)
 
 

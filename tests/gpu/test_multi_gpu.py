@@ -1,6 +1,7 @@
-"""Several GPUs in one process, as ranks sharing the lent GPU (devices=[0, 0]): ZeRO-0/1/2 with peer and
-host-staged copy-engine collectives against the one-GPU run of the same tokens, and checkpoints moved
-between GPU counts. Two ranks on one GPU run every code path of two GPUs except the peer link itself."""
+"""Several GPUs in one process, as ranks sharing the lent GPU (devices=[0, 0]): ZeRO-0/1/2/3 with peer and
+host-staged copy-engine collectives against the one-GPU run of the same tokens (2, 3 and 4 ranks), and
+checkpoints moved between GPU counts. Ranks on one GPU run every code path of several GPUs except the
+peer link itself."""
 import tempfile
 
 import numpy as np
@@ -49,18 +50,21 @@ CASES = [  # fp8, zero, peer, extra
     (False, 1, True, {"master": "fp32"}), (True, 1, True, {"master": "fp32"}),
     (True, 3, True, {}), (True, 3, False, {}), (False, 3, True, {}),
     (True, 3, True, {"recompute": Recompute(block=True)}),
+    (True, 1, False, {"gpus": 3}), (True, 3, False, {"gpus": 3}), (False, 2, True, {"gpus": 4}),
 ]
 
 
 @pytest.mark.parametrize("fp8,zero,peer,extra", CASES, ids=lambda v: str(v))
-def test_two_ranks_match_one_gpu(fp8, zero, peer, extra, monkeypatch):
+def test_ranks_match_one_gpu(fp8, zero, peer, extra, monkeypatch):
     monkeypatch.setattr(memory, "COMM_PIECE", 64 << 10)     # several pieces per tensor: the pipelined path
-    one, two = _plans(fp8, zero, peer, **extra)
-    data = batches(one, 2, seed=5, motif=fp8)
+    extra = dict(extra)
+    gpus = extra.pop("gpus", 2)
+    one, two = _plans(fp8, zero, peer, gpus=gpus, **extra)
+    data = batches(one, gpus, seed=5, motif=fp8)
     l1, n1, p1, _ = _run(one, data)
-    l2, n2, p2, _ = _run(two, data, devices=[0, 0])
-    print(f"\n  fp8={fp8} zero={zero} peer={peer} {extra}: losses 1 GPU {[f'{x:.4f}' for x in l1]}, "
-          f"2 ranks {[f'{x:.4f}' for x in l2]}; norms {n1[0]:.4f} vs {n2[0]:.4f}")
+    l2, n2, p2, _ = _run(two, data, devices=[0] * gpus)
+    print(f"\n  fp8={fp8} zero={zero} peer={peer} {extra} gpus={gpus}: losses 1 GPU {[f'{x:.4f}' for x in l1]}, "
+          f"{gpus} ranks {[f'{x:.4f}' for x in l2]}; norms {n1[0]:.4f} vs {n2[0]:.4f}")
     assert abs(l1[0] - l2[0]) / l1[0] < 1e-5                     # same weights: only the sum order differs
     assert abs(n1[0] - n2[0]) / n1[0] < 1e-2                     # the reduced gradients' norm
     tol = 2e-2 if fp8 else 1e-2
