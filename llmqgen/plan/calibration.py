@@ -28,6 +28,7 @@ CONSUMER_GEMM_SCALE = 0.75           # GeForce cards clock down under sustained 
 ATTN_EFF = {"fwd": 0.38, "bwd": 0.27}   # of the BF16 dense rate (cuDNN SDPA, causal)
 MEM_EFF = 0.80                       # elementwise kernels: fraction of DRAM bandwidth
 BWD_ELEMENTWISE_RATIO = 1.9          # backward elementwise bytes / forward (counted per kernel)
+HOST_STAGED_EFF = 0.85               # host-staged collectives: 21.5 GB/s of payload of the 25 GB/s half-link (H200)
 PCIE_EFF = 1.0                       # GpuSpec.pcie_gbs already holds the practical rate
 KERNEL_LAUNCH_US = 2.5               # per launch inside a CUDA graph
 SHARDING_MARGIN = 0.02               # each ZeRO level above 1 must be this much faster to be chosen

@@ -145,6 +145,7 @@ def _link_bytes_per_s(plan: Plan) -> float:
     gpu = plan.inventory.gpu
     if plan.collectives == "nccl" and plan.inventory.nodes > 1:
         return K.NETWORK_GBS * 1e9
+    staged = gpu.pcie_gbs * 1e9 / 2 * K.HOST_STAGED_EFF    # device -> pinned host -> device: crosses twice
     if plan.peer_copies or plan.collectives == "nccl":
-        return (gpu.nvlink_gbs or gpu.pcie_gbs) * 1e9 if gpu.peer_access else gpu.pcie_gbs * 1e9 / 2
-    return gpu.pcie_gbs * 1e9 / 2       # device -> pinned host -> device: each byte crosses twice
+        return (gpu.nvlink_gbs or gpu.pcie_gbs) * 1e9 if gpu.peer_access else staged
+    return staged

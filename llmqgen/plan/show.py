@@ -44,8 +44,10 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
     lines = [f"Plan {plan.name}" + (f"  ->  {path}" if path else ""),
              f"  model      {m.name}: {m.num_params() / 1e9:.2f}B parameters, {m.num_layers} layers, "
              f"hidden {m.hidden_size}, vocab {m.vocab_size}",
-             f"  hardware   {inv.count} x {inv.gpu.display_name} ({inv.gpu.memory_bytes / K.GiB:.0f} GiB, "
-             f"{inv.gpu.arch}), host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB ({inv.host_mem_source}"
+             f"  hardware   " + (f"{inv.nodes} machines of " if inv.nodes > 1 else "")
+             + f"{inv.count} x {inv.gpu.display_name} ({inv.gpu.memory_bytes / K.GiB:.0f} GiB, "
+             f"{inv.gpu.arch}), host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB"
+             + (" each" if inv.nodes > 1 else "") + f" ({inv.host_mem_source}"
              + ("; set it with --host-mem" if inv.host_mem_source == "assumed" else "") + ")",
              f"  identity   {plan.inputs_hash()[:16]}", ""]
     lines.append(f"Device memory, per GPU:")
@@ -53,14 +55,14 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
     host = _table(e.memory, "host", "total pinned host", inv.host_mem_bytes, usable_host(inv),
                   multiplier=inv.count)
     if host:
-        lines += ["", "Host memory (pinned, whole machine):"] + host
+        lines += ["", "Host memory (pinned, one machine):"] + host
     lines += ["", "Choices:"]
     order = ["precision", "batch", "recompute", "offload", "sharding", "lm_head_chunks", "collectives"]
     for k, v in sorted(e.reasons.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         lines.append(f"  {k:<15} {v}")
     lines += ["", "Predicted (cost model, calibrated on H200 measurements):",
               f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens",
-              f"  throughput {e.tokens_per_s:,.0f} tokens/s ({e.tokens_per_s / inv.count:,.0f} per GPU)",
+              f"  throughput {e.tokens_per_s:,.0f} tokens/s ({e.tokens_per_s / plan.num_gpus:,.0f} per GPU)",
               f"  SOL        {e.sol_pct:.0f}%  (speed-of-light step {e.sol_ms / 1e3:.3f} s)",
               f"  MFU        {e.mfu_pct:.0f}%  (BF16-equivalent, {e.flops_per_token / 1e9:.2f} GFLOP/token)",
               "  where the time goes: " + ", ".join(

@@ -40,6 +40,7 @@ class RunConfig:
     resume: str | None = None
     stop_after: int | None = None      # stop (and checkpoint) after this step, as an interruption would
     init_from: Path | None = None      # a local HF model directory
+    devices: list[int] | None = None   # GPU of each rank (default one each; [0, 0]: a 2-GPU plan on one GPU)
 
 
 def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
@@ -51,7 +52,7 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
     if not main:
         echo = lambda *_: None      # noqa: E731
     tr = Trainer(plan, seed=cfg.seed, optim=AdamW(weight_decay=cfg.weight_decay, max_norm=cfg.max_norm),
-                 dist=dist)
+                 dist=dist, devices=cfg.devices)
     stop = {"now": False}
     previous = signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))   # Ctrl-C: finish the step, save
     try:

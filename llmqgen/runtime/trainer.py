@@ -46,7 +46,10 @@ class Trainer:
         devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
         one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
         streamed = plan.sharding.weights and plan.num_gpus == 1
-        unsupported = plan.offload.names() + (["weight streaming (sharding.weights on one GPU)"] if streamed else [])
+        # ZeRO-3 may keep its quantised weight shards in pinned host memory: the all-gathers read them there
+        host_shards = plan.sharding.weights and plan.num_gpus > 1
+        unsupported = ([n for n in plan.offload.names() if not (n == "quantized_weights" and host_shards)]
+                       + (["weight streaming (sharding.weights on one GPU)"] if streamed else []))
         if unsupported:
             raise NotImplementedError(
                 f"plan {plan.name} uses {', '.join(unsupported)}: this runtime keeps weights, optimizer "

@@ -17,16 +17,18 @@ from reference import init_params  # noqa: E402
 from test_trainer import batches  # noqa: E402
 
 import llmqgen.plan.memory as memory  # noqa: E402
-from llmqgen.plan.schema import Recompute, Sharding  # noqa: E402
+from llmqgen.plan.schema import Offload, Recompute, Sharding  # noqa: E402
 from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
 STEPS = 4
 
 
-def _plans(fp8, zero, peer, gpus=2, **extra):
+def _plans(fp8, zero, peer, gpus=2, offload=None, **extra):
+    """The one-GPU plan and the several-GPU plan of the same tokens per step; `offload` only on the latter."""
     one = small_plan("qwen2", fp8, grad_accum=gpus, **extra)
     many = small_plan("qwen2", fp8, gpus=gpus, grad_accum=1, **extra).model_copy(
-        update={"sharding": Sharding.from_zero(zero), "peer_copies": peer, "name": f"tiny-{gpus}gpu-z{zero}"})
+        update={"sharding": Sharding.from_zero(zero), "peer_copies": peer, "name": f"tiny-{gpus}gpu-z{zero}",
+                **({"offload": offload} if offload else {})})
     return one, many
 
 
@@ -51,6 +53,8 @@ CASES = [  # fp8, zero, peer, extra
     (True, 3, True, {}), (True, 3, False, {}), (False, 3, True, {}),
     (True, 3, True, {"recompute": Recompute(block=True)}),
     (True, 1, False, {"gpus": 3}), (True, 3, False, {"gpus": 3}), (False, 2, True, {"gpus": 4}),
+    (True, 3, True, {"offload": Offload(quantized_weights=True)}),     # e4m3 shards in pinned host memory
+    (True, 3, False, {"offload": Offload(quantized_weights=True)}),
 ]
 
 
