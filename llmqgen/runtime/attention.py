@@ -58,6 +58,13 @@ class Attention:
         self.fwd = self._build(backward=False)
         self.bwd = self._build(backward=True)
         self.workspace_bytes = max(self.fwd.workspace, self.bwd.workspace)
+        self._own_handle = handle is None
+
+    def close(self) -> None:
+        """Destroy the cuDNN handle made here (before its CUDA context goes)."""
+        if self._own_handle and self.handle is not None:
+            self.cudnn.destroy_handle(self.handle)
+            self.handle = None
 
     # --- graph building ------------------------------------------------------------------------
     def _strides(self):

@@ -47,6 +47,7 @@ class Device:
     sm_count: int
     total_memory: int
     max_smem_optin: int            # per block, after raising a kernel's dynamic smem attribute
+    own_context: bool = False      # created for this user (ranks sharing a GPU), not the primary one
 
     @property
     def arch(self) -> str:
@@ -58,21 +59,27 @@ class Device:
     def synchronize(self) -> None:
         _call(cu.cuCtxSynchronize)
 
+    def release(self) -> None:
+        """Destroy a context of our own (the primary one stays: libraries and torch share it)."""
+        if self.own_context:
+            _call(cu.cuCtxDestroy, cu.CUcontext(self.context))
+
 
 def device_count() -> int:
     _call(cu.cuInit, 0)
     return _call(cu.cuDeviceGetCount)
 
 
-def open_device(ordinal: int = 0) -> Device:
-    """Init the driver, retain `ordinal`'s primary context and make it current on this thread."""
+def open_device(ordinal: int = 0, own_context: bool = False) -> Device:
+    """Init the driver, retain `ordinal`'s primary context (or create a context of its own, for ranks
+    that share a GPU and must not share a context, as ranks on separate GPUs do not) and make it current."""
     n = device_count()
     if not 0 <= ordinal < n:
         raise ValueError(f"GPU {ordinal} does not exist: the driver sees {n} GPU(s)")
     dev = _call(cu.cuDeviceGet, ordinal)
     attr = lambda a: _call(cu.cuDeviceGetAttribute, a, dev)  # noqa: E731
     A = cu.CUdevice_attribute
-    ctx = _call(cu.cuDevicePrimaryCtxRetain, dev)
+    ctx = _call(cu.cuCtxCreate, None, 0, dev) if own_context else _call(cu.cuDevicePrimaryCtxRetain, dev)
     _call(cu.cuCtxSetCurrent, ctx)
     name = _call(cu.cuDeviceGetName, 256, dev)
     return Device(
@@ -82,7 +89,7 @@ def open_device(ordinal: int = 0) -> Device:
                             attr(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)),
         sm_count=attr(A.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT),
         total_memory=_call(cu.cuDeviceTotalMem, dev),
-        max_smem_optin=attr(A.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN))
+        max_smem_optin=attr(A.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), own_context=own_context)
 
 
 def mem_info() -> tuple[int, int]:

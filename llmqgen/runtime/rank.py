@@ -36,10 +36,10 @@ Item = tuple
 
 class Rank:
     def __init__(self, plan: Plan, sched: dict, kernels: dict, cubin: bytes, *, rank: int, device: int,
-                 attention: str, graphs: bool, seed: int):
+                 attention: str, graphs: bool, seed: int, own_context: bool = False):
         self.plan, self.sched, self.kernels, self.rank, self.seed = plan, sched, kernels, rank, seed
         self.world = plan.num_gpus
-        self.dev = driver.open_device(device)
+        self.dev = driver.open_device(device, own_context)
         self.module = driver.module_load(cubin)
         self.funcs: dict[str, int] = {}
         self.rows = {r.name: r for r in memory_table(plan)}     # the table of this llmqgen, from the inputs
@@ -344,8 +344,11 @@ class Rank:
         for g in self.gemms.values():
             g.close()
         self.blas.close()
+        if self.attn is not None:
+            self.attn.close()
         self.mem.free()
         self.host.free()
+        self.dev.release()
 
 
 def shard_elems_of(rank: Rank, name: str) -> int:

@@ -90,8 +90,9 @@ class Trainer:
                                f"nvidia-cudnn-frontend, or use head_dim 64/128 and a seq_len multiple of 64")
         self.sched = build_schedule(plan)
         cubin = self.build.cubin_path.read_bytes()
+        shared = len(set(devices)) < len(devices)      # ranks sharing a GPU get a context each, like separate GPUs
         self.ranks = [Rank(plan, self.sched, kernels, cubin, rank=r, device=d, attention=attention,
-                           graphs=graphs, seed=seed) for r, d in zip(ranks, devices)]
+                           graphs=graphs, seed=seed, own_context=shared) for r, d in zip(ranks, devices)]
         self.dev = self.ranks[0].dev
         self.comm = None
         if N > 1:
@@ -249,6 +250,8 @@ class Trainer:
                 rk.feed(batches[rk.rank * per + m])
             self._execute([rk.micro for rk in self.ranks], key="micro")
             self._drain()       # the next micro-step reuses the double buffers from its first block on
+        if isinstance(self.comm, Nccl):     # each process holds its tokens' share of the loss: sum them
+            self.comm.sum_floats([rk.ptr("scalar:loss", None) for rk in self.ranks], 1)
         self._sync()
 
     def zero_gradients(self) -> None:
@@ -259,11 +262,9 @@ class Trainer:
         self._sync()
 
     def loss(self) -> float:
-        """The step's mean loss over all GPUs' tokens (each rank holds its tokens' share of the sum)."""
-        ptrs = [rk.ptr("scalar:loss", None) for rk in self.ranks]
-        if isinstance(self.comm, Nccl):
-            self.comm.sum_floats(ptrs, 1)
-        return sum(float(rk.download(p, np.float32, (1,))[0]) for rk, p in zip(self.ranks, ptrs))
+        """The step's mean loss over all GPUs' tokens (each rank holds its tokens' share of the sum;
+        under NCCL, accumulate has summed the shares of every process already)."""
+        return sum(float(rk.download(rk.ptr("scalar:loss", None), np.float32, (1,))[0]) for rk in self.ranks)
 
     def any_rank(self, flag: bool) -> bool:
         """True on every process when `flag` is true on any (e.g. a Ctrl-C that reached only some)."""
