@@ -74,10 +74,10 @@ class Trainer:
             devices = devices or list(range(N))
         if len(devices) != len(ranks):
             raise ValueError(f"{len(devices)} devices given for {len(ranks)} ranks of plan {plan.name}")
-        first = driver.open_device(devices[0])
         if max(devices) >= driver.device_count():
             raise RuntimeError(f"plan {plan.name} needs GPUs {sorted(set(devices))}, the driver sees "
                                f"{driver.device_count()}: plan for the GPUs you have (--gpus auto)")
+        first = driver.open_device(devices[0])
         check_arch(first.arch, plan.inventory.gpu)
         self.build = build(plan, first.arch, out_root=out_root)
         kernels = {d["name"]: kernel_from_json(d) for d in json.loads((self.build.path / "kernels.json").read_text())}
@@ -102,10 +102,10 @@ class Trainer:
         self.step_count = 0
         self.L = plan.model.num_layers
 
-    def _nccl(self, dist: DistEnv | None) -> Nccl:
+    def _nccl(self, dist: DistEnv) -> Nccl:
         from . import nccl
         from .dist import share_bytes
-        uid = share_bytes(dist, nccl.unique_id) if dist else nccl.unique_id()
+        uid = share_bytes(dist, nccl.unique_id)
         rk = self.ranks[0]
         rk.dev.make_current()
         return Nccl(self.ranks, [nccl.Comm(uid, self.plan.num_gpus, rk.rank)])
