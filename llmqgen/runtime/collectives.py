@@ -6,17 +6,17 @@ per rank. Three kinds:
   reduce_scatter  bf16, in place: rank r's shard becomes the sum over ranks (or is added into `into`)
   all_gather      bytes, in place: every rank's shard is copied to every other rank
   all_reduce_max  fp32 region: elementwise max over ranks (FP8 weight amaxes)
-Ordering: a collective starts on each rank's communication stream after every rank's compute stream
+Ordering: a collective starts on each rank's communication streams (one receives and reduces, one sends
+to host memory, so that a PCIe link carries both directions at once) after every rank's compute stream
 has reached it (it reads the others' buffers) and records a done event per rank; the compute stream
 waits for all ranks' done events right away, or — for an `overlap` collective (ZeRO-2's per-layer
-reduce-scatter) — before the run after next (its buffer is a double buffer; Trainer does this).
+reduce-scatter, ZeRO-3's per-layer all-gather) — where the schedule awaits its tag (Trainer does this).
 
 CopyEngine moves bytes with cuMemcpyAsync (no SMs): peer copies, or — where the GPUs cannot reach
 each other's memory (GeForce cards) — staged through pinned host memory: the sender copies a piece
 to its host buffer, the receiver copies it in (an all-gather piece leaves its GPU once for all).
 Reductions run on the receiving GPU (llmq_reduce_bf16 over the pieces in comm.recv, in rank order:
-deterministic). Nccl issues the same
-kinds to NCCL on the communication stream.
+deterministic). Nccl issues the same kinds to NCCL on the communication stream.
 """
 from __future__ import annotations
 
@@ -74,6 +74,7 @@ class _Events:
         self.ranks = ranks
         self.ring = [[_event(rk) for rk in ranks] for _ in range(EVENT_RING)]
         self.ready = [_event(rk) for rk in ranks]
+        self.sent = [_event(rk) for rk in ranks]
         self.count = 0
         self.timed: list[tuple[int, list[int]]] | None = None
 
@@ -86,6 +87,7 @@ class _Events:
             rk.dev.make_current()
             for e in self.ready:
                 driver.stream_wait(rk.comm_stream, e)
+                driver.stream_wait(rk.send_stream, e)
         if self.timed is not None:
             t0 = _event(self.ranks[0], timing=True)
             driver.event_record(t0, self.ranks[0].comm_stream)
@@ -94,8 +96,10 @@ class _Events:
     def finish(self) -> list[int]:
         done = self.ring[self.count % EVENT_RING]
         self.count += 1
-        for rk, e in zip(self.ranks, done):
+        for rk, e, sent in zip(self.ranks, done, self.sent):
             rk.dev.make_current()
+            driver.event_record(sent, rk.send_stream)      # done = received, reduced and sent
+            driver.stream_wait(rk.comm_stream, sent)
             driver.event_record(e, rk.comm_stream)
             if self.timed is not None:
                 t1 = _event(rk, timing=True)
@@ -123,7 +127,7 @@ class _Events:
 
     def close(self) -> None:
         self.take_ms()
-        for e in [e for evs in self.ring for e in evs] + self.ready:
+        for e in [e for evs in self.ring for e in evs] + self.ready + self.sent:
             driver.event_destroy(e)
 
 
@@ -175,9 +179,9 @@ class CopyEngine:
         host = rs.host.ptr("comm.host") + (k * (self.N - 1) + j) * self.piece
         rs.dev.make_current()
         for r in self.readers[s][k].get(j, ()):        # the slot's last readers are done with it
-            driver.stream_wait(rs.comm_stream, self.read_done[s][k][r])
-        driver.memcpy_dtoh(host, src, n, rs.comm_stream)
-        driver.event_record(self.d2h_done[s][k], rs.comm_stream)
+            driver.stream_wait(rs.send_stream, self.read_done[s][k][r])
+        driver.memcpy_dtoh(host, src, n, rs.send_stream)
+        driver.event_record(self.d2h_done[s][k], rs.send_stream)
         for r, dst in dsts.items():
             rr = self.ranks[r]
             rr.dev.make_current()

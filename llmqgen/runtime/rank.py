@@ -46,7 +46,8 @@ class Rank:
         self.mem = Arena(self.rows.values(), "device")
         self.host = Arena(self.rows.values(), "host")
         self.stream = driver.stream_create()
-        self.comm_stream = driver.stream_create()
+        self.comm_stream = driver.stream_create()     # collectives: copies in, reductions
+        self.send_stream = driver.stream_create()     # host-staged collectives: copies out
         driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
         self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
         m, b = plan.model, plan.batch
