@@ -88,10 +88,12 @@ class _Events:
             for e in self.ready:
                 driver.stream_wait(rk.comm_stream, e)
                 driver.stream_wait(rk.send_stream, e)
-        if self.timed is not None:
-            t0 = _event(self.ranks[0], timing=True)
-            driver.event_record(t0, self.ranks[0].comm_stream)
-            self.timed.append((t0, []))
+        if self.timed is not None:          # per rank: events of different contexts cannot be compared
+            starts = [_event(rk, timing=True) for rk in self.ranks]
+            for rk, t0 in zip(self.ranks, starts):
+                rk.dev.make_current()
+                driver.event_record(t0, rk.comm_stream)
+            self.timed.append((starts, []))
 
     def finish(self) -> list[int]:
         done = self.ring[self.count % EVENT_RING]
@@ -113,14 +115,12 @@ class _Events:
     def take_ms(self) -> float:
         """Milliseconds the collectives since the last call took (timing must be on); frees the events."""
         total = 0.0
-        for t0, ends in self.timed or []:
-            if not ends:                 # a collective that failed half-way: nothing to time
-                driver.event_destroy(t0)
-                continue
+        for starts, ends in self.timed or []:
             for e in ends:
                 driver.event_synchronize(e)
-            total += max(driver.event_elapsed_ms(t0, e) for e in ends)
-            for e in [t0, *ends]:
+            if len(ends) == len(starts):     # else a collective that failed half-way: nothing to time
+                total += max(driver.event_elapsed_ms(t0, t1) for t0, t1 in zip(starts, ends))
+            for e in [*starts, *ends]:
                 driver.event_destroy(e)
         self.timed = [] if self.timed is not None else None
         return total
