@@ -48,11 +48,13 @@ class _Table:
         parameter-sized row, which several GPUs pad to gpus*S elements so that collectives split every
         tensor into equal shards."""
         elems = prod(shape)
+        sharded = bool(shard) and self.gpus > 1
         if shard is not None and self.gpus > 1:
             S = shard_elems(elems, self.gpus)
             elems, shape = (S, (S,)) if shard else (S * self.gpus, shape)
         self.rows.append(MemRow(name=name, bytes=align(elems * DTYPE_BYTES[dtype]), count=count,
-                                place=place, lifetime=lifetime, dtype=dtype, shape=tuple(shape), note=note))
+                                place=place, lifetime=lifetime, dtype=dtype, shape=tuple(shape), note=note,
+                                sharded=sharded))
 
 
 def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:

@@ -132,6 +132,7 @@ class MemRow(_Frozen):
     dtype: str
     shape: tuple[int, ...]
     note: str = ""
+    sharded: bool = False      # this GPU's shard (shape (S,)) of a tensor split over the GPUs
 
     @property
     def total(self) -> int:

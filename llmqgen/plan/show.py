@@ -44,7 +44,7 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
     lines = [f"Plan {plan.name}" + (f"  ->  {path}" if path else ""),
              f"  model      {m.name}: {m.num_params() / 1e9:.2f}B parameters, {m.num_layers} layers, "
              f"hidden {m.hidden_size}, vocab {m.vocab_size}",
-             f"  hardware   " + (f"{inv.nodes} machines of " if inv.nodes > 1 else "")
+             "  hardware   " + (f"{inv.nodes} machines of " if inv.nodes > 1 else "")
              + f"{inv.count} x {inv.gpu.display_name} ({inv.gpu.memory_bytes / K.GiB:.0f} GiB, "
              f"{inv.gpu.arch}), host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB"
              + (" each" if inv.nodes > 1 else "") + f" ({inv.host_mem_source}"

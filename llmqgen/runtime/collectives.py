@@ -131,13 +131,31 @@ class _Events:
             driver.event_destroy(e)
 
 
-class CopyEngine:
+class _Collectives:
+    """What both transports share: the ranks, their ordering events, the buffers of each operation."""
+
+    def __init__(self, ranks: list[Rank]):
+        self.ranks = ranks
+        self.events = _Events(ranks)
+        self.moved = 0                                             # bytes over the links, for reports
+        self._buffers: dict[tuple[int, int | None], list[list[Buffer]]] = {}
+
+    def buffers(self, op: dict, layer: int | None) -> list[list[Buffer]]:
+        """Per rank, the buffers of a schedule operation at a layer; resolved once (pointers are fixed,
+        and the operations are the schedule's own objects for the trainer's life)."""
+        key = (id(op), layer)
+        if key not in self._buffers:
+            self._buffers[key] = [buffers(rk, op, layer) for rk in self.ranks]
+        return self._buffers[key]
+
+
+class CopyEngine(_Collectives):
     """All ranks of this process, driven from one thread; peer copies or host-staged."""
 
     def __init__(self, ranks: list[Rank], peer: bool):
-        self.ranks, self.N = ranks, len(ranks)
+        super().__init__(ranks)
+        self.N = len(ranks)
         self.peer = peer and _enable_peer_access(ranks)
-        self.events = _Events(ranks)
         recv = ranks[0].rows["comm.recv"].bytes
         self.piece = recv // (2 * (self.N - 1)) // VEC * VEC       # bytes of one piece of one sender
         # host-staged pieces: sender s's pinned slots [half k][slot j]; read_done[s][k][r]: r's last copy-in
@@ -146,12 +164,10 @@ class CopyEngine:
         self.d2h_done = [[_event(rk) for _ in range(2)] for rk in ranks]
         self.readers: list[list[dict[int, set[int]]]] = [[{}, {}] for _ in ranks]
         self.pieces = 0
-        self.moved = 0                                             # bytes over the links, for reports
 
     def run(self, op: dict, layer: int | None) -> list[int]:
         self.events.start()
-        bufs = [buffers(rk, op, layer) for rk in self.ranks]
-        for per_rank in zip(*bufs):
+        for per_rank in zip(*self.buffers(op, layer)):
             if op["kind"] == "reduce_scatter":
                 self._reduce_scatter(per_rank)
             elif op["kind"] == "all_gather":
@@ -257,22 +273,22 @@ class CopyEngine:
             driver.event_destroy(e)
 
 
-class Nccl:
+class Nccl(_Collectives):
     """This process's rank(s) through NCCL communicators (one process per GPU across machines)."""
 
     def __init__(self, ranks: list[Rank], comms: list):
-        self.ranks, self.comms = ranks, comms
-        self.events = _Events(ranks)
-        self.moved = 0
+        super().__init__(ranks)
+        self.comms = comms
 
     def run(self, op: dict, layer: int | None) -> list[int]:
         from . import nccl
         self.events.start()
         kind = op["kind"]
+        bufs = self.buffers(op, layer)
         nccl.group_start()
-        for rk, comm in zip(self.ranks, self.comms):
+        for rk, comm, rank_bufs in zip(self.ranks, self.comms, bufs):
             cs = rk.comm_stream
-            for b in buffers(rk, op, layer):
+            for b in rank_bufs:
                 if kind == "reduce_scatter":          # in place; a separate shard row is added to below
                     comm.reduce_scatter(b.full, b.full + rk.rank * b.part, b.part // 2, "bf16", "sum", cs)
                 elif kind == "all_gather":
@@ -284,10 +300,10 @@ class Nccl:
                 self.moved += b.part * rk.world
         nccl.group_end()
         if kind == "reduce_scatter" and op.get("into"):     # ZeRO-2: add the reduced shard to the gradients
-            for rk in self.ranks:
+            for rk, rank_bufs in zip(self.ranks, bufs):
                 rk.dev.make_current()
                 add = rk.launcher("llmq_add_bf16", rk.comm_stream)
-                for b in buffers(rk, op, layer):
+                for b in rank_bufs:
                     add(rk.kernels["llmq_add_bf16"].grid, b.mine, b.full + rk.rank * b.part, b.part // 2)
         return self.events.finish()
 

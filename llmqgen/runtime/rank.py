@@ -43,6 +43,8 @@ class Rank:
         self.module = driver.module_load(cubin)
         self.funcs: dict[str, int] = {}
         self.rows = {r.name: r for r in memory_table(plan)}     # the table of this llmqgen, from the inputs
+        # elements of one GPU's shard of each parameter (S of memory.shard_elems), by parameter name
+        self.shard_of = {n: shard_elems(prod(shape), self.world) for n, shape, _, _ in param_tensors(plan)}
         self.mem = Arena(self.rows.values(), "device")
         self.host = Arena(self.rows.values(), "host")
         self.stream = driver.stream_create()
@@ -71,9 +73,13 @@ class Rank:
         self.micro = self.program([(ms, layers) for ms, layers in self._micro_sections()])
 
     # --- references -> pointers -------------------------------------------------------------------
+    def shard_elems(self, name: str) -> int:
+        """Elements of one GPU's shard of the tensor a parameter-sized row holds (whole or sharded):
+        weights.qkv, stage.grads.qkv, master.embedding, ..."""
+        return self.shard_of[name.rsplit(".", 1)[1]]
+
     def shard_bytes(self, name: str) -> int:
-        """Bytes of one GPU's shard of the tensor a parameter-sized row holds (whole or sharded)."""
-        return shard_elems_of(self, name) * DTYPE_BYTES[self.rows[name].dtype]
+        return self.shard_elems(name) * DTYPE_BYTES[self.rows[name].dtype]
 
     def ptr(self, ref: str, layer: int | None) -> int:
         if ref.startswith("fp8:"):
@@ -313,8 +319,7 @@ class Rank:
 
     def is_shard(self, name: str) -> bool:
         """A row holding this GPU's shard (shape (S,)) rather than a whole tensor."""
-        row = self.rows[name]
-        return self.world > 1 and len(row.shape) == 1 and row.shape[0] == shard_elems_of(self, name)
+        return self.rows[name].sharded
 
     def write_tensor(self, name: str, index: int, full: np.ndarray) -> None:
         """A whole tensor (any float dtype) into row instance `index`, in the row's dtype."""
@@ -325,7 +330,7 @@ class Rank:
         the row holds one."""
         flat = flat.reshape(-1)
         if self.world > 1:
-            S = shard_elems(flat.size, self.world)
+            S = self.shard_elems(name)
             flat = np.concatenate([flat, np.zeros(S * self.world - flat.size, flat.dtype)])
             if self.is_shard(name):
                 flat = flat[self.rank * S:(self.rank + 1) * S]
@@ -334,8 +339,7 @@ class Rank:
     def read_row(self, name: str, index: int) -> np.ndarray:
         """Row instance `index` as stored (its dtype): the shard or the whole padded tensor."""
         row = self.rows[name]
-        n = shard_elems_of(self, name) if self.is_shard(name) else (
-            shard_elems(prod(row.shape), self.world) * self.world if self.world > 1 else prod(row.shape))
+        n = prod(row.shape) if (row.sharded or self.world == 1) else self.shard_elems(name) * self.world
         return self.download(self.ptr(f"{name}[{index}]", None), NP_DTYPES[row.dtype], (n,))
 
     def close(self) -> None:
@@ -350,10 +354,3 @@ class Rank:
         self.mem.free()
         self.host.free()
         self.dev.release()
-
-
-def shard_elems_of(rank: Rank, name: str) -> int:
-    """S of the tensor behind a parameter row: the table's shape is the tensor's, or (S,) when sharded."""
-    base = name.rsplit(".", 1)[1]          # weights.qkv, stage.grads.qkv, master.embedding, ...
-    shape = next(sh for n, sh, _, _ in param_tensors(rank.plan) if n == base)
-    return shard_elems(prod(shape), rank.world)

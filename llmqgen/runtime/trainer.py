@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from math import prod
 
 import numpy as np
 
@@ -146,16 +147,24 @@ class Trainer:
             driver.stream_synchronize(rk.stream)
 
     # --- parameters ------------------------------------------------------------------------------
+    def _instances(self, what: str):
+        """(llmqgen name, row, instance, element count, row dtype) of every tensor of one kind: "params"
+        (the masters, or the work copy that serves as master), "grads", "adam_m" or "adam_v"."""
+        rk0 = self.ranks[0]
+        for name, shape, per_layer, _ in param_tensors(self.plan):
+            row = rk0.param_row(name) if what == "params" else f"{what}.{name}"
+            dtype = np.dtype(NP_DTYPES[rk0.rows[row].dtype])
+            for i in range(self.L if per_layer else 1):
+                yield (f"layers.{i}.{name}" if per_layer else name), row, i, shape, dtype
+
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         """Master weights (llmqgen names, e.g. layers.3.qkv) from float arrays; then the work copies."""
-        for name, shape, per_layer, _ in param_tensors(self.plan):
-            for i in range(self.L if per_layer else 1):
-                key = f"layers.{i}.{name}" if per_layer else name
-                if key not in params:
-                    raise KeyError(f"parameter {key} is missing")
-                a = np.asarray(params[key], np.float32).reshape(shape)
-                for rk in self.ranks:
-                    rk.write_tensor(rk.param_row(name), i, a)
+        for key, row, i, shape, _ in self._instances("params"):
+            if key not in params:
+                raise KeyError(f"parameter {key} is missing")
+            a = np.asarray(params[key], np.float32).reshape(shape)
+            for rk in self.ranks:
+                rk.write_tensor(row, i, a)
         self._execute([rk.load_program() for rk in self.ranks])
         self._sync()
 
@@ -170,61 +179,44 @@ class Trainer:
             return np.frombuffer(raw, dtype)[:n]
         return np.concatenate([rk.read_row(row, index) for rk in self.ranks])[:n]
 
-    def _gather(self, prefix: str) -> dict[str, np.ndarray]:
-        out = {}
-        rk0 = self.ranks[0]
-        for name, shape, per_layer, _ in param_tensors(self.plan):
-            row = rk0.param_row(name) if prefix == "params." else prefix + name
-            dtype = NP_DTYPES[rk0.rows[row].dtype]
-            for i in range(self.L if per_layer else 1):
-                key = f"layers.{i}.{name}" if per_layer else name
-                out[key] = self._whole(row, i, int(np.prod(shape)), dtype).astype(np.float32).reshape(shape)
-        return out
+    def _gather(self, what: str) -> dict[str, np.ndarray]:
+        return {key: self._whole(row, i, prod(shape), dtype).astype(np.float32).reshape(shape)
+                for key, row, i, shape, dtype in self._instances(what)}
 
     def params(self) -> dict[str, np.ndarray]:
-        return self._gather("params.")
+        return self._gather("params")
 
     def gradients(self) -> dict[str, np.ndarray]:
         """This process's first rank's accumulated gradients: the local sum, before any reduction."""
-        if any(rk.is_shard(f"grads.{n}") for rk in self.ranks[:1] for n, *_ in param_tensors(self.plan)):
+        if any(r.sharded for name, r in self.ranks[0].rows.items() if name.startswith("grads.")):
             raise NotImplementedError("ZeRO-2 keeps only reduced gradient shards: read gradients of a ZeRO-1 plan")
-        return self._gather("grads.")
+        return self._gather("grads")
 
     # --- exact training state, independent of the GPU count ---------------------------------------------
-    STATE = ("master", "adam_m", "adam_v")
+    STATE = ("params", "adam_m", "adam_v")
+    STATE_NAMES = {"params": "master"}        # checkpoint key prefix of each kind
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Masters and Adam moments as whole tensors in their stored dtypes, raw bytes; with the step
         they resume the run bit-exactly (work copies and FP8 weight scales are made from the masters,
         gradients are zero between steps, activations are rebuilt), at any GPU count."""
-        out = {}
-        rk0 = self.ranks[0]
-        for what in self.STATE:
-            for name, shape, per_layer, _ in param_tensors(self.plan):
-                row = rk0.param_row(name) if what == "master" else f"{what}.{name}"
-                dtype = NP_DTYPES[rk0.rows[row].dtype]
-                for i in range(self.L if per_layer else 1):
-                    key = f"{what}.layers.{i}.{name}" if per_layer else f"{what}.{name}"
-                    out[key] = np.ascontiguousarray(self._whole(row, i, int(np.prod(shape)), dtype)).view(np.uint8)
-        return out
+        return {f"{self.STATE_NAMES.get(what, what)}.{key}":
+                np.ascontiguousarray(self._whole(row, i, prod(shape), dtype)).view(np.uint8)
+                for what in self.STATE for key, row, i, shape, dtype in self._instances(what)}
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
         for what in self.STATE:
-            for name, shape, per_layer, _ in param_tensors(self.plan):
-                row = self.ranks[0].param_row(name) if what == "master" else f"{what}.{name}"
-                dtype = np.dtype(NP_DTYPES[self.ranks[0].rows[row].dtype])
-                n = int(np.prod(shape))
-                for i in range(self.L if per_layer else 1):
-                    key = f"{what}.layers.{i}.{name}" if per_layer else f"{what}.{name}"
-                    if key not in tensors:
-                        raise KeyError(f"checkpoint lacks {key}: it was written by another llmqgen or model")
-                    a = np.asarray(tensors[key], np.uint8)
-                    if a.size != n * dtype.itemsize:
-                        raise ValueError(f"checkpoint tensor {key} has {a.size} bytes, this plan stores "
-                                         f"{n * dtype.itemsize} ({dtype.name}): resume with the "
-                                         f"checkpoint's precision settings")
-                    for rk in self.ranks:
-                        rk.write_raw(row, i, a.view(dtype))
+            for key, row, i, shape, dtype in self._instances(what):
+                key = f"{self.STATE_NAMES.get(what, what)}.{key}"
+                if key not in tensors:
+                    raise KeyError(f"checkpoint lacks {key}: it was written by another llmqgen or model")
+                a = np.asarray(tensors[key], np.uint8)
+                if a.size != prod(shape) * dtype.itemsize:
+                    raise ValueError(f"checkpoint tensor {key} has {a.size} bytes, this plan stores "
+                                     f"{prod(shape) * dtype.itemsize} ({dtype.name}): resume with the "
+                                     f"checkpoint's precision settings")
+                for rk in self.ranks:
+                    rk.write_raw(row, i, a.view(dtype))
         self._execute([rk.load_program() for rk in self.ranks])
         self._sync()
         self.step_count = step
