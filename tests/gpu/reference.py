@@ -7,6 +7,8 @@ kernels, in fp32 or fp64, on any torch device. Parameters use llmqgen's fused la
     params = init_params(spec, seed=0)                 # numpy fp32, llmqgen's init recipe
     ref = Reference(spec, params, device="cuda")
     loss, grads = ref.loss_and_grads(tokens, targets)  # grads: name -> tensor, same layout
+    emu = Reference(spec, params, device="cuda", fp8=("e4m3", "e4m3"))   # llmqgen's FP8 recipe, emulated
+    loss, grads = emu.loss_and_grads_micro([(tokens0, targets0), (tokens1, targets1)])
     stats = compare_grads(ours, grads)                 # ours: name -> numpy array (any float dtype)
     assert_close_grads(stats, min_mean_cos=0.99, max_mean_rel=0.012)
 """
@@ -77,6 +79,46 @@ def causal_gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return (probs @ v).transpose(1, 2).reshape(b, t, hq * hd)
 
 
+# --- the FP8 recipe, emulated -------------------------------------------------------------------------
+
+TORCH_FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+FP8_MAX = {"e4m3": 448.0, "e5m2": 57344.0}
+
+
+def fp8_qdq(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Per-tensor current scaling as llmqgen's quantizers do it (templates/_quantize.cu.j2), then back:
+    the bf16 tensor the kernel reads (x rounded to bf16), scale = FMAX / amax in fp32 (amax floored at
+    FMAX * FLT_MIN), saturating round-to-nearest-even into `fmt`, times the descale amax / FMAX.
+    Returns fp32, the values cuBLASLt multiplies."""
+    xb = x.detach().to(torch.bfloat16).float()
+    amax = xb.abs().max()
+    if amax == 0:
+        return xb
+    fmax = torch.tensor(FP8_MAX[fmt], dtype=torch.float32, device=x.device)
+    amax = torch.maximum(amax, fmax * torch.finfo(torch.float32).tiny)
+    q = (xb * (fmax / amax)).clamp(-fmax, fmax).to(TORCH_FP8[fmt])
+    return q.float() * (amax / fmax)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = Q(x) Q(w)^T; dx = Q(dy) Q(w); dw = Q(dy)^T Q(x): E4M3 forward operands, `grad` for dy (LLMQ's
+    and llmqgen's recipe: the four block matmuls, per-tensor current scaling, fp32 accumulation)."""
+
+    @staticmethod
+    def forward(ctx, x, w, grad_fmt):
+        xq, wq = fp8_qdq(x, "e4m3"), fp8_qdq(w, "e4m3")
+        ctx.save_for_backward(xq, wq)
+        ctx.grad_fmt = grad_fmt
+        return xq @ wq.T
+
+    @staticmethod
+    def backward(ctx, dy):
+        xq, wq = ctx.saved_tensors
+        shape = xq.shape
+        gq = fp8_qdq(dy.reshape(-1, dy.shape[-1]), ctx.grad_fmt)
+        return (gq @ wq).reshape(shape), gq.T @ xq.reshape(-1, shape[-1]), None
+
+
 # --- the model ------------------------------------------------------------------------------------------
 
 def _attr(name: str) -> str:
@@ -87,9 +129,13 @@ def _attr(name: str) -> str:
 class Reference(torch.nn.Module):
     """The decoder with llmqgen's fused parameters (names and layouts as param_shapes(spec))."""
 
-    def __init__(self, spec: ModelSpec, params: dict, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, spec: ModelSpec, params: dict, dtype: torch.dtype = torch.float32, device=None,
+                 fp8: tuple[str, str] | None = None):
+        """fp8: (matmul, gradient) formats, e.g. ("e4m3", "e4m3"), to emulate the FP8 recipe in the four
+        block matmuls (fp8_qdq at the points where llmqgen quantizes); None: plain `dtype` matmuls."""
         super().__init__()
         self.spec = spec
+        self.fp8 = fp8
         self.shapes = param_shapes(spec)
         missing = sorted(set(self.shapes) - set(params))
         extra = sorted(set(params) - set(self.shapes))
@@ -110,11 +156,15 @@ class Reference(torch.nn.Module):
     def param(self, name: str) -> torch.nn.Parameter:
         return getattr(self, _attr(name))
 
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x @ w^T, through the FP8 emulation when the reference was made with fp8=."""
+        return x @ w.T if self.fp8 is None else _Fp8Linear.apply(x, w, self.fp8[1])
+
     def block(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         s, p = self.spec, (lambda key: self.param(layer_name(i, key)))
         b, t, _ = x.shape
         h = rms_norm(x, p("ln1"), s.rms_norm_eps)
-        qkv = h @ p("qkv").T
+        qkv = self.linear(h, p("qkv"))
         if s.qkv_bias:
             qkv = qkv + p("qkv_bias")
         q, k, v = qkv.split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
@@ -125,9 +175,9 @@ class Reference(torch.nn.Module):
             q = rms_norm(q, p("q_norm"), s.rms_norm_eps)
             k = rms_norm(k, p("k_norm"), s.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = x + causal_gqa_attention(q, k, v) @ p("attn_out").T
-        gate, up = (rms_norm(x, p("ln2"), s.rms_norm_eps) @ p("gate_up").T).split(s.intermediate_size, dim=-1)
-        return x + (F.silu(gate) * up) @ p("down").T
+        x = x + self.linear(causal_gqa_attention(q, k, v), p("attn_out"))
+        gate, up = self.linear(rms_norm(x, p("ln2"), s.rms_norm_eps), p("gate_up")).split(s.intermediate_size, dim=-1)
+        return x + self.linear(F.silu(gate) * up, p("down"))
 
     def forward(self, tokens) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V]."""
@@ -153,6 +203,25 @@ class Reference(torch.nn.Module):
             raise ValueError(f"every target is {IGNORE_INDEX}: the mean loss is undefined; keep at least one")
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="mean")
+
+    def loss_and_grads_micro(self, micro_batches) -> tuple[float, dict[str, torch.Tensor]]:
+        """Gradient accumulation as the trainer does it: one forward + backward per (tokens, targets)
+        micro-batch (per-tensor FP8 scales are then per micro-batch), each loss summed and divided by the
+        step's count of targets that are not IGNORE_INDEX; the gradients add up. Returns (loss, grads)."""
+        count = sum(int((torch.as_tensor(t) != IGNORE_INDEX).sum()) for _, t in micro_batches)
+        self.zero_grad(set_to_none=True)
+        total = 0.0
+        for tokens, targets in micro_batches:
+            logits = self(tokens)
+            targets = torch.as_tensor(targets, dtype=torch.long, device=logits.device)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX, reduction="sum") / count
+            loss.backward()
+            total += loss.item()
+        grads = {n: (torch.zeros_like(self.param(n)) if self.param(n).grad is None
+                     else self.param(n).grad.detach().clone()) for n in self.shapes}
+        self.zero_grad(set_to_none=True)
+        return total, grads
 
     def loss_and_grads(self, tokens, targets) -> tuple[float, dict[str, torch.Tensor]]:
         """One forward + backward: (loss, name -> gradient in the parameter's layout). Tied: the embedding's

@@ -4,8 +4,10 @@ Per distinct (rows, cols, source dtype, fp8 dtype) of the sites below, four kern
 site holding that shape: `llmq_quantize_<s>` bf16|f32 [R,K] -> fp8 [R,K]; `llmq_quantize_t_<s>` ->
 fp8 [K,R] (tiled through shared memory, coalesced both ways); `llmq_quantize_dual_<s>` both from one
 read; and per distinct (R, K) `llmq_transpose_fp8_<s>` fp8 [R,K] -> fp8 [K,R].
-Each quantizer reads amax from the tensor's stats slot (slot[0]), scales by FMAX/amax with saturation
-and writes the descale amax/FMAX (1 when amax == 0) into slot[1] for cuBLASLt."""
+Each quantizer reads amax from the tensor's stats slot (float 0), scales by FMAX/amax with saturation
+and writes the descale amax/FMAX (1 when amax == 0) at float 4 (byte 16) for cuBLASLt. A non-zero amax
+below FMAX * FLT_MIN is raised to it, so that the scale stays finite (the torchao float8 recipe floors
+amax likewise; without it a bf16-subnormal amax gives scale +inf and 0 * inf = NaN bytes)."""
 from __future__ import annotations
 
 from ..kernel import Kernel, cdiv
