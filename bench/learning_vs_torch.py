@@ -60,7 +60,7 @@ def torch_curve(plan, params, batches, sched: LRSchedule, optim: AdamW) -> list[
     import torch.nn.functional as F
     from reference import IGNORE_INDEX, Reference
 
-    model = Reference(plan.model, params, device="cuda")
+    model = Reference(plan.model, params, device="cuda", sdpa=True)
     decayed = {n for n, _, _, is_matrix in param_tensors(plan) if is_matrix or n in ("embedding", "lm_head")}
     base = lambda name: name.rsplit(".", 1)[-1]     # noqa: E731  "layers.3.qkv" -> "qkv"
     groups = [{"params": [model.param(n) for n in model.shapes if base(n) in decayed],

@@ -130,12 +130,14 @@ class Reference(torch.nn.Module):
     """The decoder with llmqgen's fused parameters (names and layouts as param_shapes(spec))."""
 
     def __init__(self, spec: ModelSpec, params: dict, dtype: torch.dtype = torch.float32, device=None,
-                 fp8: tuple[str, str] | None = None):
+                 fp8: tuple[str, str] | None = None, sdpa: bool = False):
         """fp8: (matmul, gradient) formats, e.g. ("e4m3", "e4m3"), to emulate the FP8 recipe in the four
-        block matmuls (fp8_qdq at the points where llmqgen quantizes); None: plain `dtype` matmuls."""
+        block matmuls (fp8_qdq at the points where llmqgen quantizes); None: plain `dtype` matmuls.
+        sdpa: attention through torch's scaled_dot_product_attention (fast, for long training runs)
+        instead of the explicit softmax written out here."""
         super().__init__()
         self.spec = spec
-        self.fp8 = fp8
+        self.fp8, self.sdpa = fp8, sdpa
         self.shapes = param_shapes(spec)
         missing = sorted(set(self.shapes) - set(params))
         extra = sorted(set(params) - set(self.shapes))
@@ -175,7 +177,12 @@ class Reference(torch.nn.Module):
             q = rms_norm(q, p("q_norm"), s.rms_norm_eps)
             k = rms_norm(k, p("k_norm"), s.rms_norm_eps)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        x = x + self.linear(causal_gqa_attention(q, k, v), p("attn_out"))
+        if self.sdpa:
+            att = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=True).transpose(1, 2).reshape(b, t, -1)
+        else:
+            att = causal_gqa_attention(q, k, v)
+        x = x + self.linear(att, p("attn_out"))
         gate, up = self.linear(rms_norm(x, p("ln2"), s.rms_norm_eps), p("gate_up")).split(s.intermediate_size, dim=-1)
         return x + self.linear(F.silu(gate) * up, p("down"))
 
