@@ -53,7 +53,7 @@ def llmqgen_curve(plan, params, batches, sched: LRSchedule, optim: AdamW) -> lis
         tr.close()
 
 
-def torch_curve(plan, params, batches, sched: LRSchedule, optim: AdamW) -> list[float]:
+def torch_curve(plan, params, batches, sched: LRSchedule, optim: AdamW, rows: int = 8) -> list[float]:
     """PyTorch: fp32 master weights, BF16 autocast, fused AdamW, global-norm clipping; the loss of a step is
     the mean over its valid targets (each micro-batch's summed loss divided by the step's count)."""
     import torch
@@ -71,9 +71,10 @@ def torch_curve(plan, params, batches, sched: LRSchedule, optim: AdamW) -> list[
     for step, bs in enumerate(batches):
         count = sum(int((b.targets != IGNORE_INDEX).sum()) for b in bs)
         total = 0.0
-        for b in bs:
-            tokens = torch.as_tensor(b.inputs, dtype=torch.long, device="cuda")
-            targets = torch.as_tensor(b.targets, dtype=torch.long, device="cuda")
+        pieces = [(b.inputs[i:i + rows], b.targets[i:i + rows]) for b in bs for i in range(0, len(b.inputs), rows)]
+        for inputs, tgts in pieces:     # a few sequences at a time: the fp32 logits of a whole micro-batch are large
+            tokens = torch.as_tensor(inputs, dtype=torch.long, device="cuda")
+            targets = torch.as_tensor(tgts, dtype=torch.long, device="cuda")
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = model(tokens)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),

@@ -3,4 +3,4 @@
 set -u
 export LLMQGEN_CACHE_DIR=/tmp/llmqgen-cache
 timeout 560 python bench/learning_vs_torch.py --steps 120 --layers 0 --seq-len 1024 --tokens-per-step 65536 \
-  --variants "bf16,e4m3" --out $OUT 2>&1 | grep -v tokenizing | tail -12
+  --variants "bf16,e4m3" --out $OUT 2>&1 | grep -v tokenizing | grep -v "^ \+File\|^ \+\^" | tail -30
