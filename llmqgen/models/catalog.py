@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from .hf_config import read_hf_config
-from .spec import ModelSpec, RopeScaling
+from .spec import ModelSpec, RopeScaling, check_buildable
 
 QWEN_VOCAB = 151936          # Qwen2.5 0.5B/1.5B/3B and all Qwen3
 QWEN_VOCAB_PADDED = 152064   # Qwen2.5 7B and up store a larger (padded) embedding
@@ -96,10 +96,13 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
-    """A catalog name, HF id or size alias ("7b" -> Qwen2.5-7B), or a local HF directory/config.json."""
+    """A catalog name, HF id or size alias ("7b" -> Qwen2.5-7B), or a local HF directory/config.json.
+
+    The model is checked here, before any planning: a ModelSpec is a valid decoder by construction,
+    and check_buildable refuses shapes the generated kernels cannot serve (ValueError, one line)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        return read_hf_config(path)
+        return check_buildable(read_hf_config(path))
     if _looks_like_path(name_or_path):
         raise ValueError(f"{name_or_path}: no such file or directory (give a local Hugging Face model "
                          f"directory holding config.json, or a catalog name such as qwen2.5-0.5b)")

@@ -179,7 +179,11 @@ def test_transformers5_rope_parameters(tmp_path):
     ({"mlp_bias": True}, "mlp_bias"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "'yarn' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"intermediate_size": None}, "intermediate_size"),
+    ({"intermediate_size": 8192.0}, "intermediate_size must be an integer"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ({"attention_dropout": 0.1}, "attention_dropout"),
+    ({"model_type": "qwen2"}, "contradicts architectures"),
+    ({"architectures": None, "model_type": "mistral"}, "unsupported model_type 'mistral'"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, match):
     cfg = {k: v for k, v in (LLAMA32_1B | change).items() if v is not None}
@@ -188,8 +192,21 @@ def test_unsupported_configs_are_refused(tmp_path, change, match):
 
 
 def test_sliding_window_refused(tmp_path):
-    with pytest.raises(ValueError, match="sliding-window"):
-        read_hf_config(_write(tmp_path, "m", QWEN25_05B | {"use_sliding_window": True}))
+    # transformers slides the window on layers >= max_window_layers only
+    with pytest.raises(ValueError, match="sliding-window attention .* on layers 12..23"):
+        read_hf_config(_write(tmp_path, "m", QWEN25_05B | {"use_sliding_window": True, "max_window_layers": 12}))
+    with pytest.raises(ValueError, match="layer_types sliding_attention"):
+        read_hf_config(_write(tmp_path, "t", QWEN25_05B | {"layer_types": ["sliding_attention"] * 24}))
+    # max_window_layers = num_hidden_layers: no layer slides, as the published Qwen2.5 configs say
+    assert read_hf_config(_write(tmp_path, "f", QWEN25_05B | {"use_sliding_window": True})).name == "f"
+
+
+def test_qwen3_without_head_dim_reads_128(tmp_path):
+    """transformers' Qwen3Config defaults head_dim to 128 whatever hidden_size / heads (here 64)."""
+    cfg = {k: v for k, v in QWEN3_06B.items() if k != "head_dim"}
+    spec = resolve_model(str(_write(tmp_path, "qwen3-no-head-dim", cfg)))
+    assert spec.head_dim == 128 and spec.num_params() == 596_049_920
+    assert spec.model_copy(update={"name": "qwen3-0.6b"}) == CATALOG["qwen3-0.6b"]
 
 
 def test_missing_config_tells_what_to_give(tmp_path):
