@@ -222,9 +222,17 @@ def render(plan: Plan, arch: str) -> Rendered:
     return Rendered(source=source, kernels=kernels, source_map=source_map, context=ctx)
 
 
+def _file_mode() -> int:
+    """0o666 less the process umask: what open() would give a new file (mkstemp's files are 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_if_different(path: Path, data: str | bytes) -> bool:
     """Write atomically (temporary file + rename), and only when the content changed: equal files
-    keep their mtime. True when written."""
+    keep their mtime. The file gets the usual mode (readable by the user's group and others as the
+    umask allows). True when written."""
     blob = data.encode() if isinstance(data, str) else data
     if path.is_file() and path.read_bytes() == blob:
         return False
@@ -232,6 +240,7 @@ def write_if_different(path: Path, data: str | bytes) -> bool:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(blob)
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -208,3 +208,14 @@ def test_real_program_markers_change_nothing():
     plain = R.make_env(str(uri.TEMPLATES_DIR), marked=False).get_template(R.PROGRAM_TEMPLATE).render(r.context)
     assert r.source == plain
     assert all(o is not None and o.exact for o, line in zip(r.source_map, r.source.split("\n")) if line.strip())
+
+
+def test_written_build_files_have_the_usual_mode(tmp_path):
+    import os
+    from llmqgen.codegen.render import write_if_different
+    umask = os.umask(0o022)
+    try:
+        assert write_if_different(tmp_path / "program.cu", "x")
+        assert (tmp_path / "program.cu").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
