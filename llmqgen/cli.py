@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -53,6 +54,46 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _message(e: Exception) -> str:
+    """An exception as the one line `_fail` prints (pydantic's multi-line errors summarised)."""
+    from pydantic import ValidationError
+    if isinstance(e, ValidationError):
+        from .plan.schema import validation_summary
+        return f"invalid plan input: {validation_summary(e)}"
+    return str(e)
+
+
+def _load_plan(path: Path):
+    """A plan file, or one line saying what the file is instead and what to do."""
+    from .plan.schema import PlanFileError, load_plan
+    try:
+        return load_plan(path)
+    except PlanFileError as e:
+        _fail(str(e))
+
+
+NO_DRIVER_RUNTIME = "no NVIDIA driver found (libcuda): run on a machine with an NVIDIA GPU and driver"
+
+
+@contextmanager
+def _gpu_runtime():
+    """Around the first use of the GPU runtime: cuda-bindings and nvmath load libcuda and the CUDA
+    libraries on first call (cuda.pathfinder's DynamicLibNotFoundError); say so in one line."""
+    try:
+        yield
+    except Exception as e:
+        kinds = {c.__name__ for c in type(e).__mro__}
+        text = str(e)
+        if "DynamicLibNotFoundError" in kinds:
+            if "driver library" in text or "libcuda" in text or '"cuda"' in text:
+                _fail(NO_DRIVER_RUNTIME)
+            _fail(f"a CUDA library of the GPU runtime was not found ({text.strip()}): reinstall it with "
+                  f"pip install 'llmqgen[gpu]'")
+        if "CudaError" in kinds and "CUDA_ERROR_NO_DEVICE" in text:
+            _fail("the NVIDIA driver sees no GPU (CUDA_ERROR_NO_DEVICE): check CUDA_VISIBLE_DEVICES")
+        raise
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmqgen")
 def main():
@@ -66,10 +107,11 @@ def main():
 @click.option("--host-mem", default=None, help="Host RAM, e.g. 128G (default: detected for auto, else assumed).")
 @click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
               help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores).")
-@click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--tokens-per-step", type=int, default=524288, show_default=True,
+@click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True)
+@click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True,
               help="Tokens per optimizer step over all GPUs.")
-@click.option("--micro-batch", type=int, default=None, help="Pin the sequences per GPU per micro-step.")
+@click.option("--micro-batch", type=click.IntRange(min=1), default=None,
+              help="Pin the sequences per GPU per micro-step.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Pin any plan input, e.g. --set recompute.ffn=true --set offload.residual=true.")
 @click.option("--name", default=None, help="Plan name (default: <model>-<dtype>-<gpus>).")
@@ -81,13 +123,15 @@ def main():
 def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batch, sets, name, out_dir,
          as_json, show_path):
     """Solve a plan: what fits where, and how fast it will be. Writes plans/<name>.json."""
-    from .plan.schema import Plan
     from .plan.show import render_plan
     from .plan.solver import NoFitError, solve
 
     if show_path is not None:
-        p = Plan.from_json(show_path.read_text())
-        click.echo(p.to_json() if as_json else render_plan(p, str(show_path)))
+        p = _load_plan(show_path)
+        try:
+            click.echo(p.to_json() if as_json else render_plan(p, str(show_path)))
+        except ValueError as e:
+            _fail(f"{show_path}: {e}")
         return
     from .models.catalog import resolve_model
 
@@ -102,10 +146,13 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
     except NoFitError as e:
         _fail(str(e))
     except ValueError as e:             # pydantic's ValidationError is a ValueError too
-        _fail(str(e))
-    out_dir.mkdir(parents=True, exist_ok=True)
+        _fail(_message(e))
     path = out_dir / f"{p.name}.json"
-    path.write_text(p.to_json())
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(p.to_json())
+    except OSError as e:
+        _fail(f"cannot write the plan to {path}: {e.strerror or e} (choose another --out)")
     click.echo(p.to_json() if as_json else render_plan(p, str(path)))
 
 
@@ -128,12 +175,26 @@ def gpus(detect):
                    f"PCIe{g.pcie_gen} x{g.pcie_lanes:<3} {g.nvlink_gbs:>7.0f} {'yes' if g.peer_access else 'no'}")
     click.echo("Rates are dense TFLOP/s with FP32 accumulation. Inventories: --gpus 4x4090, 1xH200, auto.")
     if detect:
-        from .hardware.inventory import parse_inventory
+        from .hardware.catalog import match_nvml_name
+        from .hardware.host import NoDriverError, detect_host_memory, detected_gpus
         try:
-            inv = parse_inventory("auto")
-        except ValueError as e:
-            _fail(str(e))
-        click.echo(f"detected: {inv.count} x {inv.gpu.display_name}, host RAM {inv.host_mem_bytes / K.GiB:.0f} GiB")
+            found = detected_gpus()
+        except NoDriverError:
+            _fail("no NVIDIA driver found (NVML): --detect needs one. The catalog above needs none; to plan "
+                  "for GPUs that are not here, name them: llmqgen plan --gpus 1x4090")
+        if not found:
+            _fail("the driver reports no GPU visible to this process: check CUDA_VISIBLE_DEVICES")
+        host = f"host RAM {detect_host_memory() / K.GiB:.0f} GiB"
+        names = list(dict.fromkeys(g.name for g in found))
+        for name in names:
+            n = sum(g.name == name for g in found)
+            try:
+                use = f"plan with --gpus {n}x{match_nvml_name(name).name} (or auto)"
+            except ValueError:
+                use = "not in the catalog: plan with --gpus COUNTxGPU naming the catalog GPU it performs like"
+            click.echo(f"detected: {n} x {name}, {host}; {use}")
+        if len(names) > 1:
+            click.echo("note: llmqgen plans for one GPU model at a time: choose them with CUDA_VISIBLE_DEVICES")
 
 
 @main.command()
@@ -170,7 +231,6 @@ def build(plan_path, model_name, gpus, arch, out_root):
     """Render the plan's CUDA program and compile it with NVRTC into build/<uri>/."""
     from .compile.cache import build as build_program
     from .compile.nvrtc import CompileError, NvrtcUnavailable
-    from .plan.schema import Plan
 
     if model_name or gpus:
         from .models.catalog import resolve_model
@@ -182,9 +242,14 @@ def build(plan_path, model_name, gpus, arch, out_root):
         source = f"solved for --model {model_name or '0.5b'} --gpus {gpus or '1xH200'}"
     else:
         plan_path = plan_path or _newest_plan()
-        p = Plan.from_json(plan_path.read_text())
+        p = _load_plan(plan_path)
         source = str(plan_path)
-    from .codegen.context import check_arch
+    from .codegen.context import check_arch, parse_arch
+    if arch:
+        try:
+            parse_arch(arch)
+        except ValueError as e:
+            _fail(str(e))
     click.echo(f"building {p.name} ({source}) for {arch or p.inventory.gpu.arch} ...")
     if arch:
         try:
@@ -195,6 +260,8 @@ def build(plan_path, model_name, gpus, arch, out_root):
         r = build_program(p, arch, out_root=out_root)
     except (CompileError, NvrtcUnavailable, ValueError) as e:
         _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write the build under {out_root}: {e.strerror or e} (choose another --out)")
     how = "cache hit" if r.cache_hit else f"compiled in {r.compile_seconds:.1f} s"
     click.echo(f"program  {r.path}/program.cu")
     click.echo(f"cubin    {r.cubin_path} ({r.cubin_bytes / 1024:.0f} KiB, {how})")
@@ -204,7 +271,6 @@ def build(plan_path, model_name, gpus, arch, out_root):
 
 def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optional[str]):
     """A plan from --plan, or solved from --model/--gpus, or the newest in plans/."""
-    from .plan.schema import Plan
     if model_name or gpus:
         from .models.catalog import resolve_model
         from .plan.solver import NoFitError, solve
@@ -212,15 +278,15 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
             return solve(resolve_model(model_name or "0.5b"), _inventory(gpus or "auto", None))
         except (NoFitError, ValueError) as e:
             _fail(str(e))
-    return Plan.from_json((plan_path or _newest_plan()).read_text())
+    return _load_plan(plan_path or _newest_plan())
 
 
 @main.command()
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None)
 @click.option("--model", "model_name", default=None, help="Solve a plan for this model (with --gpus, default auto).")
 @click.option("--gpus", default=None)
-@click.option("--steps", type=int, default=8, show_default=True, help="Timed optimizer steps.")
-@click.option("--warmup", type=int, default=2, show_default=True, help="Untimed steps first.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Timed optimizer steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=2, show_default=True, help="Untimed steps first.")
 @click.option("--out", "out_root", type=click.Path(file_okay=False, path_type=Path),
               default=Path("bench/results"), show_default=True)
 @click.option("--devices", default=None, help="GPU of each rank, e.g. 0,0 to run a 2-GPU plan's two ranks on "
@@ -232,11 +298,19 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices):
     except ImportError as e:
         _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
     p = _plan_from(plan_path, model_name, gpus)
+    ranks = None
+    if devices:
+        try:
+            ranks = [int(d) for d in devices.split(",")]
+        except ValueError:
+            _fail(f"--devices {devices!r}: give one GPU index per rank, comma-separated, e.g. --devices 0,0")
+        if min(ranks) < 0:
+            _fail(f"--devices {devices!r}: GPU indices count from 0, e.g. --devices {','.join(['0'] * p.num_gpus)}")
     click.echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
-        run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo,
-                  devices=[int(d) for d in devices.split(",")] if devices else None)
-    except NotImplementedError as e:
+        with _gpu_runtime():
+            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo, devices=ranks)
+    except (NotImplementedError, ValueError) as e:
         _fail(str(e))
 
 
@@ -245,19 +319,20 @@ def _run_options(f):
     opts = [
         click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="A dataset from `llmqgen data prepare` (default: the embedded corpus)."),
-        click.option("--steps", type=int, default=300, show_default=True, help="Optimizer steps."),
+        click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimizer steps."),
         click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate."),
-        click.option("--warmup", type=int, default=20, show_default=True),
+        click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "wsd", "constant"]), default="cosine",
                      show_default=True),
-        click.option("--eval-every", type=int, default=0, help="Evaluate every N steps (0: never)."),
-        click.option("--checkpoint-every", type=int, default=0, help="Checkpoint every N steps (and at the end)."),
+        click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Evaluate every N steps (0: never)."),
+        click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
+                     help="Checkpoint every N steps (and at the end)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Run directory (default: runs/<plan name>)."),
         click.option("--resume", default=None, help="Resume from a checkpoint of the run directory: latest or a step."),
         click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from a local Hugging Face model directory instead of random weights."),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -278,7 +353,8 @@ def _train(p, data, steps, lr, warmup, schedule, eval_every, checkpoint_every, o
                     resume=resume, init_from=init_from)
     click.echo(f"run {p.name}: {steps} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
     try:
-        train(p, cfg, echo=click.echo)
+        with _gpu_runtime():
+            train(p, cfg, echo=click.echo)
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
 
@@ -296,8 +372,8 @@ def run(plan_path, **kw):
 @click.option("--model", "model_name", default="0.5b", show_default=True)
 @click.option("--gpus", default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None)
-@click.option("--seq-len", type=int, default=1024, show_default=True)
-@click.option("--tokens-per-step", type=int, default=524288, show_default=True)
+@click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True)
+@click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @_run_options
 def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):

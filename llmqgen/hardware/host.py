@@ -9,6 +9,10 @@ from typing import NamedTuple
 NO_DRIVER = "no NVIDIA driver found: name the GPUs, e.g. --gpus 1x4090"
 
 
+class NoDriverError(ValueError):
+    """NVML is missing or cannot start: there is no NVIDIA driver to ask."""
+
+
 class DetectedGpu(NamedTuple):
     name: str           # marketing name as NVML reports it, e.g. "NVIDIA GeForce RTX 4090"
     memory_bytes: int   # total device memory as the driver reports it
@@ -93,11 +97,11 @@ def detected_gpus() -> list[DetectedGpu]:
     try:
         import pynvml
     except ImportError:
-        raise ValueError(f"{NO_DRIVER} (or install nvidia-ml-py)") from None
+        raise NoDriverError(f"{NO_DRIVER} (or install nvidia-ml-py)") from None
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError:
-        raise ValueError(NO_DRIVER) from None
+        raise NoDriverError(NO_DRIVER) from None
     try:
         gpus = []
         for i in range(pynvml.nvmlDeviceGetCount()):

@@ -18,8 +18,9 @@ def parse_bytes(value: str | int) -> int:
     """A size in bytes from an int or a string.
 
     K, M, G, T and KiB, MiB, GiB, TiB are binary (G = GiB = 2**30); KB, MB, GB, TB are decimal
-    (GB = 10**9), as drives and cloud instance sheets use them. A bare number is bytes; case is
-    ignored; fractions are allowed ("1.5T")."""
+    (GB = 10**9), as drives and cloud instance sheets use them. A string needs one of these units
+    (a bare "64" is refused rather than read as 64 bytes); an int is bytes. Case is ignored;
+    fractions are allowed ("1.5T")."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"size {value!r}: give bytes as an integer or a string such as 128G")
     if isinstance(value, int):
@@ -30,6 +31,9 @@ def parse_bytes(value: str | int) -> int:
     prefix, suffix = (m.group(2).lower(), (m.group(3) or "").lower()) if m else ("", "")
     if not m or (suffix == "ib" and not prefix):
         raise ValueError(f"size {value!r} not understood: use e.g. 128G, 128GiB, 64GB or 512M")
+    if not prefix:
+        raise ValueError(f"size {value!r} has no unit (a bare number would be bytes): add K, M, G or T "
+                         f"(binary; KB, MB, GB, TB are decimal), e.g. {m.group(1).strip()}G")
     unit = (_DECIMAL if suffix == "b" else _BINARY)[prefix]
     return int(round(float(m.group(1)) * unit))
 
@@ -72,5 +76,8 @@ def parse_inventory(text: str, host_mem: str | int | None = None) -> Inventory:
     if host_mem is None:
         return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=detect_host_memory(),
                          host_mem_source="detected")
-    return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=parse_bytes(host_mem),
-                     host_mem_source="user")
+    try:
+        host_bytes = parse_bytes(host_mem)
+    except ValueError as e:
+        raise ValueError(f"--host-mem {host_mem}: {e}") from None
+    return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=host_bytes, host_mem_source="user")

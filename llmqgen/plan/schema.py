@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..hardware.spec import GpuSpec
 from ..models.spec import ModelSpec
@@ -225,3 +227,77 @@ class Plan(_Frozen):
     @classmethod
     def from_json(cls, text: str) -> "Plan":
         return cls.model_validate_json(text)
+
+
+# --- reading plan files ---------------------------------------------------------------------------
+class PlanFileError(ValueError):
+    """A file that is not a plan this llmqgen can use; the message says what it is and what to do."""
+
+
+def validation_summary(e: ValidationError, limit: int = 2) -> str:
+    """Pydantic's errors in one line: `batch.micro_batch: Input should be ...; and 3 more`."""
+    parts = []
+    for err in e.errors()[:limit]:
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    more = len(e.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _describe(data) -> str:
+    if isinstance(data, dict):
+        keys = ", ".join(list(map(str, data))[:6]) + (", ..." if len(data) > 6 else "")
+        return f"a JSON object with keys {keys}" if data else "an empty JSON object"
+    return f"a JSON {type(data).__name__.replace('str', 'string').replace('NoneType', 'null')}"
+
+
+def plan_from_text(text: str, source: str = "the plan") -> Plan:
+    """A Plan from a plan file's text; PlanFileError (one line) for anything else."""
+    if not text.strip():
+        raise PlanFileError(f"{source} is not an llmqgen plan (the file is empty): make one with `llmqgen plan`")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"{source} is not an llmqgen plan (not valid JSON: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}; a truncated file?): make one with `llmqgen plan`") from None
+    if not isinstance(data, dict) or not {"schema", "model", "inventory", "batch"} <= set(data):
+        raise PlanFileError(f"{source} is not an llmqgen plan ({_describe(data)}; a plan has schema, model, "
+                            f"inventory and batch): make one with `llmqgen plan`")
+    version = data["schema"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PlanFileError(f"{source} is not an llmqgen plan (schema {version!r} is not a version number)")
+    if version > SCHEMA_VERSION:
+        raise PlanFileError(f"{source} was written by a newer llmqgen (schema {version} > {SCHEMA_VERSION}): "
+                            f"upgrade llmqgen to read it, or re-run `llmqgen plan` with this one")
+    if version < SCHEMA_VERSION:
+        raise PlanFileError(f"{source} was written by an older llmqgen (schema {version} < {SCHEMA_VERSION}): "
+                            f"re-run `llmqgen plan` to make a new one")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as e:
+        raise PlanFileError(f"{source} is not a valid llmqgen plan ({validation_summary(e)}): "
+                            f"re-run `llmqgen plan` to make a new one") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """A Plan from a plan file; PlanFileError (one line) when it cannot be read or is not a plan."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanFileError(f"{path} is not an llmqgen plan (not a text file): make one with `llmqgen plan`") from None
+    except OSError as e:
+        raise PlanFileError(f"cannot read {path}: {e.strerror or e}") from None
+    return plan_from_text(text, str(path))
+
+
+def check_plan_name(name: str) -> str:
+    """Plan names become file names (plans/<name>.json): one plain file name, no directories."""
+    bad = (not name.strip() or name != name.strip() or any(c in name for c in "/\\:")
+           or name.startswith(".") or any(ord(c) < 32 for c in name))
+    if bad:
+        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".")
+        raise ValueError(f"plan name {name!r} must be a plain file name (no '/', '\\', ':', leading '.' or "
+                         f"spaces at the ends)" + (f": e.g. --name {safe}" if safe else ""))
+    return name

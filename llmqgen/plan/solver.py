@@ -7,14 +7,19 @@ Users pin any input with `pins` ({"recompute.ffn": True, "batch.micro_batch": 8,
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import Any, Optional
+from math import gcd, isqrt
+from typing import Any, Literal, Optional, get_args, get_origin
+
+from pydantic import ValidationError
 
 from ..models.spec import ModelSpec
 from . import calibration as K
 from .cost import StepCost, step_cost
 from .memory import device_bytes, host_bytes, memory_table
-from .schema import Batch, Candidate, Estimate, Inventory, MemRow, Plan, Precision
+from .schema import (Batch, Candidate, Estimate, Inventory, MemRow, Offload, Plan, Precision, Recompute, Sharding,
+                     check_plan_name, validation_summary)
 
 RECOMPUTE_LADDER = [
     {}, {"swiglu": True}, {"swiglu": True, "norm": True}, {"ffn": True, "norm": True},
@@ -32,6 +37,14 @@ OFFLOAD_LADDER = [
 ]
 MICRO_BATCHES = [1, 2, 4, 8, 16, 32, 64]
 LM_HEAD_CHUNKS = [1, 2, 4, 8, 16, 32, 64]
+# FP8 matmuls (cuBLASLt TN) and the quantize kernels want every dimension in multiples of 16: the
+# token rows of a micro-step (micro_batch x seq_len) and the model's widths.
+FP8_GRAIN = 16
+
+# What `pins` (--set KEY=VALUE) may name: the plan's inputs, not its identity (name, model, inventory).
+_PIN_SECTIONS = {"precision": Precision, "batch": Batch, "recompute": Recompute, "offload": Offload,
+                 "sharding": Sharding}
+_PIN_TOP = ("lm_head_chunks", "attn_bwd_chunks", "collectives", "peer_copies", "cuda_graphs")
 
 
 class NoFitError(ValueError):
@@ -73,27 +86,175 @@ def _fits(s: Scored) -> bool:
     return s.device <= usable_device(inv) and s.host <= usable_host(inv)
 
 
+def pin_fields() -> dict:
+    """Every key `pins` may name ("recompute.ffn", "lm_head_chunks", ...) -> its pydantic field."""
+    out = {f"{sec}.{k}": f for sec, cls in _PIN_SECTIONS.items() for k, f in cls.model_fields.items()}
+    out.update({k: Plan.model_fields[k] for k in _PIN_TOP})
+    return out
+
+
+def _valid_keys() -> str:
+    groups: dict[str, list[str]] = {}
+    for key in pin_fields():
+        sec, _, leaf = key.rpartition(".")
+        groups.setdefault(sec, []).append(leaf)
+    return ", ".join(f"{sec}.{{{','.join(leaves)}}}" if sec else ", ".join(leaves) for sec, leaves in groups.items())
+
+
+def _takes(field) -> str:
+    ann = field.annotation
+    if ann is bool:
+        return "true or false"
+    if get_origin(ann) is Literal:
+        return "one of " + ", ".join(map(str, get_args(ann)))
+    ge = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+    return f"an integer >= {ge}" if ge is not None else "an integer"
+
+
+def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
+    """Pins checked against the plan's inputs, with one-line errors that name the valid keys and values."""
+    fields, out = pin_fields(), {}
+    for key, value in pins.items():
+        field = fields.get(key)
+        shown = str(value).lower() if isinstance(value, bool) else value
+        if field is None:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise ValueError(f"--set {key}={shown}: {key!r} is not a plan input; {hint}valid keys: {_valid_keys()}")
+        ann = field.annotation
+        if ann is bool:
+            ok = isinstance(value, bool)
+        elif get_origin(ann) is Literal:
+            ok = isinstance(value, str) and value.lower() in get_args(ann)
+            value = value.lower() if ok else value
+        else:
+            ge = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
+            ok = isinstance(value, int) and not isinstance(value, bool) and (ge is None or value >= ge)
+        if not ok:
+            raise ValueError(f"--set {key}={shown}: {key} takes {_takes(field)}")
+        out[key] = value
+    return out
+
+
+def _fp8_bad_widths(model: ModelSpec) -> list[str]:
+    widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
+              "q width (heads x head_dim)": model.q_dim, "qkv width": model.qkv_dim}
+    return [f"{k} {v}" for k, v in widths.items() if v % FP8_GRAIN]
+
+
+def _lcm(a: int, b: int) -> int:
+    return a * b // gcd(a, b)
+
+
+def micro_batch_unit(seq_len: int, fp8: bool, lm_head_chunks: Optional[int] = None) -> int:
+    """The smallest micro-batch whose token rows (micro_batch x seq_len) satisfy the row rules (FP8:
+    multiples of 16; a pinned LM-head chunk count divides them); the valid ones are its multiples."""
+    rule = _lcm(FP8_GRAIN if fp8 else 1, lm_head_chunks or 1)
+    return rule // gcd(rule, seq_len)
+
+
+def _row_rules(fp8: bool, chunks: Optional[int]) -> str:
+    rules = ([f"a multiple of {FP8_GRAIN} for FP8 matmuls"] if fp8 else []) + (
+        [f"divisible by lm_head_chunks={chunks}"] if chunks and chunks > 1 else [])
+    return " and ".join(rules)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _or(values: list[int], most: int = 6) -> str:
+    v = [str(x) for x in values[:most]] + (["..."] if len(values) > most else [])
+    return v[0] if len(v) == 1 else ", ".join(v[:-1]) + " or " + v[-1]
+
+
+def _tokens_hint(tokens: int, unit: int) -> str:
+    """The multiples of `unit` nearest `tokens`, as a --tokens-per-step suggestion."""
+    lo = tokens // unit * unit
+    return f"--tokens-per-step {lo} (or {lo + unit})" if lo > 0 else f"--tokens-per-step {unit}"
+
+
 def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
           tokens_per_step: int = 524288, dtype: Optional[str] = None,
           pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
-    pins = dict(pins or {})
+    pins = check_pins(dict(pins or {}))
     gpu, N = inventory.gpu, inventory.count * inventory.nodes
+    if "precision.matmul" in pins:
+        if dtype is not None and dtype != pins["precision.matmul"]:
+            raise ValueError(f"--dtype {dtype} and --set precision.matmul={pins['precision.matmul']} disagree: "
+                             f"give one of them")
+        dtype = pins["precision.matmul"]
+    notes: dict[str, str] = {}
+    auto_dtype = dtype is None
     if dtype is None:
         dtype = "e4m3" if gpu.fp8_tflops else "bf16"
     if dtype == "e4m3" and not gpu.fp8_tflops:
         raise ValueError(f"{gpu.display_name} has no FP8 tensor cores: use --dtype bf16")
+    bad = _fp8_bad_widths(model)
+    if dtype == "e4m3" and bad:
+        if not auto_dtype:
+            raise ValueError(f"{model.name}: FP8 matmuls need widths that are multiples of {FP8_GRAIN}, and its "
+                             f"{', '.join(bad)} are not: use --dtype bf16")
+        dtype = "bf16"
+        notes["precision"] = (f"bf16 matmuls: {model.name}'s {', '.join(bad)} are not multiples of "
+                              f"{FP8_GRAIN}, as FP8 matmuls need")
+    fp8 = dtype == "e4m3"
     seq_len = pins.pop("batch.seq_len", seq_len)
+    if seq_len < 16:
+        raise ValueError(f"--seq-len {seq_len}: a sequence needs at least 16 tokens")
+    if seq_len > model.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds {model.name}'s max_position_embeddings "
+                         f"{model.max_position_embeddings}: use at most {model.max_position_embeddings}")
+    name = check_plan_name(name or f"{model.name}-{dtype}-{inventory.label}".lower())
+    reason_pins = dict(pins)
+    chunks_pin = pins.pop("lm_head_chunks", None)
+    mb_pin = pins.pop("batch.micro_batch", None)
+    ga_pin = pins.pop("batch.grad_accum", None)
+    unit = micro_batch_unit(seq_len, fp8, chunks_pin)      # valid micro-batches are its multiples
+    rules = _row_rules(fp8, chunks_pin)
     per_micro = seq_len * N
-    if tokens_per_step % per_micro:
-        raise ValueError(f"--tokens-per-step {tokens_per_step} is not a multiple of seq_len x GPUs "
-                         f"= {per_micro}: pick e.g. {max(1, tokens_per_step // per_micro) * per_micro}")
-    seqs = tokens_per_step // per_micro
-    micros = [mb for mb in MICRO_BATCHES if seqs % mb == 0]
+    gpus = f"{N} GPU{'s' if N > 1 else ''}"
+    if tokens_per_step < per_micro:
+        raise ValueError(f"--tokens-per-step {tokens_per_step} is less than one sequence per GPU (seq_len "
+                         f"{seq_len} x {gpus} = {per_micro}): use {_tokens_hint(per_micro, per_micro * unit)}")
+    seqs = tokens_per_step // per_micro if tokens_per_step % per_micro == 0 else None  # per GPU per step
+    valid = [d for d in _divisors(seqs) if d % unit == 0] if seqs else []
+    if ga_pin is not None and mb_pin is None:
+        if not seqs or seqs % ga_pin:
+            raise ValueError(f"--set batch.grad_accum={ga_pin} does not divide the sequences per GPU of a step "
+                             f"({tokens_per_step} tokens / seq_len {seq_len} / {gpus}): pin batch.micro_batch "
+                             f"instead, or choose --tokens-per-step {per_micro * ga_pin * unit}")
+        mb_pin = seqs // ga_pin
+    if mb_pin is not None:
+        if mb_pin % unit:
+            works = valid or [unit * 2**i for i in range(4)]
+            raise ValueError(f"--micro-batch {mb_pin} gives {mb_pin * seq_len} token rows per micro-step, which "
+                             f"must be {rules}: use --micro-batch {_or(works)}"
+                             + ("" if valid else f" with {_tokens_hint(tokens_per_step, per_micro * unit)}"))
+        need = per_micro * mb_pin
+        if tokens_per_step % need or (ga_pin is not None and tokens_per_step != need * ga_pin):
+            alt = f", or --micro-batch {_or(valid)}" if valid and ga_pin is None else ""
+            raise ValueError(f"--tokens-per-step {tokens_per_step} is not "
+                             + (f"micro_batch x grad_accum x seq_len x GPUs = {need * ga_pin}" if ga_pin is not None
+                                else f"a multiple of micro_batch x seq_len x GPUs = {mb_pin} x {seq_len} x {N} "
+                                     f"= {need}: use {_tokens_hint(tokens_per_step, need)}{alt}"))
+        micros = [mb_pin]
+    else:
+        step_unit = per_micro * unit
+        if tokens_per_step % step_unit:
+            why = "" if unit == 1 else (f" (the token rows of a micro-step, micro_batch x {seq_len}, must be "
+                                        f"{rules}, so micro-batches are multiples of {unit})")
+            raise ValueError(f"--tokens-per-step {tokens_per_step} is not a multiple of seq_len x GPUs"
+                             + (f" x {unit}" if unit > 1 else "") + f" = {step_unit}{why}: pick e.g. "
+                             + _tokens_hint(tokens_per_step, step_unit).split(" ", 1)[1])
+        micros = ([mb for mb in MICRO_BATCHES if mb in valid] or [d for d in valid if d <= MICRO_BATCHES[-1]]
+                  or valid[:3])
+    chunk_choices = [chunks_pin] if chunks_pin else LM_HEAD_CHUNKS
     zeros = [0] if N == 1 else [1, 2, 3, 0]
     # Copy engines reach the GPUs of one machine (peer copies where the driver allows P2P, else
     # through pinned host memory); across machines NCCL is the transport.
     collectives = "nccl" if inventory.nodes > 1 else "copy_engine"
-    name = name or f"{model.name}-{dtype}-{inventory.label}".lower()
 
     seen: dict[str, bool] = {}         # inputs hash -> fits (pins can make candidates coincide)
     fitting: list[Scored] = []
@@ -103,7 +264,7 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
             for off in OFFLOAD_LADDER:
                 for rc in RECOMPUTE_LADDER:
                     found = None
-                    for chunks in LM_HEAD_CHUNKS:
+                    for chunks in chunk_choices:
                         if (mb * seq_len) % chunks:
                             continue
                         fields = {
@@ -118,13 +279,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                         }
                         for path, value in pins.items():
                             _set(fields, path, value)
-                        if fields["batch"]["micro_batch"] != mb:   # a pinned micro-batch fixes grad_accum
-                            pm = fields["batch"]["micro_batch"]
-                            if seqs % pm:
-                                raise ValueError(f"--micro-batch {pm} does not divide the {seqs} sequences "
-                                                 f"of a step per GPU: choose a divisor of {seqs}")
-                            fields["batch"]["grad_accum"] = seqs // pm
-                        s = _score(fields)
+                        try:
+                            s = _score(fields)
+                        except ValidationError as e:
+                            raise ValueError(f"the pinned inputs make no valid plan: {validation_summary(e)}") from None
                         key = s.plan.inputs_hash()
                         if key in seen:
                             if seen[key]:
@@ -141,14 +299,14 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                     if found:
                         break          # least recompute that fits for this (micro, zero, offload)
     if not fitting:
-        raise NoFitError(_no_fit_message(model, inventory, seq_len, closest))
+        raise NoFitError(_no_fit_message(model, inventory, seq_len, tokens_per_step, fp8, chunks_pin, closest))
     # ZeRO-2 and -3 must win by more than the cost model's error on overlapped collectives: they add
     # per-layer transfers whose hiding is only estimated, so near-ties go to ZeRO-1 (no more bytes than
     # plain data parallelism, less memory).
     fitting.sort(key=lambda s: s.cost.step_ms * (1 + K.SHARDING_MARGIN * max(0, s.plan.sharding.zero - 1)))
     best = fitting[0]
     others = _distinct(fitting[1:], best, runners_up)
-    return _with_estimate(best, others, pins)
+    return _with_estimate(best, others, reason_pins, notes)
 
 
 def _shortfall(s: Scored) -> int:
@@ -182,7 +340,8 @@ def _gib(n: float) -> str:
     return f"{n / K.GiB:.1f} GiB"
 
 
-def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any]) -> Plan:
+def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any],
+                   notes: Optional[dict[str, str]] = None) -> Plan:
     p, c = best.plan, best.cost
     runners = [Candidate(summary=_summary(o.plan), step_ms=o.cost.step_ms, tokens_per_s=o.cost.tokens_per_s,
                          device_bytes=o.device,
@@ -191,7 +350,7 @@ def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any]) -> 
     est = Estimate(memory=best.rows, device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
                    tokens_per_s=c.tokens_per_s, flops_per_token=c.flops_per_token, sol_ms=c.sol_ms,
                    sol_pct=c.sol_pct, mfu_pct=c.mfu_pct, breakdown_ms=c.breakdown_ms,
-                   reasons=_reasons(best, pins), runners_up=runners)
+                   reasons={**_reasons(best, pins), **(notes or {})}, runners_up=runners)
     return p.model_copy(update={"estimate": est})
 
 
@@ -225,7 +384,8 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
     return why
 
 
-def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, s: Optional[Scored]) -> str:
+def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, tokens_per_step: int, fp8: bool,
+                    chunks: Optional[int], s: Optional[Scored]) -> str:
     head = f"{model.name} does not fit {inv.label}"
     if s is None:
         return head + "."
@@ -236,11 +396,19 @@ def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, s: Optional[
                  + (f" (short {_gib(dev_short)})" if dev_short > 0 else ""))
     lines.append(f"  {_gib(s.host)} pinned host RAM, {_gib(usable_host(inv))} usable of {_gib(inv.host_mem_bytes)}"
                  + (f" (short {_gib(host_short)})" if host_short > 0 else ""))
+
+    def with_tokens(seq: int, gpus: int) -> str:
+        """Suggestions must plan: name a --tokens-per-step that fits the suggested seq_len and GPUs."""
+        step_unit = seq * gpus * micro_batch_unit(seq, fp8, chunks)
+        return "" if tokens_per_step % step_unit == 0 else f" with {_tokens_hint(tokens_per_step, step_unit)}"
+
     hints = []
     if dev_short > 0:
-        hints.append(f"more or larger GPUs (e.g. --gpus {inv.count * 2}x{inv.gpu.name})")
-        if seq_len > 256:
-            hints.append(f"shorter sequences (--seq-len {seq_len // 2})")
+        N = inv.count * inv.nodes
+        more = (f"{inv.nodes * 2}x{inv.count}x{inv.gpu.name}" if inv.nodes > 1 else f"{inv.count * 2}x{inv.gpu.name}")
+        hints.append(f"more or larger GPUs (e.g. --gpus {more}{with_tokens(seq_len, 2 * N)})")
+        if seq_len > 256 and seq_len % 2 == 0:
+            hints.append(f"shorter sequences (--seq-len {seq_len // 2}{with_tokens(seq_len // 2, N)})")
     if host_short > 0:
         hints.append(f"more host RAM (--host-mem {int((s.host / K.HOST_USABLE) / K.GiB) + 1}G)")
     lines.append("What would make it fit: " + "; ".join(hints or ["a larger machine"]))

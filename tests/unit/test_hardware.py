@@ -93,7 +93,7 @@ def test_other_products_are_refused_by_name():
 @pytest.mark.parametrize("text,n", [
     ("128G", 128 * GiB), ("128GiB", 128 * GiB), ("128g", 128 * GiB), ("64GB", 64 * 10**9),
     ("512M", 512 * MiB), ("512MiB", 512 * MiB), ("2T", 2 * 2**40), ("1TB", 10**12), ("1.5G", 3 * GiB // 2),
-    ("4096", 4096), ("100B", 100), (" 8 GiB ", 8 * GiB), (12345, 12345)])
+    ("4K", 4096), (" 8 GiB ", 8 * GiB), (12345, 12345)])
 def test_parse_bytes(text, n):
     assert parse_bytes(text) == n
 
@@ -102,6 +102,15 @@ def test_parse_bytes(text, n):
 def test_parse_bytes_refuses(bad):
     with pytest.raises(ValueError):
         parse_bytes(bad)
+
+
+@pytest.mark.parametrize("bare", ["64", "4096", "100B", "1.5"])
+def test_parse_bytes_needs_a_unit(bare):
+    """A bare "64" would be 64 bytes of host RAM: refused, naming the unit to add."""
+    with pytest.raises(ValueError, match="has no unit.*e.g. [0-9.]+G"):
+        parse_bytes(bare)
+    with pytest.raises(ValueError, match="^--host-mem"):
+        parse_inventory("1x4090", host_mem=bare)
 
 
 # --- inventories ----------------------------------------------------------------------------------

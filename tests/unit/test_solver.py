@@ -73,5 +73,133 @@ def test_fp8_on_a_gpu_without_fp8_is_refused():
 
 
 def test_tokens_per_step_must_divide():
-    with pytest.raises(ValueError, match="multiple of seq_len"):
+    with pytest.raises(ValueError, match=r"multiple of seq_len x GPUs = 1024: pick e.g. 1024 \(or 2048\)"):
+        solve(resolve_model("0.5b"), inv("h200"), tokens_per_step=1500)
+    with pytest.raises(ValueError, match="less than one sequence"):
         solve(resolve_model("0.5b"), inv("h200"), tokens_per_step=1000)
+
+
+# --- divisibility rules: the solver picks valid values instead of giving up ------------------------
+from llmqgen.plan.solver import check_pins, micro_batch_unit  # noqa: E402
+
+
+def test_fp8_rows_seq_len_1000_plans_the_suggested_step():
+    """Field case fp8-dims-not-multiple-of-16: seq_len 1000 with the suggested 524000 tokens per step."""
+    with pytest.raises(ValueError, match=r"pick e.g. 524000 \(or 526000\)") as e:
+        solve(resolve_model("0.5b"), inv("h200"), seq_len=1000)
+    assert "multiples of 2" in str(e.value)
+    p = solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000)   # the suggestion plans
+    assert fits(p) and p.fp8 and p.tokens_per_step == 524000
+    assert (p.batch.micro_batch * p.batch.seq_len) % 16 == 0 and p.batch.micro_batch in (2, 4)
+    assert all("mb=1x" not in c.summary for c in p.estimate.runners_up)
+    p4 = solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000,
+               pins={"batch.micro_batch": 4})
+    assert p4.batch.micro_batch == 4 and p4.batch.grad_accum == 131
+
+
+def test_fp8_rows_seq_len_1001():
+    p = solve(resolve_model("0.5b"), inv("h200"), seq_len=1001, tokens_per_step=512512)
+    assert p.batch.micro_batch % 16 == 0 and p.tokens_per_step == 512512
+    p16 = solve(resolve_model("0.5b"), inv("h200"), seq_len=1001, tokens_per_step=512512,
+                pins={"batch.micro_batch": 16})
+    assert p16.batch.micro_batch == 16 and p16.batch.grad_accum == 32
+    # 100 sequences of 1001 tokens: no micro-batch gives multiples of 16 rows; suggest a step that does
+    with pytest.raises(ValueError, match=r"pick e.g. 96096 \(or 112112\)"):
+        solve(resolve_model("0.5b"), inv("h200"), seq_len=1001, tokens_per_step=100100)
+    # and the suggestion plans
+    assert solve(resolve_model("0.5b"), inv("h200"), seq_len=1001, tokens_per_step=96096).batch.micro_batch % 16 == 0
+
+
+def test_pinned_micro_batch_that_breaks_the_fp8_rule_names_the_ones_that_work():
+    with pytest.raises(ValueError, match=r"--micro-batch 1 gives 1000 token rows.*multiple of 16.*"
+                                         r"use --micro-batch 2, 4, 262 or 524"):
+        solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000, pins={"batch.micro_batch": 1})
+    with pytest.raises(ValueError, match=r"= 8 x 1000 x 1 = 8000: use --tokens-per-step 520000 \(or 528000\), "
+                                         r"or --micro-batch 2, 4, 262 or 524"):
+        solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000, pins={"batch.micro_batch": 8})
+    # BF16 has no row rule: micro-batch 1 of 1000 tokens is fine
+    p = solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000, dtype="bf16",
+              pins={"batch.micro_batch": 1})
+    assert p.batch.micro_batch == 1 and not p.fp8
+
+
+def test_micro_batch_unit():
+    assert micro_batch_unit(1024, True) == 1 and micro_batch_unit(1000, True) == 2
+    assert micro_batch_unit(1001, True) == 16 and micro_batch_unit(1001, False) == 1
+    assert micro_batch_unit(1024, True, 3) == 3 and micro_batch_unit(1000, True, 3) == 6
+
+
+def test_pinned_lm_head_chunks_pick_micro_batches_they_divide():
+    # 3 chunks of 1024-token rows: only micro-batches that are multiples of 3
+    p = solve(resolve_model("0.5b"), inv("h200"), tokens_per_step=1024 * 48, pins={"lm_head_chunks": 3})
+    assert p.lm_head_chunks == 3 and p.batch.micro_batch % 3 == 0
+    with pytest.raises(ValueError, match=r"divisible by lm_head_chunks=3.*pick e.g. 522240 \(or 525312\)"):
+        solve(resolve_model("0.5b"), inv("h200"), pins={"lm_head_chunks": 3})
+
+
+def test_pinned_grad_accum_fixes_the_micro_batch():
+    p = solve(resolve_model("0.5b"), inv("h200"), pins={"batch.grad_accum": 16})
+    assert p.batch.grad_accum == 16 and p.batch.micro_batch == 32
+    with pytest.raises(ValueError, match="grad_accum=7 does not divide"):
+        solve(resolve_model("0.5b"), inv("h200"), pins={"batch.grad_accum": 7})
+
+
+def test_fp8_needs_widths_of_16():
+    m = resolve_model("0.5b").model_copy(update={"intermediate_size": 4856})   # 4856 % 16 == 8
+    with pytest.raises(ValueError, match="intermediate_size 4856.*--dtype bf16"):
+        solve(m, inv("h200"), dtype="e4m3")
+    p = solve(m, inv("h200"))                  # automatic dtype: BF16, and the plan says why
+    assert not p.fp8 and "intermediate_size 4856" in p.estimate.reasons["precision"]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(seq_len=0), "at least 16 tokens"), (dict(seq_len=-5), "at least 16 tokens"),
+    (dict(seq_len=100000), "max_position_embeddings 32768"),
+    (dict(tokens_per_step=100), r"less than one sequence.*--tokens-per-step 1024"),
+    (dict(tokens_per_step=0), "less than one sequence"),
+    (dict(pins={"batch.micro_batch": 0}), "batch.micro_batch takes an integer >= 1"),
+    (dict(name="a/b"), "plain file name"), (dict(name="../x"), "plain file name"), (dict(name=""), None),
+])
+def test_bad_inputs_are_one_line_errors(kw, match):
+    if kw.get("name") == "":            # an empty name means the default
+        assert solve(resolve_model("0.5b"), inv("h200"), **kw).name == "qwen2.5-0.5b-e4m3-1xh200"
+        return
+    with pytest.raises(ValueError, match=match) as e:
+        solve(resolve_model("0.5b"), inv("h200"), **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_check_pins():
+    assert check_pins({"recompute.ffn": True, "precision.matmul": "BF16"}) == {"recompute.ffn": True,
+                                                                              "precision.matmul": "bf16"}
+    with pytest.raises(ValueError, match=r"not a plan input; valid keys: precision\.\{matmul,"):
+        check_pins({"nonexistent.key": 1})
+    with pytest.raises(ValueError, match="did you mean recompute.ffn"):
+        check_pins({"recompute.fnn": True})
+    with pytest.raises(ValueError, match="recompute.ffn takes true or false"):
+        check_pins({"recompute.ffn": "maybe"})
+    with pytest.raises(ValueError, match="collectives takes one of copy_engine, nccl"):
+        check_pins({"collectives": "mpi"})
+    with pytest.raises(ValueError, match="lm_head_chunks takes an integer >= 1"):
+        check_pins({"lm_head_chunks": 0})
+    with pytest.raises(ValueError, match="is not a plan input"):
+        check_pins({"name": "x"})       # identity, not an input
+
+
+def test_pins_that_contradict_each_other_are_one_line():
+    with pytest.raises(ValueError, match="no valid plan: precision: FP8 matmuls need FP8 activation gradients"):
+        solve(resolve_model("0.5b"), inv("h200"), pins={"precision.gradient": "bf16"})
+    with pytest.raises(ValueError, match="disagree"):
+        solve(resolve_model("0.5b"), inv("h200"), dtype="bf16", pins={"precision.matmul": "e4m3"})
+
+
+def test_no_fit_suggestions_plan():
+    """The no-fit hints name values that satisfy the divisibility rules (or say which step does)."""
+    with pytest.raises(NoFitError) as e:
+        solve(resolve_model("72b"), inv("4060ti", 1, host_gib=32), seq_len=1000, tokens_per_step=2000)
+    msg = str(e.value)
+    assert "--gpus 2x4060ti with --tokens-per-step 4000" in msg      # 2 GPUs x micro-batch 2 x 1000
+    assert "(--seq-len 500)" in msg         # 4 sequences of 500: micro-batch 4 has 2000 rows, a multiple of 16
+    with pytest.raises(NoFitError) as e:
+        solve(resolve_model("72b"), inv("4060ti", 1, host_gib=32), seq_len=1000, tokens_per_step=6000)
+    assert "--gpus 2x4060ti with --tokens-per-step 4000 (or 8000)" in str(e.value)   # 3 sequences on 2 GPUs
