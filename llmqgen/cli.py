@@ -324,12 +324,23 @@ def _run_options(f):
         click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "wsd", "constant"]), default="cosine",
                      show_default=True),
+        click.option("--weight-decay", type=float, default=0.1, show_default=True,
+                     help="AdamW weight decay (matrices and embeddings; not norms and biases)."),
         click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Evaluate every N steps (0: never)."),
         click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
                      help="Checkpoint every N steps (and at the end)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Run directory (default: runs/<plan name>)."),
-        click.option("--resume", default=None, help="Resume from a checkpoint of the run directory: latest or a step."),
+        click.option("--resume", default=None,
+                     help="Resume from a checkpoint of the run directory: latest (the newest intact one) or a "
+                          "step. The run keeps the settings saved in it (steps, LR, schedule, ...); --steps "
+                          "beyond a finished run's end extends it at its final LR."),
+        click.option("--change", "change", multiple=True, metavar="SETTING[,SETTING]",
+                     help="With --resume: apply these options although they differ from the saved run "
+                          "(steps, lr, warmup, schedule, weight-decay); each change is printed and logged."),
+        click.option("--max-bad-steps", type=int, default=3, show_default=True,
+                     help="Steps in a row with a non-finite loss or gradient norm (each skipped, no update) "
+                          "before the run checkpoints and stops."),
         click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="Start from a local Hugging Face model directory instead of random weights."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
@@ -339,19 +350,48 @@ def _run_options(f):
     return f
 
 
-def _train(p, data, steps, lr, warmup, schedule, eval_every, checkpoint_every, out_dir, resume, init_from, seed):
+def _check_data(data, spec) -> None:
+    """The dataset's token ids must fit the model's vocabulary: said before planning or any GPU work."""
+    try:
+        from .runtime.run import check_dataset, check_vocab
+    except ImportError as e:
+        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+    try:
+        if data is None:        # the embedded corpus: known without preparing it
+            from .data.tokenizer import load_tokenizer
+            tok = load_tokenizer("qwen2.5")
+            check_vocab(tok.identity, tok.vocab_size, spec)
+        else:
+            check_dataset(data, spec)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
+           change, max_bad_steps, init_from, seed):
     try:
         from .runtime.run import RunConfig, train
     except ImportError as e:
         _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+    from click.core import ParameterSource
+    ctx = click.get_current_context(silent=True)
+
+    def given(name, value):     # None: not on the command line (a new run's default, a resumed run's saved value)
+        src = ctx.get_parameter_source(name) if ctx else None
+        return None if src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) else value
+    _check_data(data, p.model)
     if data is None:
         from .data.corpus import default_corpus, describe
         click.echo(f"no --data given: training on the embedded default corpus ({describe()})")
         data = default_corpus()
-    cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=steps, lr=lr, warmup=warmup,
-                    schedule=schedule, eval_every=eval_every, checkpoint_every=checkpoint_every, seed=seed,
-                    resume=resume, init_from=init_from)
-    click.echo(f"run {p.name}: {steps} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
+    changes = tuple(c.strip().replace("-", "_") for item in change for c in item.split(",") if c.strip())
+    cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=given("steps", steps),
+                    lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),
+                    weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
+                    checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,
+                    max_bad_steps=max_bad_steps, init_from=init_from)
+    n = cfg.steps or (f"the saved run's" if resume else steps)
+    click.echo(f"run {p.name}: {n} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
     try:
         with _gpu_runtime():
             train(p, cfg, echo=click.echo)
@@ -381,7 +421,12 @@ def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
     from .models.catalog import resolve_model
     from .plan.solver import NoFitError, solve
     try:
-        p = solve(resolve_model(model_name), _inventory(gpus, None), seq_len=seq_len,
+        spec = resolve_model(model_name)
+    except ValueError as e:
+        _fail(str(e))
+    _check_data(kw["data"], spec)
+    try:
+        p = solve(spec, _inventory(gpus, None), seq_len=seq_len,
                   tokens_per_step=tokens_per_step, dtype="e4m3" if dtype == "fp8" else dtype,
                   pins=_parse_sets(sets))
     except (NoFitError, ValueError) as e:

@@ -42,8 +42,10 @@ def _dtype_name(a: np.ndarray, name: str) -> str:
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Optional[Mapping[str, str]] = None, fsync: bool = False) -> Path:
-    """Write `tensors` (in the given order) to one file; `fsync` flushes it to disk before closing."""
+                      metadata: Optional[Mapping[str, str]] = None, fsync: bool = False,
+                      digest=None) -> Path:
+    """Write `tensors` (in the given order) to one file; `fsync` flushes it to disk before closing;
+    `digest` (a hashlib object) is fed every byte written."""
     path = Path(path)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
@@ -55,13 +57,17 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-(len(blob) + 8) % 8)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        def put(data):
+            f.write(data)
+            if digest is not None:
+                digest.update(data)
+        put(struct.pack("<Q", len(blob)))
+        put(blob)
         for a in tensors.values():
             a = np.ascontiguousarray(a)
             if a.dtype.byteorder == ">":
                 a = a.astype(a.dtype.newbyteorder("<"))
-            f.write(a.reshape(-1).view(np.uint8).data)     # bytes view: also for bf16/fp8
+            put(a.reshape(-1).view(np.uint8).data)     # bytes view: also for bf16/fp8
         if fsync:
             f.flush()
             os.fsync(f.fileno())

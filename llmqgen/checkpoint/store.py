@@ -6,6 +6,12 @@ root/
                       plan.json (the plan the run was made from; its "model" is the model identity)
   latest              "step-000123": the last complete checkpoint
 
+state.json also records the byte size and SHA-256 of tensors.safetensors and plan.json ("files"), so that
+a checkpoint damaged after it was written (a partial copy, a disk error) is found before it is used:
+`resolve("latest")` passes over damaged checkpoints to the newest intact one (and says so), and a damaged
+checkpoint named explicitly is refused with the newest intact one named. `read_checkpoint` is the one
+reader of the format (resume and `llmqgen export` both use it); `layout.py` says what the tensors are.
+
 A save writes root/step-000123.tmp-<pid>, fsyncs every file and the directory, renames it into
 place and only then repoints `latest`, so a crash or a full disk at any moment leaves the previous
 checkpoint whole and `latest` pointing at it.
@@ -13,26 +19,28 @@ checkpoint whole and `latest` pointing at it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from dataclasses import dataclass
+from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
 
 from .. import __version__
 from ..models.spec import ModelSpec
-from .safetensors import read_safetensors, write_safetensors
+from .safetensors import SafetensorsError, read_header, read_safetensors, write_safetensors
 
 TENSORS, STATE, PLAN, LATEST = "tensors.safetensors", "state.json", "plan.json", "latest"
 _STEP = re.compile(r"^step-(\d+)$")
 _TMP = re.compile(r"^step-\d+\.(?:tmp|old)-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint that cannot be used; the message names it and what to do."""
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -100,10 +108,13 @@ def save_checkpoint(root: Union[str, os.PathLike], step: int, tensors: Mapping[s
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     try:
         tmp.mkdir()
-        write_safetensors(tmp / TENSORS, tensors, fsync=True)
-        doc = {"llmqgen_version": __version__, "step": step, **state}
-        _write_text(tmp / STATE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+        digest = hashlib.sha256()
+        write_safetensors(tmp / TENSORS, tensors, fsync=True, digest=digest)
         _write_text(tmp / PLAN, plan_json)
+        files = {TENSORS: {"bytes": (tmp / TENSORS).stat().st_size, "sha256": digest.hexdigest()},
+                 PLAN: {"bytes": (tmp / PLAN).stat().st_size, "sha256": _sha256(tmp / PLAN)}}
+        doc = {**state, "llmqgen_version": __version__, "step": step, "files": files}
+        _write_text(tmp / STATE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
         _fsync_dir(tmp)
         if final.exists():          # the same step saved again (a resumed run): swap it out
             old = final.with_name(f"{final.name}.old-{os.getpid()}")
@@ -135,26 +146,117 @@ def save_checkpoint(root: Union[str, os.PathLike], step: int, tensors: Mapping[s
     return final
 
 
-def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest") -> Path:
-    """A checkpoint directory from itself, or from a root and "latest" / a step number."""
-    path = Path(path_or_root)
-    if (path / STATE).is_file():
-        return path
-    ckpts = list_checkpoints(path)
-    if not ckpts:
-        raise CheckpointError(f"{path}: no checkpoint found (expected step-NNNNNN directories "
-                              "with state.json); check the run directory")
-    if which == "latest":
-        pointer = path / LATEST
-        name = pointer.read_text().strip() if pointer.is_file() else ""
-        chosen = path / name if name and (path / name / STATE).is_file() else ckpts[-1][1]
-        return chosen
-    step = int(str(which).removeprefix("step-"))
-    for s, p in ckpts:
-        if s == step:
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(path: Path, deep: bool = True) -> Optional[str]:
+    """None if the checkpoint directory is intact, else what is wrong with it. Checks state.json, the
+    recorded size (and with `deep` the SHA-256) of each file, and the safetensors header against the
+    file's size (which alone catches truncation in checkpoints that predate the recorded sizes)."""
+    path = Path(path)
+    try:
+        state = json.loads((path / STATE).read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            return f"{STATE} holds no step"
+    except FileNotFoundError:
+        return f"{STATE} is missing"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{STATE} is unreadable ({e})"
+    for name in (TENSORS, PLAN):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for name, rec in (state.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        size = f.stat().st_size
+        if size != rec.get("bytes"):
+            return f"{name} has {size:,} bytes, {rec.get('bytes'):,} were written"
+        if deep and rec.get("sha256") and _sha256(f) != rec["sha256"]:
+            return f"{name} does not match the SHA-256 recorded when it was written"
+    try:
+        read_header(path / TENSORS)
+    except (OSError, SafetensorsError) as e:
+        return f"{TENSORS}: {e}"
+    return None
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """Every step-N directory under root, complete or not, oldest first."""
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP.match(p.name)) and p.is_dir()) if root.is_dir() else []
+
+
+def _newest_intact(root: Path, below: Optional[int] = None, deep: bool = True) -> Optional[Path]:
+    for step, p in reversed(_step_dirs(root)):
+        if (below is None or step < below) and verify(p, deep) is None:
             return p
-    raise CheckpointError(f"{path}: no checkpoint of step {step}; have steps "
-                          f"{', '.join(str(s) for s, _ in ckpts)}")
+    return None
+
+
+def _root_of(path: Path) -> Path:
+    """A run directory (holding checkpoints/) -> its checkpoint root; anything else unchanged."""
+    return path / "checkpoints" if (path / "checkpoints").is_dir() and not _STEP.match(path.name) else path
+
+
+def _refuse_damaged(p: Path, problem: str, root: Path, deep: bool) -> CheckpointError:
+    ok = _newest_intact(root, deep=deep)
+    hint = (f"the newest intact checkpoint is {ok.name} (step {int(_STEP.match(ok.name).group(1))})"
+            if ok else "no intact checkpoint is left: start the run again")
+    return CheckpointError(f"checkpoint {p} is damaged: {problem}; {hint}")
+
+
+def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
+            warn: Optional[Callable[[str], None]] = None, deep: bool = True) -> Path:
+    """An intact checkpoint directory: `path_or_root` itself if it is one (a step directory), else a
+    step of a checkpoint root or run directory: "latest" (the newest intact one: damaged newer ones are
+    passed over, each reported through `warn`) or a step number (refused if damaged)."""
+    path = Path(path_or_root)
+    if _STEP.match(path.name) and path.is_dir():             # one step directory, named directly
+        problem = verify(path, deep)
+        if problem:
+            raise _refuse_damaged(path, problem, path.parent, deep)
+        return path
+    root = _root_of(path)
+    dirs = _step_dirs(root)
+    if not dirs:
+        raise CheckpointError(f"{path}: no checkpoint found (expected a run directory, its checkpoints/ "
+                              "or a step-NNNNNN directory made by `llmqgen run`)")
+    if which == "latest":
+        pointer = root / LATEST
+        name = pointer.read_text().strip() if pointer.is_file() else ""
+        named = [(s, p) for s, p in dirs if p.name == name]
+        # the pointer's checkpoint first (the last one written), then older ones, then any others
+        order = (named + [(s, p) for s, p in reversed(dirs) if named and s < named[0][0]]
+                 + [(s, p) for s, p in reversed(dirs) if not named or s > named[0][0]])
+        damaged = []
+        for _, p in order:
+            problem = verify(p, deep)
+            if problem is None:
+                for d, why in damaged:
+                    if warn:
+                        warn(f"checkpoint {d} is damaged ({why}); using {p.name} instead")
+                return p
+            damaged.append((p.name, problem))
+        raise CheckpointError(f"{root}: every checkpoint is damaged ("
+                              + "; ".join(f"{d}: {why}" for d, why in damaged) + "): start the run again")
+    try:
+        step = int(str(which).removeprefix("step-"))
+    except ValueError:
+        raise CheckpointError(f"{which!r} is not a checkpoint: use latest or a step number") from None
+    for s, p in dirs:
+        if s == step:
+            problem = verify(p, deep)
+            if problem:
+                raise _refuse_damaged(p, problem, root, deep)
+            return p
+    raise CheckpointError(f"{root}: no checkpoint of step {step}; have steps "
+                          f"{', '.join(str(s) for s, _ in dirs)}")
 
 
 def check_model(plan_json: str, expect: ModelSpec, where: Path) -> None:
@@ -173,15 +275,63 @@ def check_model(plan_json: str, expect: ModelSpec, where: Path) -> None:
 
 
 def load_checkpoint(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
-                    expect: Optional[ModelSpec] = None) -> tuple[dict[str, np.ndarray], dict, str]:
-    """(tensors, state, plan_json) of a checkpoint; tensors are read-only memory maps."""
-    path = resolve(path_or_root, which)
+                    expect: Optional[ModelSpec] = None, warn: Optional[Callable[[str], None]] = None
+                    ) -> tuple[dict[str, np.ndarray], dict, str]:
+    """(tensors as stored, state, plan_json) of a checkpoint; tensors are read-only memory maps."""
+    return _load(resolve(path_or_root, which, warn), expect)
+
+
+def _load(path: Path, expect: Optional[ModelSpec]) -> tuple[dict[str, np.ndarray], dict, str]:
     try:
         plan_json = (path / PLAN).read_text()
         state = json.loads((path / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        tensors = read_safetensors(path / TENSORS)
+    except (OSError, json.JSONDecodeError, SafetensorsError) as e:
         raise CheckpointError(f"{path}: unreadable checkpoint ({e}); resume from an earlier "
                               "step") from e
     if expect is not None:
         check_model(plan_json, expect, path)
-    return read_safetensors(path / TENSORS), state, plan_json
+    return tensors, state, plan_json
+
+
+@dataclass
+class TrainingCheckpoint:
+    """A checkpoint written by `llmqgen run`: its directory, state.json, plan and tensors as stored."""
+    path: Path
+    state: dict
+    plan_json: str
+    tensors: dict
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def plan(self):
+        from ..plan.schema import Plan
+        try:
+            return Plan.from_json(self.plan_json)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: its plan.json is not a plan this llmqgen reads ({e})") from e
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        """Masters and Adam moments by checkpoint key, each in its stored dtype and whole shape."""
+        from .layout import LayoutError, decode
+        try:
+            return decode(self.tensors, self.plan(), str(self.path))
+        except LayoutError as e:
+            raise CheckpointError(str(e)) from e
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The master weights by llmqgen name (`layers.0.qkv`, ...), in their stored dtype."""
+        from .layout import params_of
+        return params_of(self.state_tensors())
+
+
+def read_checkpoint(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
+                    expect: Optional[ModelSpec] = None,
+                    warn: Optional[Callable[[str], None]] = None) -> TrainingCheckpoint:
+    """The one reader of training checkpoints (resume and export): a run directory, its checkpoints/
+    root (then `which`: latest = the newest intact one, or a step) or one step directory."""
+    path = resolve(path_or_root, which, warn)
+    tensors, state, plan_json = _load(path, expect)
+    return TrainingCheckpoint(path, state, plan_json, tensors)

@@ -1,10 +1,12 @@
 """schedule.json: the ordered operations of a training step, every argument bound.
 
 Sections: `init` and `layer_init` (once, at load), the micro-step (`prologue`, `layer_forward` for
-l = 0..L-1, `head`, `layer_backward` for l = L-1..0, `epilogue`) and the optimizer step (`optimizer`,
-`layer_optimizer` for every l, `publish`, `layer_publish` for every l, `gather`; the publish sections
-also run at load, making the work copies from the loaded masters). Recompute operations open a
-layer's backward, exactly for the activations the plan's recompute set dropped.
+l = 0..L-1, `head`, `layer_backward` for l = L-1..0, `epilogue`), the optimizer step (`gradnorm`: the
+gradient sums over GPUs and the global norm, read back by the runtime before it launches the update;
+`optimizer`, `layer_optimizer` for every l, `publish`, `layer_publish` for every l, `gather`; the publish
+sections also run at load, making the work copies from the loaded masters) and evaluation (`eval.head`:
+the head's forward operations and the loss only, run after `prologue` and `layer_forward`).
+Recompute operations open a layer's backward, exactly for the activations the plan's recompute set dropped.
 
 References (strings) name rows of the plan's memory table:
   "act.res[l]"      layer l's instance of a per-layer row ("[l-1]" the previous layer's); on a shared
@@ -350,6 +352,7 @@ def build_schedule(plan: Plan) -> dict:
               region="stats.gradnorm", bytes=N_gpu * n_partials * 4)
     o.add("gradnorm_finalize", "optimizer", partials="stats.gradnorm",
           count=n_partials * (N_gpu if opt_shard else 1), out="scalar:norm", hyper="scalar:hyper")
+    gradnorm = o.take()
     if fp8:
         o.add("memset", "optimizer", dst=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
 
@@ -409,7 +412,9 @@ def build_schedule(plan: Plan) -> dict:
             "init": init, "layer_init": layer_init,
             "micro_step": {"prologue": prologue, "layer_forward": layer_forward, "head": head,
                            "layer_backward": layer_backward, "epilogue": epilogue},
-            "optimizer_step": {"optimizer": optimizer, "layer_optimizer": layer_optimizer,
+            "eval": {"head": [op for op in head if op["phase"] == "forward"]},
+            "optimizer_step": {"gradnorm": gradnorm, "optimizer": optimizer,
+                               "layer_optimizer": layer_optimizer,
                                "publish": publish_once, "layer_publish": layer_publish, "gather": gather}}
 
 

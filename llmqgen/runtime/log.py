@@ -3,6 +3,9 @@
 `StepRecord.step` is the 0-based index of the step just finished (the index `LRSchedule.lr` got);
 the terminal shows steps completed, `step+1/total`. The file is opened for appending, so a resumed
 run continues the same log, and every line is flushed, so a crash loses at most the step in flight.
+A step skipped for a non-finite loss or gradient norm is logged with `skipped: true` (the next record
+has the same step index). Events that are not steps (a resume that changed the run's settings, a stop)
+are lines with an "event" key; `read_log` leaves them out unless asked.
 """
 from __future__ import annotations
 
@@ -31,13 +34,17 @@ class StepRecord:
     mfu_pct: float
     gpu_mem_bytes: int
     eval_loss: float | None = None
+    skipped: bool = False           # loss or gradient norm not finite: no update was made
 
 
 def format_step(rec: StepRecord, total_steps: int) -> str:
     parts = [f"step {rec.step + 1}/{total_steps}", f"loss {rec.loss:.4f}"]
     if rec.eval_loss is not None:
         parts.append(f"eval {rec.eval_loss:.4f}")
-    parts += [f"norm {rec.grad_norm:.2f}", f"lr {rec.lr:.1e}", f"{rec.step_ms:.0f} ms",
+    parts += [f"norm {rec.grad_norm:.2f}", f"lr {rec.lr:.1e}"]
+    if rec.skipped:
+        parts.append("SKIPPED (not finite: no update)")
+    parts += [f"{rec.step_ms:.0f} ms",
               f"{rec.tokens_per_s:,.0f} tok/s", f"SOL {rec.sol_pct:.0f}%", f"MFU {rec.mfu_pct:.0f}%",
               f"{rec.gpu_mem_bytes / GiB:.1f} GiB"]
     return " | ".join(parts)
@@ -88,6 +95,13 @@ class StepLogger:
             line += "  " + progress_suffix(rec.step + 1, self.total_steps, list(self._recent))
         print(line, file=self.stream, flush=True)
 
+    def event(self, kind: str, **fields) -> None:
+        """A line that is not a step (e.g. "config_change" with the changes): written to the file only;
+        the caller prints what the user should read."""
+        if self._file is not None:
+            self._file.write(json.dumps({"event": kind, **fields}) + "\n")
+            self._file.flush()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -110,9 +124,9 @@ def _drop_torn_tail(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def read_log(path: Path) -> list[dict]:
-    """The records of a log.jsonl. A torn last line (the process died mid-write) is skipped;
-    a bad line anywhere else means the file is not a log and raises."""
+def read_log(path: Path, events: bool = False) -> list[dict]:
+    """The step records of a log.jsonl (with `events`, the event lines too). A torn last line (the
+    process died mid-write) is skipped; a bad line anywhere else means the file is not a log and raises."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     records = []
     for i, line in enumerate(lines):
@@ -124,4 +138,4 @@ def read_log(path: Path) -> list[dict]:
             if i == len(lines) - 1:
                 break
             raise ValueError(f"{path}:{i + 1}: not a JSON line ({e}); is this a llmqgen log.jsonl?") from e
-    return records
+    return records if events else [r for r in records if "event" not in r]

@@ -243,13 +243,26 @@ class Rank:
             items.append(("ops", run))
         return items
 
+    def eval_program(self) -> list[Item]:
+        """A micro-step's forward and loss only (the schedule's `eval` head: no backward, no gradients)."""
+        if not hasattr(self, "_eval"):
+            ms, L = self.sched["micro_step"], self.L
+            self._eval = self.program([(ms["prologue"], [None]), (ms["layer_forward"], list(range(L))),
+                                       (self.sched["eval"]["head"], [None])])
+        return self._eval
+
     def load_program(self) -> list[Item]:
         """At load: RoPE table, weight amaxes, then the work copies from the masters (and their gather)."""
         s, o, L = self.sched, self.sched["optimizer_step"], list(range(self.L))
         return self.program([(s["init"], [None]), (s["layer_init"], L), (o["publish"], [None]),
                              (o["layer_publish"], L), (o["gather"], [None])])
 
+    def norm_program(self) -> list[Item]:
+        """The gradient sums over GPUs and the global norm (scalar:norm): read before any update."""
+        return self.program([(self.sched["optimizer_step"]["gradnorm"], [None])])
+
     def optimizer_program(self, step: int) -> list[Item]:
+        """The update after norm_program: AdamW, the new work copies and their gather."""
         o, L = self.sched["optimizer_step"], list(range(self.L))
         extra = {"step": lambda v, layer: step, "seed": self._seed}
         return self.program([(o["optimizer"], [None]), (o["layer_optimizer"], L), (o["publish"], [None]),

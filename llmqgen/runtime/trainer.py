@@ -7,26 +7,30 @@ its peers are other processes (torchrun, mpirun, srun). Each step the same progr
 rank: runs of operations (a CUDA graph each where it repeats) are issued rank after rank, so the
 GPUs work together, and a `collective` item is handed to the collectives for all ranks at once.
 The optimizer step runs eagerly: its step counter and stochastic-rounding seeds change every step.
+It computes the global gradient norm first and reads it back before launching any update: a step whose
+norm (or loss) is not finite is skipped — gradients dropped; weights, Adam moments, FP8 weight scales and
+the step counter untouched. Evaluation replays the forward sections and the loss only (schedule `eval`).
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 
+from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.context import check_arch
 from ..codegen.families import adamw as adamw_family
 from ..codegen.kernel import kernel_from_json
 from ..codegen.schedule import build_schedule
 from ..compile.cache import build
-from ..plan.memory import param_tensors
 from ..plan.schema import Plan
 from . import driver
 from .collectives import CopyEngine, Nccl
 from .dist import DistEnv
-from .rank import NP_DTYPES, Rank
+from .rank import Rank
 
 
 @dataclass
@@ -150,12 +154,7 @@ class Trainer:
     def _instances(self, what: str):
         """(llmqgen name, row, instance, element count, row dtype) of every tensor of one kind: "params"
         (the masters, or the work copy that serves as master), "grads", "adam_m" or "adam_v"."""
-        rk0 = self.ranks[0]
-        for name, shape, per_layer, _ in param_tensors(self.plan):
-            row = rk0.param_row(name) if what == "params" else f"{what}.{name}"
-            dtype = np.dtype(NP_DTYPES[rk0.rows[row].dtype])
-            for i in range(self.L if per_layer else 1):
-                yield (f"layers.{i}.{name}" if per_layer else name), row, i, shape, dtype
+        return instances(self.plan, self.ranks[0].rows, what)
 
     def load_params(self, params: dict[str, np.ndarray]) -> None:
         """Master weights (llmqgen names, e.g. layers.3.qkv) from float arrays; then the work copies."""
@@ -193,30 +192,33 @@ class Trainer:
         return self._gather("grads")
 
     # --- exact training state, independent of the GPU count ---------------------------------------------
-    STATE = ("params", "adam_m", "adam_v")
-    STATE_NAMES = {"params": "master"}        # checkpoint key prefix of each kind
+    STATE = KINDS
+    STATE_NAMES = {k: v for k, v in PREFIX.items() if k != v}   # checkpoint key prefix of each kind
 
     def state_tensors(self) -> dict[str, np.ndarray]:
-        """Masters and Adam moments as whole tensors in their stored dtypes, raw bytes; with the step
-        they resume the run bit-exactly (work copies and FP8 weight scales are made from the masters,
-        gradients are zero between steps, activations are rebuilt), at any GPU count."""
-        return {f"{self.STATE_NAMES.get(what, what)}.{key}":
-                np.ascontiguousarray(self._whole(row, i, prod(shape), dtype)).view(np.uint8)
-                for what in self.STATE for key, row, i, shape, dtype in self._instances(what)}
+        """Masters and Adam moments as whole tensors in their stored dtypes (checkpoint/layout.py); with
+        the step they resume the run bit-exactly (work copies and FP8 weight scales are made from the
+        masters, gradients are zero between steps, activations are rebuilt), at any GPU count."""
+        return {f"{PREFIX[what]}.{key}": np.ascontiguousarray(self._whole(row, i, prod(shape), dtype)).reshape(shape)
+                for what in KINDS for key, row, i, shape, dtype in self._instances(what)}
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
-        for what in self.STATE:
+        """State tensors as `state_tensors` gives them (or as checkpoint.store.TrainingCheckpoint
+        decodes them); flat uint8 byte views of the right size are read too."""
+        for what in KINDS:
             for key, row, i, shape, dtype in self._instances(what):
-                key = f"{self.STATE_NAMES.get(what, what)}.{key}"
+                key = f"{PREFIX[what]}.{key}"
                 if key not in tensors:
                     raise KeyError(f"checkpoint lacks {key}: it was written by another llmqgen or model")
-                a = np.asarray(tensors[key], np.uint8)
-                if a.size != prod(shape) * dtype.itemsize:
-                    raise ValueError(f"checkpoint tensor {key} has {a.size} bytes, this plan stores "
-                                     f"{prod(shape) * dtype.itemsize} ({dtype.name}): resume with the "
-                                     f"checkpoint's precision settings")
+                a = np.asarray(tensors[key])
+                if a.dtype == np.uint8:
+                    a = a.reshape(-1).view(dtype) if a.size == prod(shape) * dtype.itemsize else a
+                if a.dtype != dtype or a.size != prod(shape):
+                    raise ValueError(f"checkpoint tensor {key} is {a.dtype.name} of {a.size} elements, this "
+                                     f"plan stores {dtype.name} of {prod(shape)}: resume with the checkpoint's "
+                                     f"precision settings")
                 for rk in self.ranks:
-                    rk.write_raw(row, i, a.view(dtype))
+                    rk.write_raw(row, i, a.reshape(-1))
         self._execute([rk.load_program() for rk in self.ranks])
         self._sync()
         self.step_count = step
@@ -268,17 +270,52 @@ class Trainer:
         self.comm.sum_floats([p], 1)
         return float(rk.download(p, np.float32, (1,))[0]) > 0
 
-    def optimizer_step(self, lr: float) -> float:
-        """AdamW over all parameters with global-norm clipping; returns the gradient norm."""
-        self.step_count += 1
-        o, t = self.optim, self.step_count
+    def optimizer_step(self, lr: float, apply: bool = True) -> float:
+        """AdamW over all parameters with global-norm clipping; returns the gradient norm.
+
+        The norm is computed and read back before any update is launched. When it is not finite (or
+        `apply` is false, e.g. the loss was not finite) the step is skipped: the gradients are dropped
+        and weights, Adam moments, FP8 weight scales and the step counter stay as they were; the caller
+        sees the non-finite norm (or passed apply=False) and does not advance its LR position either."""
+        o, t = self.optim, self.step_count + 1
         hyper = adamw_family.hyper_values(lr, o.beta1, o.beta2, o.eps, o.weight_decay, t, o.max_norm)
         for rk in self.ranks:
             rk.dev.make_current()
             rk.set_scalar("hyper", hyper)
-        self._execute([rk.optimizer_program(t) for rk in self.ranks])
+        self._execute([rk.norm_program() for rk in self.ranks])
         rk = self.ranks[0]
-        return float(rk.download(rk.ptr("scalar:norm", None), np.float32, (4,))[0])
+        norm = float(rk.download(rk.ptr("scalar:norm", None), np.float32, (4,))[0])
+        if self.any_rank(not (apply and math.isfinite(norm))):
+            self.zero_gradients()
+            return norm if apply else float("nan")
+        self.step_count = t
+        self._execute([rk.optimizer_program(t) for rk in self.ranks])
+        return norm
+
+    def eval_loss(self, batches) -> float:
+        """Mean loss of micro-batches (all GPUs': rank r takes the r-th equal share) from the forward
+        alone: the schedule's forward sections and the loss, no backward; gradients are not touched."""
+        N = self.plan.num_gpus
+        if len(batches) % N:
+            raise ValueError(f"{len(batches)} micro-batches cannot be shared by {N} GPUs: give a multiple of {N}")
+        valid = sum(int((np.asarray(b.targets) != -100).sum()) for b in batches)
+        if valid == 0:
+            raise ValueError("every target of these eval batches is masked (-100): nothing to evaluate")
+        per = len(batches) // N
+        for rk in self.ranks:
+            rk.dev.make_current()
+            rk.set_scalar("loss", [0.0])
+            rk.set_scalar("grad_scale", [1.0 / valid])
+        for m in range(per):
+            for rk in self.ranks:
+                rk.dev.make_current()
+                rk.feed(batches[rk.rank * per + m])
+            self._execute([rk.eval_program() for rk in self.ranks], key="eval")
+            self._drain()
+        if isinstance(self.comm, Nccl):
+            self.comm.sum_floats([rk.ptr("scalar:loss", None) for rk in self.ranks], 1)
+        self._sync()
+        return self.loss()
 
     def close(self) -> None:
         if self.comm is not None:

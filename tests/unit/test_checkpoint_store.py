@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from llmqgen.checkpoint import store
 from llmqgen.checkpoint.cli import export
-from llmqgen.checkpoint.safetensors import read_dir
 from llmqgen.checkpoint.store import (CheckpointError, list_checkpoints, load_checkpoint,
                                      save_checkpoint)
 from llmqgen.models.hf_names import param_shapes
@@ -136,14 +135,49 @@ def test_sigkill_mid_save(tmp_path):
     assert not any(".tmp-" in p.name for p in tmp_path.iterdir())
 
 
-def test_export_cli(tmp_path):
-    save_checkpoint(tmp_path / "run", 7, tensors(7), state(7), plan_json())
-    res = CliRunner().invoke(export, [str(tmp_path / "run"), str(tmp_path / "hf")])
-    assert res.exit_code == 0, res.output
-    assert "tiny-qwen2 at step 7" in res.output
-    hf = read_dir(tmp_path / "hf")
-    assert hf["model.layers.1.mlp.down_proj.weight"].dtype == ml_dtypes.bfloat16
-    np.testing.assert_array_equal(hf["model.layers.0.self_attn.k_proj.bias"], 7)
-    assert "lm_head.weight" not in hf and (tmp_path / "hf" / "config.json").is_file()
-    res = CliRunner().invoke(export, [str(tmp_path / "hf"), str(tmp_path / "x")])
-    assert res.exit_code != 0 and "no checkpoint found" in res.output
+def test_files_recorded_and_damage_found(tmp_path):
+    """state.json records each file's size and SHA-256; `latest` passes over a damaged newest checkpoint
+    (warning), an explicitly named damaged one is refused naming the newest intact one."""
+    for s in (1, 2, 3):
+        save_checkpoint(tmp_path, s, tensors(s), state(s), plan_json())
+    st = json.loads((tmp_path / "step-000003" / store.STATE).read_text())
+    t = tmp_path / "step-000003" / store.TENSORS
+    assert st["files"][store.TENSORS]["bytes"] == t.stat().st_size
+    assert store.verify(tmp_path / "step-000003") is None
+    data = bytearray(t.read_bytes())
+    data[-1] ^= 0xFF                                        # a flipped bit: same size, another hash
+    t.write_bytes(bytes(data))
+    assert "SHA-256" in store.verify(tmp_path / "step-000003")
+    assert store.verify(tmp_path / "step-000003", deep=False) is None
+    warned = []
+    assert store.resolve(tmp_path, "latest", warn=warned.append).name == "step-000002"
+    assert warned == [f"checkpoint step-000003 is damaged ({store.TENSORS} does not match the SHA-256 recorded "
+                      "when it was written); using step-000002 instead"]
+    with pytest.raises(CheckpointError, match="step-000003 is damaged: .*newest intact checkpoint is step-000002"):
+        load_checkpoint(tmp_path, 3)
+    with pytest.raises(CheckpointError, match="newest intact checkpoint is step-000002"):
+        load_checkpoint(tmp_path / "step-000003")
+    (tmp_path / "step-000002" / store.TENSORS).unlink()
+    assert store.resolve(tmp_path).name == "step-000001"
+    with open(tmp_path / "step-000001" / store.TENSORS, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(CheckpointError, match="every checkpoint is damaged"):
+        load_checkpoint(tmp_path)
+
+
+def test_old_checkpoint_without_recorded_files_is_checked_by_header(tmp_path):
+    save_checkpoint(tmp_path, 1, tensors(1), state(1), plan_json())
+    path = tmp_path / "step-000001"
+    st = json.loads((path / store.STATE).read_text())
+    del st["files"]
+    (path / store.STATE).write_text(json.dumps(st))
+    assert store.verify(path) is None
+    with open(path / store.TENSORS, "r+b") as f:
+        f.truncate(path.joinpath(store.TENSORS).stat().st_size // 2)
+    assert "truncated" in store.verify(path)
+
+
+def test_export_needs_a_checkpoint(tmp_path):
+    res = CliRunner().invoke(export, [str(tmp_path / "nothing"), str(tmp_path / "x")])
+    assert res.exit_code == 2 and res.output.startswith("error: ") and "no checkpoint found" in res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
