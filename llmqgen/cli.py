@@ -390,7 +390,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
                     checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,
                     max_bad_steps=max_bad_steps, init_from=init_from)
-    n = cfg.steps or (f"the saved run's" if resume else steps)
+    n = cfg.steps or ("the saved run's" if resume else steps)
     click.echo(f"run {p.name}: {n} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
     try:
         with _gpu_runtime():
