@@ -74,9 +74,11 @@ def default_corpus(progress: bool = True, workers: int | None = None) -> Path:
         tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
+            # a stdlib source that is not UTF-8 text (none in CPython's) is left out, not fatal
             _, stats = prepare(files, tmp, tokenizer="qwen2.5", eval_fraction=EVAL_FRACTION,
                                shard_tokens=SHARD_TOKENS, workers=workers, max_tokens=MAX_TOKENS,
-                               progress=progress)
+                               progress=progress, skip_bad_files=True,
+                               warn=lambda m: progress and print(m, file=sys.stderr))
             read_manifest(tmp)
             os.replace(tmp, out)
         finally:

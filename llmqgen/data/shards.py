@@ -84,6 +84,44 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray, vocab_size: int, to
     return path
 
 
+class ShardWriter:
+    """One shard written as its tokens arrive (`write`), the header's count filled in by `close`;
+    the same bytes as `write_shard` of all the tokens at once (without a loss mask). Written under a
+    temporary name and renamed by `close`; `abort` removes it."""
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int, tokenizer_id: str):
+        self.path, self.vocab_size, self.tokenizer_id = Path(path), vocab_size, tokenizer_id
+        self.dtype = token_dtype(vocab_size)
+        self.count = 0
+        _header(0, vocab_size, tokenizer_id, False)           # checks the identity's length
+        self.tmp = self.path.with_name(self.path.name + f".tmp-{os.getpid()}")
+        self.file = open(self.tmp, "wb")
+        self.file.write(b"\0" * HEADER_SIZE)
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise ShardError(f"{self.path}: tokens must be a 1-D array, got shape {tokens.shape}")
+        if not tokens.size:
+            return
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size:
+            raise ShardError(f"{self.path}: token ids must lie in [0, {self.vocab_size}); got "
+                             f"[{int(tokens.min())}, {int(tokens.max())}]")
+        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self.count += int(tokens.size)
+
+    def close(self) -> Path:
+        self.file.seek(0)
+        self.file.write(_header(self.count, self.vocab_size, self.tokenizer_id, False))
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 class ShardReader:
     """A validated, memory-mapped shard: `.tokens` (uint16/uint32) and `.mask` (uint8 or None)."""
 
