@@ -1,6 +1,7 @@
 """The `llmqgen` command line: plan, build, and the catalogs; data and export come from their packages."""
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,7 +12,16 @@ import click
 from . import __version__
 from .plan import calibration as K
 
-PLANS_DIR = Path("plans")
+# User plans go to a folder of the current directory (or $LLMQGEN_PLANS_DIR, or `plan --out`); the
+# repository's plans/ holds the checked-in examples only (the compile tests build every one of them).
+PLANS_DIR = Path("llmqgen-plans")
+PLANS_ENV = "LLMQGEN_PLANS_DIR"
+
+
+def plans_dir() -> Path:
+    """Where `plan` and `train` write plans and `build`/`run` look for the newest one."""
+    env = os.environ.get(PLANS_ENV, "").strip()
+    return Path(env).expanduser() if env else PLANS_DIR
 
 
 def _parse_value(text: str):
@@ -115,14 +125,14 @@ def main():
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Pin any plan input, e.g. --set recompute.ffn=true --set offload.residual=true.")
 @click.option("--name", default=None, help="Plan name (default: <model>-<dtype>-<gpus>).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=PLANS_DIR,
-              show_default=True, help="Where the plan file goes.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Where the plan file goes (default: ${PLANS_ENV}, else ./{PLANS_DIR}/).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan JSON instead of the tables.")
 @click.option("--show", "show_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Re-print a saved plan and exit.")
 def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batch, sets, name, out_dir,
          as_json, show_path):
-    """Solve a plan: what fits where, and how fast it will be. Writes plans/<name>.json."""
+    """Solve a plan: what fits where, and how fast it will be. Writes llmqgen-plans/<name>.json."""
     from .plan.show import render_plan
     from .plan.solver import NoFitError, solve
 
@@ -147,6 +157,7 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
         _fail(str(e))
     except ValueError as e:             # pydantic's ValidationError is a ValueError too
         _fail(_message(e))
+    out_dir = out_dir or plans_dir()
     path = out_dir / f"{p.name}.json"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -212,16 +223,18 @@ def models():
 
 
 def _newest_plan() -> Path:
-    plans = sorted(PLANS_DIR.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    where = plans_dir()
+    plans = sorted(where.glob("*.json"), key=lambda p: p.stat().st_mtime) if where.is_dir() else []
     if not plans:
-        _fail("no plan given and none in plans/: run `llmqgen plan --model ... --gpus ...` first, "
-              "or pass --plan FILE or --model/--gpus")
+        _fail(f"no plan given and none in {where}/: run `llmqgen plan --model ... --gpus ...` first, "
+              f"or pass --plan FILE (e.g. an example in plans/) or --model/--gpus")
     return plans[-1]
 
 
 @main.command()
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A plan file (default: the newest in plans/, unless --model/--gpus are given).")
+              help="A plan file (default: the newest in llmqgen-plans/ or $LLMQGEN_PLANS_DIR, unless --model/--gpus "
+                   "are given).")
 @click.option("--model", "model_name", default=None, help="Solve a plan for this model first (with --gpus).")
 @click.option("--gpus", default=None, help="GPUs for --model, e.g. 1x4090.")
 @click.option("--arch", default=None, help="Target, e.g. sm_89, sm_90, sm_90a, sm_120 (default: the plan's GPU).")
@@ -270,7 +283,7 @@ def build(plan_path, model_name, gpus, arch, out_root):
 
 
 def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optional[str]):
-    """A plan from --plan, or solved from --model/--gpus, or the newest in plans/."""
+    """A plan from --plan, or solved from --model/--gpus, or the newest in plans_dir()."""
     if model_name or gpus:
         from .models.catalog import resolve_model
         from .plan.solver import NoFitError, solve
@@ -401,7 +414,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
 
 @main.command()
 @click.option("--plan", "plan_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="A plan file (default: the newest in plans/).")
+              help="A plan file (default: the newest in llmqgen-plans/ or $LLMQGEN_PLANS_DIR).")
 @_run_options
 def run(plan_path, **kw):
     """Train with a plan's program: log, checkpoints, HF export at the end (Ctrl-C stops after saving)."""
@@ -431,8 +444,12 @@ def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
                   pins=_parse_sets(sets))
     except (NoFitError, ValueError) as e:
         _fail(str(e))
-    PLANS_DIR.mkdir(exist_ok=True)
-    (PLANS_DIR / f"{p.name}.json").write_text(p.to_json())
+    path = plans_dir() / f"{p.name}.json"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(p.to_json())
+    except OSError as e:
+        _fail(f"cannot write the plan to {path}: {e.strerror or e} (set {PLANS_ENV} to another folder)")
     _train(p, **kw)
 
 

@@ -3,6 +3,7 @@
 # on the machine that plans them). The compile tests build every plans/*.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export LLMQGEN_PLANS_DIR=plans     # the examples live in plans/ (user plans default to ./llmqgen-plans/)
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --name qwen2.5-0.5b-fp8-1xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-0.5b-bf16-1xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-7b --gpus 1x4060ti --host-mem 128G --set recompute.block=true \

@@ -10,8 +10,9 @@ import jinja2
 from llmqgen.compile.nvrtc import compile_program
 
 from llmqgen.codegen.families import flash_attention as fa
+from llmqgen.codegen.uri import TEMPLATES_DIR
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "llmqgen" / "templates"
+TEMPLATES = TEMPLATES_DIR
 
 
 def make_ctx(**over) -> dict:

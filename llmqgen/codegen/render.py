@@ -143,9 +143,13 @@ def _template_frame(tb) -> tuple[str, int] | None:
 
 def render_template(name: str, ctx: dict, templates_dir: Path | None = None) -> tuple[str, list]:
     """Render one template (with its includes): (text, source map)."""
-    env = make_env(str(templates_dir or uri.TEMPLATES_DIR))
+    tdir = Path(templates_dir or uri.TEMPLATES_DIR)
+    env = make_env(str(tdir))
     try:
         text = env.get_template(name).render(ctx)
+    except jinja2.TemplateNotFound as e:
+        raise RenderError(f"template {e.name} not found in {tdir}: the templates ship in the wheel as "
+                          f"llmqgen/templates/ (a checkout has them in templates/): reinstall llmqgen") from None
     except jinja2.TemplateSyntaxError as e:
         raise RenderError(f"{e.name or name}:{e.lineno}: template syntax error: {e.message}") from e
     except jinja2.UndefinedError as e:

@@ -16,7 +16,20 @@ from .. import __version__
 from ..compile.nvrtc import nvrtc_version
 from ..plan.schema import Plan
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def find_templates() -> Path:
+    """The Jinja templates: `llmqgen/templates/` inside an installed wheel (the build maps the source
+    tree's top-level `templates/` there), else the checkout's top-level `templates/` (editable installs,
+    running from the source tree)."""
+    pkg = Path(__file__).resolve().parent.parent
+    for d in (pkg / "templates", pkg.parent / "templates"):
+        if (d / "program.cu.j2").is_file():
+            return d
+    return pkg.parent / "templates"     # missing: render() then names the path it looked in
+
+
+TEMPLATES_DIR = find_templates()
 CODEGEN_DIR = Path(__file__).resolve().parent
 
 

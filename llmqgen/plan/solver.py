@@ -136,6 +136,91 @@ def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def implied_by(flag: str) -> set[str]:
+    """The recompute flags that `flag` switches on as well (Recompute's implications: ffn -> swiglu,
+    attention -> qkv, block -> all)."""
+    return set(Recompute(**{flag: True}).names()) - {flag}
+
+
+def check_pin_conflicts(pins: dict[str, Any]) -> None:
+    """Refuse pins that contradict each other through the recompute implications, in one line."""
+    for flag in Recompute.model_fields:
+        if pins.get(f"recompute.{flag}") is not True:
+            continue
+        for other in sorted(implied_by(flag)):
+            if pins.get(f"recompute.{other}") is False:
+                raise ValueError(f"--set recompute.{flag}=true and --set recompute.{other}=false conflict: "
+                                 f"recompute.{flag} implies recompute.{other}; drop one of them")
+
+
+def _recompute_with_pins(rung: dict[str, bool], pins: dict[str, Any]) -> dict[str, bool]:
+    """A ladder rung with its implications applied, then the pins: a flag pinned false also switches
+    off every flag that implies it (so that the plan keeps the pin)."""
+    flags = Recompute(**rung).model_dump()
+    for path, value in pins.items():
+        sec, _, flag = path.partition(".")
+        if sec == "recompute":
+            flags[flag] = value
+    for path, value in pins.items():
+        sec, _, flag = path.partition(".")
+        if sec == "recompute" and value is False:
+            for other in flags:
+                if flag in implied_by(other):
+                    flags[other] = False
+    return flags
+
+
+def _keeps_pins(plan: Plan, pins: dict[str, Any]) -> bool:
+    """Whether a candidate plan has every pinned value (pins are constraints, never overridden)."""
+    for path, value in pins.items():
+        obj = plan
+        for key in path.split("."):
+            obj = getattr(obj, key)
+        if obj != value:
+            return False
+    return True
+
+
+# Short forms of pins in plan names (qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block).
+_NAME_SHORT = {"batch.micro_batch": "mb", "batch.grad_accum": "ga", "batch.seq_len": "seq",
+               "lm_head_chunks": "lmc", "attn_bwd_chunks": "abc"}
+_NAME_GROUPS = {"recompute": "rc", "offload": "off"}
+
+
+def pins_suffix(pins: dict[str, Any], seq_len: int = 1024, tokens_per_step: int = 524288) -> str:
+    """The plan name's tail naming its non-default choices: pins (in the order of the plan's inputs),
+    a sequence length other than 1024 and a step other than 524,288 tokens; "" for none.
+
+        {"batch.micro_batch": 16, "recompute.block": True}  ->  "-mb16-rc-block"
+    """
+    parts: list[str] = []
+    if "batch.seq_len" not in pins and seq_len != 1024:
+        parts.append(f"seq{seq_len}")
+    if tokens_per_step != 524288:
+        parts.append(f"tok{tokens_per_step}")
+    groups: dict[str, list[str]] = {}
+    for path in pin_fields():
+        if path not in pins or path == "precision.matmul":     # the dtype is in the name already
+            continue
+        value, (sec, _, leaf) = pins[path], path.rpartition(".")
+        if sec in _NAME_GROUPS:
+            groups.setdefault(_NAME_GROUPS[sec] if value else "no-" + _NAME_GROUPS[sec], []).append(leaf)
+        elif path == "sharding.weights" and value:
+            parts.append("zero3")
+        elif path == "sharding.gradients" and value:
+            parts.append("zero2")
+        elif path == "sharding.optimizer" and value:
+            parts.append("zero1")
+        elif isinstance(value, bool):
+            parts.append(leaf.replace("_", "-") if value else "no-" + leaf.replace("_", "-"))
+        elif path in _NAME_SHORT:
+            parts.append(f"{_NAME_SHORT[path]}{value}")
+        else:
+            parts.append(f"{leaf.replace('_', '-')}-{value}")
+    parts += [f"{g}-{'+'.join(leaves)}" for g, leaves in groups.items()]
+    return "".join(f"-{x}" for x in parts)
+
+
 def _fp8_bad_widths(model: ModelSpec) -> list[str]:
     widths = {"hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
               "q width (heads x head_dim)": model.q_dim, "qkv width": model.qkv_dim}
@@ -179,6 +264,7 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
           tokens_per_step: int = 524288, dtype: Optional[str] = None,
           pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
     pins = check_pins(dict(pins or {}))
+    check_pin_conflicts(pins)
     gpu, N = inventory.gpu, inventory.count * inventory.nodes
     if "precision.matmul" in pins:
         if dtype is not None and dtype != pins["precision.matmul"]:
@@ -206,8 +292,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if seq_len > model.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} exceeds {model.name}'s max_position_embeddings "
                          f"{model.max_position_embeddings}: use at most {model.max_position_embeddings}")
-    name = check_plan_name(name or f"{model.name}-{dtype}-{inventory.label}".lower())
+    name = check_plan_name(name or (f"{model.name}-{dtype}-{inventory.label}".lower()
+                                    + pins_suffix(pins, seq_len, tokens_per_step)))
     reason_pins = dict(pins)
+    kept = {k: v for k, v in pins.items() if k != "batch.grad_accum"}     # checked on every candidate
     chunks_pin = pins.pop("lm_head_chunks", None)
     mb_pin = pins.pop("batch.micro_batch", None)
     ga_pin = pins.pop("batch.grad_accum", None)
@@ -271,18 +359,21 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                             "name": name, "model": model.model_dump(), "inventory": inventory.model_dump(),
                             "precision": Precision(matmul=dtype, gradient="e4m3" if dtype == "e4m3" else "bf16").model_dump(),
                             "batch": {"micro_batch": mb, "seq_len": seq_len, "grad_accum": seqs // mb},
-                            "recompute": dict(rc), "offload": dict(off),
+                            "recompute": _recompute_with_pins(rc, pins), "offload": dict(off),
                             "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
                             "lm_head_chunks": chunks,
                             "collectives": collectives,
                             "peer_copies": gpu.peer_access,
                         }
                         for path, value in pins.items():
-                            _set(fields, path, value)
+                            if not path.startswith("recompute."):
+                                _set(fields, path, value)
                         try:
                             s = _score(fields)
                         except ValidationError as e:
                             raise ValueError(f"the pinned inputs make no valid plan: {validation_summary(e)}") from None
+                        if not _keeps_pins(s.plan, kept):
+                            continue
                         key = s.plan.inputs_hash()
                         if key in seen:
                             if seen[key]:

@@ -14,8 +14,9 @@ import jinja2
 
 import llmqgen
 from llmqgen.compile.nvrtc import compile_program
+from llmqgen.codegen.uri import TEMPLATES_DIR
 
-TEMPLATES = Path(llmqgen.__file__).resolve().parent / "templates"
+TEMPLATES = TEMPLATES_DIR
 
 _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 

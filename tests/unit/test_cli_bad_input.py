@@ -139,9 +139,22 @@ def test_plan_show_without_estimate(tmp_path, plan_file):
 
 def test_newest_plan_in_plans_dir_that_is_not_a_plan(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "plans").mkdir()
-    (tmp_path / "plans" / "x.json").write_text("{")
-    our_line(invoke("build"), "plans/x.json is not an llmqgen plan")
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    (tmp_path / "llmqgen-plans").mkdir()
+    (tmp_path / "llmqgen-plans" / "x.json").write_text("{")
+    our_line(invoke("build"), "llmqgen-plans/x.json is not an llmqgen plan")
+
+
+def test_no_plan_in_the_plans_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMQGEN_PLANS_DIR", str(tmp_path / "mine"))
+    our_line(invoke("build"), f"none in {tmp_path / 'mine'}/", "--plan FILE")
+
+
+def test_conflicting_pins_are_one_line(tmp_path):
+    our_line(invoke("plan", "--set", "recompute.block=true", "--set", "recompute.ffn=false", "--out", tmp_path),
+             "recompute.block=true and --set recompute.ffn=false conflict")
+    assert not list(tmp_path.glob("*.json"))
 
 
 # --- item 10: names, outputs -----------------------------------------------------------------------
@@ -199,7 +212,8 @@ def test_bench_run_train_without_a_driver(no_driver_runtime, plan_file, tmp_path
     assert our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path / "bench")) == f"error: {NO_DRIVER_RUNTIME}"
     assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run")) \
         == f"error: {NO_DRIVER_RUNTIME}"
-    monkeypatch.chdir(tmp_path)                 # train writes plans/<name>.json
+    monkeypatch.chdir(tmp_path)                 # train writes llmqgen-plans/<name>.json
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
     assert our_line(invoke("train", "--gpus", "1xh200", "--data", data, "--steps", 1)) == f"error: {NO_DRIVER_RUNTIME}"
 
 

@@ -203,3 +203,46 @@ def test_no_fit_suggestions_plan():
     with pytest.raises(NoFitError) as e:
         solve(resolve_model("72b"), inv("4060ti", 1, host_gib=32), seq_len=1000, tokens_per_step=6000)
     assert "--gpus 2x4060ti with --tokens-per-step 4000 (or 8000)" in str(e.value)   # 3 sequences on 2 GPUs
+
+
+# --- pins are constraints (issue 10) ---------------------------------------------------------------
+def test_pinned_false_recompute_holds_for_the_plan_and_its_runners_up():
+    """7B on a 4090 would list runners-up with ffn recompute (block implies it); pinned off, none does."""
+    p = solve(resolve_model("7b"), inv("4090", 1, host_gib=128), pins={"recompute.ffn": False})
+    assert not p.recompute.ffn and not p.recompute.block
+    assert p.estimate.runners_up
+    for c in p.estimate.runners_up:
+        assert "ffn" not in c.summary and "block" not in c.summary, c.summary
+
+
+def test_pins_apply_after_implications():
+    """A rung's implications first, then the pins: ffn=false keeps the other flags of a block rung."""
+    from llmqgen.plan.solver import _recompute_with_pins
+    flags = _recompute_with_pins({"block": True}, {"recompute.ffn": False})
+    assert flags == {"swiglu": True, "norm": True, "ffn": False, "qkv": True, "attention": True, "block": False}
+    flags = _recompute_with_pins({"ffn": True}, {"recompute.swiglu": False})
+    assert not flags["ffn"] and not flags["swiglu"]
+    assert _recompute_with_pins({}, {"recompute.attention": True})["attention"]
+
+
+@pytest.mark.parametrize("pins,match", [
+    ({"recompute.block": True, "recompute.ffn": False}, "recompute.block implies recompute.ffn"),
+    ({"recompute.ffn": True, "recompute.swiglu": False}, "recompute.ffn implies recompute.swiglu"),
+    ({"recompute.attention": True, "recompute.qkv": False}, "recompute.attention implies recompute.qkv"),
+])
+def test_conflicting_pins_are_refused_in_one_line(pins, match):
+    with pytest.raises(ValueError, match=match) as e:
+        solve(resolve_model("0.5b"), inv("h200"), pins=pins)
+    assert "\n" not in str(e.value) and "conflict" in str(e.value)
+
+
+def test_plan_name_carries_its_choices():
+    m, i = resolve_model("0.5b"), inv("h200")
+    assert solve(m, i).name == "qwen2.5-0.5b-e4m3-1xh200"                    # unpinned: unchanged
+    p = solve(m, i, pins={"recompute.block": True, "batch.micro_batch": 16})
+    assert p.name == "qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block"
+    assert solve(m, i, pins={"recompute.ffn": False}).name == "qwen2.5-0.5b-e4m3-1xh200-no-rc-ffn"
+    assert solve(m, i, seq_len=2048).name == "qwen2.5-0.5b-e4m3-1xh200-seq2048"
+    assert solve(m, i, pins={"offload.adam_m": True, "offload.adam_v": True, "lm_head_chunks": 4}).name == \
+        "qwen2.5-0.5b-e4m3-1xh200-lmc4-off-adam_m+adam_v"
+    assert solve(m, i, pins={"recompute.ffn": True}, name="mine").name == "mine"      # --name wins
