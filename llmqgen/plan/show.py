@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import calibration as K
-from .memory import group_totals
+from .memory import arena_peak, group_totals
 from .schema import MemRow, Plan
 from .solver import usable_device, usable_host
 
@@ -31,6 +31,15 @@ def _table(rows: list[MemRow], place: str, total_label: str, capacity: int, usab
     for key, b in sorted(groups.items(), key=lambda kv: -kv[1]):
         out.append(f"  {GROUP_TITLES.get(key, key):<34}{_fmt(multiplier * b):>12}   {100 * multiplier * b / total:5.1f}")
     out.append(f"  {'-' * 53}")
+    dev = [r for r in rows if r.place == place and r.lifetime != "reserve"]
+    if place == "device" and dev and all(r.offset is not None for r in dev):
+        # rows whose lifetimes never overlap share bytes: the arena is the packed peak
+        packed = arena_peak(rows) + sum(r.total for r in rows if r.place == place and r.lifetime == "reserve")
+        shared = sum(r.total for r in dev if r.live is not None)
+        out.append(f"  {'sum of the rows':<34}{_fmt(total):>12}")
+        out.append(f"  {'packed by lifetime':<34}{'-' + _fmt(total - packed).strip():>12}   "
+                   f"({sum(r.live is not None for r in dev)} rows of {_fmt(shared).strip()} share bytes)")
+        total = packed
     out.append(f"  {total_label:<34}{_fmt(total):>12}   of {_fmt(usable).strip()} usable "
                f"({_fmt(capacity).strip()} total, {100 * total / usable:.0f}% used)")
     return out
