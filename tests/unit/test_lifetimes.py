@@ -29,7 +29,7 @@ PLANS = {
                                                                   "batch.micro_batch": 16}, host="128G"),
     "0.5b-fp8-2gpu-zero3": lambda: _plan("qwen2.5-0.5b", "2xH200", {"sharding.weights": True}),
     "1.5b-fp8-2x4090-zero2": lambda: _plan("qwen2.5-1.5b", "2x4090", {"sharding.gradients": True}, host="128G"),
-    "qwen3-0.6b-bf16-recompute": lambda: _plan("qwen3-0.6b", "1x4090", {"recompute.ffn": True,
+    "qwen3-0.6b-bf16-recompute": lambda: _plan("qwen3-0.6b", "1x4090", {"recompute.ffn": True, "lm_head_chunks": 4,
                                                                         "recompute.attention": True},
                                                host="64G", dtype="bf16"),
 }
