@@ -116,6 +116,7 @@ def build_schedule(plan: Plan) -> dict:
     amax = (lambda s: {"amax": f"fp8:{s}[l]"}) if fp8 else (lambda s: {})    # noqa: E731
     sink = {"amax": "fp8:sink"} if fp8 else {}
     shapes = m.block_matrix_shapes()
+    attn_ws = {"workspace": "ws.attention"}     # cuDNN's scratch (the flash kernels: `delta` in backward)
 
     def linear_forward(name, phase, x, y, x_slot, bias=None, accumulate=False):
         N, K = shapes[name]
@@ -149,7 +150,7 @@ def build_schedule(plan: Plan) -> dict:
         linear_forward("qkv", phase, "act.ln1[l]", "act.qkv_pre[l]" if qk else "act.qkv[l]", "ln1",
                        bias=W("qkv_bias") if m.qkv_bias else None)
         rope_forward(phase)
-        o.add("attention_forward", phase, qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]")
+        o.add("attention_forward", phase, qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]", **attn_ws)
         if fp8:
             o.kernel(f"llmq_amax_{site['att']}", phase, **{"in": "act.att[l]"}, stats="fp8:att[l]")
             quantize("", "att", phase, "act.att[l]", out="work.att_q")
@@ -209,7 +210,7 @@ def build_schedule(plan: Plan) -> dict:
                            bias=W("qkv_bias") if m.qkv_bias else None)
             rope_forward("recompute")
         if r.attention:
-            o.add("attention_forward", "recompute", qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]")
+            o.add("attention_forward", "recompute", qkv="act.qkv[l]", out="act.att[l]", lse="act.lse[l]", **attn_ws)
         if r.ffn:
             linear_forward("gate_up", "recompute", "act.ln2[l]", "act.gu[l]", "ln2")
         if r.swiglu:
@@ -248,7 +249,7 @@ def build_schedule(plan: Plan) -> dict:
     o.kernel("llmq_rmsnorm_dweight_ln2", b, dw=G("ln2"), dw_partial="work.norm_partials")
     linear_backward("attn_out", "work.d_res", "d_att_out", "act.att[l]", "att", "work.d_att")
     o.add("attention_backward", b, qkv="act.qkv[l]", out="act.att[l]", dout="work.d_att", lse="act.lse[l]",
-          dqkv="work.d_qkv")
+          dqkv="work.d_qkv", **attn_ws, **({"delta": "work.attn_delta"} if "work.attn_delta" in o.rows else {}))
     if qk:
         o.kernel("llmq_rope_backward", b, dqkv="work.d_qkv", d="work.d_qkv", qkv="act.qkv_pre[l]",
                  rstd="act.qk_rstd[l]", table="rope.table", q_norm=W("q_norm"), k_norm=W("k_norm"),
@@ -443,3 +444,62 @@ def check_schedule(schedule: dict, kernels) -> None:
         want, have = {a for a, _ in k.args}, set(op["args"])
         if want != have:
             raise ValueError(f"{op['kernel']}: the schedule binds {sorted(have)}, the kernel takes {sorted(want)}")
+
+
+# --- what an operation does to the rows it names (lifetimes: plan/lifetimes.py) -----------------------
+# Kernel arguments a kernel only writes, by kernel-name prefix (every other argument is read, or read
+# and written). A row is killed by an operation only if all its references there are such writes.
+KERNEL_WRITES = {
+    "llmq_quantize_": ("out", "out_t"), "llmq_transpose_fp8_": ("out_t",),
+    "llmq_rmsnorm_forward_": ("res_out", "y", "rstd"), "llmq_rmsnorm_recompute_": ("y",),
+    "llmq_rmsnorm_backward_": ("dx", "dw_partial"), "llmq_rope_forward": ("out", "rstd"),
+    "llmq_rope_backward": ("dw_partial",), "llmq_swiglu_forward": ("h",), "llmq_swiglu_backward": ("d_gate_up",),
+    "llmq_embedding_forward": ("x",), "llmq_crossentropy_fused": ("losses", "lse"), "llmq_rope_table": ("table",),
+    "llmq_cast_f32_bf16": ("dst",),
+}
+# Other operations: the fields they only write (a linear's output unless it accumulates), and scratch
+# fields written and read within the operation (live at that operation only).
+OP_WRITES = {"attention_forward": ("out", "lse"), "attention_backward": ("dqkv",), "memset": ("dst",),
+             "copy": ("dst",)}
+OP_SCRATCH = {"attention_forward": ("workspace",), "attention_backward": ("workspace", "delta")}
+
+
+def _row_of(ref) -> tuple[str, bool] | None:
+    """(row name, whole row?) of a reference; None for numbers, tags, fp8 slots and scalars. A byte
+    offset, a shard or an instance of a multi-instance row is not the whole row (it does not kill it)."""
+    if not isinstance(ref, str) or "." not in ref or ref.startswith(("fp8:", "scalar:", "seed:")):
+        return None
+    name = ref.split("[")[0].split("+")[0].split("@")[0]
+    return name, "+" not in ref and "@" not in ref
+
+
+def op_touches(op: dict) -> dict[str, str]:
+    """Row name -> "w" (only written, whole), "s" (scratch of this operation) or "r" (read, or partly
+    or also written) for every row an operation (not a branch) names."""
+    refs: list[tuple[object, str]] = []          # (reference, "w" | "s" | "r")
+    kind = op["op"]
+    if kind == "kernel":
+        writes = next((w for p, w in KERNEL_WRITES.items() if op["kernel"].startswith(p)), ())
+        refs = [(v, "w" if a in writes else "r") for a, v in op["args"].items()]
+    elif kind == "linear":
+        out = {"forward": "y", "dgrad": "dx", "wgrad": "dw"}[op["pass"]]
+        refs = [(v, "w" if (k == out and not op["accumulate"]) else "r") for k, v in op.items()]
+    elif kind == "collective":
+        gather = op["kind"] == "all_gather" and op.get("into")
+        refs = [(t, "r") for t, _ in op.get("tensors", [])] + [(t, "w" if gather else "r") for t in op.get("into") or []]
+        refs += [(op["region"], "r")] if "region" in op else []
+    elif kind == "gradnorm_partials":
+        refs = [(t, "r") for t, _ in op["tensors"]] + [(op["partials"], "r")]
+    else:
+        w, s = OP_WRITES.get(kind, ()), OP_SCRATCH.get(kind, ())
+        refs = [(v, "w" if k in w else "s" if k in s else "r") for k, v in op.items() if k != "op"]
+    out: dict[str, str] = {}
+    for ref, how in refs:
+        row = _row_of(ref)
+        if row is None:
+            continue
+        name, whole = row
+        how = how if whole or how == "r" else "r"
+        prev = out.get(name)
+        out[name] = how if prev is None or prev == how else "r"
+    return out

@@ -1,7 +1,8 @@
 """The memory table: every byte a plan needs, per GPU and on the host.
 
-One list of MemRow drives both the planner (it sums the rows) and the runtime (it allocates exactly
-these rows, in this order, at ARENA_ALIGN boundaries). The per-layer activations follow the block's op
+One list of MemRow drives both the planner and the runtime: plan/lifetimes.py gives every device row
+its offset in the arena (rows whose lifetimes in the schedule never overlap share bytes), the planner
+totals the packed peak and the runtime allocates exactly that, every row at its offset. The per-layer activations follow the block's op
 sequence (DESIGN.md):
 
     res  = res_prev + delta            ln1 = rmsnorm(res)            [FP8: ln1 -> e4m3]
@@ -16,6 +17,7 @@ A recompute flag moves the rows it names from per-layer to shared (one layer's w
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from math import prod
 
 from .calibration import (ARENA_ALIGN, ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE,
@@ -38,6 +40,14 @@ def shard_elems(n: int, gpus: int) -> int:
     return -(-n // (SHARD_GRAIN * gpus)) * SHARD_GRAIN
 
 
+@lru_cache(maxsize=1 << 16)
+def _row(name, nbytes, count, place, lifetime, dtype, shape, note, sharded) -> MemRow:
+    """Rows are frozen: the solver's candidates share equal ones (most rows recur across candidates,
+    and validating ~10^6 new ones was most of a solve's time)."""
+    return MemRow(name=name, bytes=nbytes, count=count, place=place, lifetime=lifetime, dtype=dtype, shape=shape,
+                  note=note, sharded=sharded)
+
+
 class _Table:
     def __init__(self, gpus: int = 1):
         self.rows: list[MemRow] = []
@@ -52,9 +62,8 @@ class _Table:
         if shard is not None and self.gpus > 1:
             S = shard_elems(elems, self.gpus)
             elems, shape = (S, (S,)) if shard else (S * self.gpus, shape)
-        self.rows.append(MemRow(name=name, bytes=align(elems * DTYPE_BYTES[dtype]), count=count,
-                                place=place, lifetime=lifetime, dtype=dtype, shape=tuple(shape), note=note,
-                                sharded=sharded))
+        self.rows.append(_row(name, align(elems * DTYPE_BYTES[dtype]), count, place, lifetime, dtype,
+                              tuple(shape), note, sharded))
 
 
 def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:
@@ -233,7 +242,8 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("stage.tokens", "int32", (2, 4 * BT + 2), place="host", note="pinned staging, double buffer")
     t.add("rope.table", "fp32", (T, m.head_dim // 2, 2), note="(cos, sin) pairs")
     t.add("ws.cublas", "uint8", (CUBLAS_WORKSPACE,))
-    t.add("ws.attention", "uint8", (attention_workspace(plan),), note="cuDNN SDPA deterministic backward")
+    t.add("ws.attention", "uint8", (attention_workspace(plan),), lifetime="shared",
+          note="cuDNN SDPA deterministic backward (scratch of each attention operation)")
     t.add("reserve.context", "uint8", (CONTEXT_RESERVE,), lifetime="reserve",
           note="CUDA context, library handles")
     return t.rows
@@ -249,7 +259,18 @@ def attention_workspace(plan: Plan) -> int:
 
 
 def device_bytes(rows: list[MemRow]) -> int:
-    return sum(r.total for r in rows if r.place == "device")
+    """One GPU's total: the arena (the packed peak where rows carry offsets, else the sum of the rows)
+    plus the reserve."""
+    reserve = sum(r.total for r in rows if r.place == "device" and r.lifetime == "reserve")
+    return arena_peak(rows) + reserve
+
+
+def arena_peak(rows: list[MemRow]) -> int:
+    """Bytes of the device arena: the end of its highest row (rows without offsets: their sum)."""
+    dev = [r for r in rows if r.place == "device" and r.lifetime != "reserve"]
+    if any(r.offset is None for r in dev):
+        return sum(r.total for r in dev)
+    return max((r.offset + r.total for r in dev), default=0)
 
 
 def host_bytes(rows: list[MemRow], gpus_per_machine: int) -> int:

@@ -135,6 +135,12 @@ class MemRow(_Frozen):
     shape: tuple[int, ...]
     note: str = ""
     sharded: bool = False      # this GPU's shard (shape (S,)) of a tensor split over the GPUs
+    # device rows: bytes from the arena's base (plan/lifetimes.py packs rows whose lifetimes never
+    # overlap into the same bytes); None in an unpacked table and for host and reserve rows
+    offset: Optional[int] = None
+    # packed rows: (first, last) operation of the step order (lifetimes.step_order) that touches them;
+    # None: live for the whole step
+    live: Optional[tuple[int, int]] = None
 
     @property
     def total(self) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from . import calibration as K
-from .memory import group_totals
+from .memory import arena_peak, group_totals
 from .schema import MemRow, Plan
 from .solver import usable_device, usable_host
 
@@ -31,6 +31,15 @@ def _table(rows: list[MemRow], place: str, total_label: str, capacity: int, usab
     for key, b in sorted(groups.items(), key=lambda kv: -kv[1]):
         out.append(f"  {GROUP_TITLES.get(key, key):<34}{_fmt(multiplier * b):>12}   {100 * multiplier * b / total:5.1f}")
     out.append(f"  {'-' * 53}")
+    dev = [r for r in rows if r.place == place and r.lifetime != "reserve"]
+    if place == "device" and dev and all(r.offset is not None for r in dev):
+        # rows whose lifetimes never overlap share bytes: the arena is the packed peak
+        packed = arena_peak(rows) + sum(r.total for r in rows if r.place == place and r.lifetime == "reserve")
+        shared = sum(r.total for r in dev if r.live is not None)
+        out.append(f"  {'sum of the rows':<34}{_fmt(total):>12}")
+        out.append(f"  {'packed by lifetime':<34}{'-' + _fmt(total - packed).strip():>12}   "
+                   f"({sum(r.live is not None for r in dev)} rows of {_fmt(shared).strip()} share bytes)")
+        total = packed
     out.append(f"  {total_label:<34}{_fmt(total):>12}   of {_fmt(usable).strip()} usable "
                f"({_fmt(capacity).strip()} total, {100 * total / usable:.0f}% used)")
     return out
@@ -50,7 +59,7 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
              + (" each" if inv.nodes > 1 else "") + f" ({inv.host_mem_source}"
              + ("; set it with --host-mem" if inv.host_mem_source == "assumed" else "") + ")",
              f"  identity   {plan.inputs_hash()[:16]}", ""]
-    lines.append(f"Device memory, per GPU:")
+    lines.append("Device memory, per GPU:")
     lines += _table(e.memory, "device", "total per GPU", inv.gpu.memory_bytes, usable_device(inv))
     host = _table(e.memory, "host", "total pinned host", inv.host_mem_bytes, usable_host(inv),
                   multiplier=inv.count)

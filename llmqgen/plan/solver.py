@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from ..models.spec import ModelSpec
 from . import calibration as K
 from .cost import StepCost, step_cost
-from .memory import device_bytes, host_bytes, memory_table
+from .lifetimes import TRANSIENT, arena_offsets, live_spans, packed_table
+from .memory import memory_table
 from .schema import (Batch, Candidate, Estimate, Inventory, MemRow, Offload, Plan, Precision, Recompute, Sharding,
                      check_plan_name, validation_summary)
 
@@ -56,8 +57,18 @@ class Scored:
     plan: Plan
     rows: list[MemRow]
     cost: StepCost
-    device: int
     host: int
+    device_max: int = 0       # no packing: the rows end to end
+    device_min: int = 0       # a bound packing cannot beat: the rows that may not share bytes, and the largest that may
+    _device: Optional[int] = None
+
+    @property
+    def device(self) -> int:
+        """Per GPU: the arena packed by lifetime plus the reserve (computed when first asked)."""
+        if self._device is None:
+            _, arena = arena_offsets(self.plan, self.rows)
+            self._device = arena + sum(r.total for r in self.rows if r.place == "device" and r.lifetime == "reserve")
+        return self._device
 
 
 def usable_device(inv: Inventory) -> int:
@@ -78,12 +89,27 @@ def _set(d: dict, path: str, value: Any) -> None:
 def _score(fields: dict) -> Scored:
     plan = Plan.model_validate(fields)
     rows = memory_table(plan)
-    return Scored(plan, rows, step_cost(plan), device_bytes(rows), host_bytes(rows, plan.inventory.count))
+    fixed = transient = largest = host = 0      # one pass: this runs for every candidate
+    for r in rows:
+        n = r.bytes * r.count
+        if r.place == "host":
+            host += n
+        elif r.lifetime in TRANSIENT:
+            transient += n
+            largest = n if n > largest else largest
+        else:
+            fixed += n
+    return Scored(plan, rows, step_cost(plan), plan.inventory.count * host,    # = memory.host_bytes
+                  device_max=fixed + transient, device_min=fixed + largest)
 
 
 def _fits(s: Scored) -> bool:
+    """Packing by lifetime is asked only where the bounds cannot tell."""
     inv = s.plan.inventory
-    return s.device <= usable_device(inv) and s.host <= usable_host(inv)
+    usable = usable_device(inv)
+    if s.host > usable_host(inv) or s.device_min > usable:
+        return False
+    return s.device_max <= usable or s.device <= usable
 
 
 def pin_fields() -> dict:
@@ -385,7 +411,8 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                             fitting.append(s)
                             found = s
                             break
-                        if closest is None or _shortfall(s) < _shortfall(closest):
+                        if closest is None or (_shortfall(s, bound=True) < _shortfall(closest)
+                                               and _shortfall(s) < _shortfall(closest)):
                             closest = s
                     if found:
                         break          # least recompute that fits for this (micro, zero, offload)
@@ -400,9 +427,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     return _with_estimate(best, others, reason_pins, notes)
 
 
-def _shortfall(s: Scored) -> int:
+def _shortfall(s: Scored, bound: bool = False) -> int:
+    """Bytes over the usable memory; bound: a lower bound, without packing."""
     inv = s.plan.inventory
-    return max(0, s.device - usable_device(inv)) + max(0, s.host - usable_host(inv))
+    return max(0, (s.device_min if bound else s.device) - usable_device(inv)) + max(0, s.host - usable_host(inv))
 
 
 def _distinct(cands: list[Scored], best: Scored, n: int) -> list[Scored]:
@@ -438,7 +466,7 @@ def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any],
                          device_bytes=o.device,
                          why_not=f"{100 * (o.cost.step_ms / c.step_ms - 1):.1f}% slower")
                for o in others]
-    est = Estimate(memory=best.rows, device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
+    est = Estimate(memory=live_spans(p, packed_table(p, best.rows)), device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
                    tokens_per_s=c.tokens_per_s, flops_per_token=c.flops_per_token, sol_ms=c.sol_ms,
                    sol_pct=c.sol_pct, mfu_pct=c.mfu_pct, breakdown_ms=c.breakdown_ms,
                    reasons={**_reasons(best, pins), **(notes or {})}, runners_up=runners)
@@ -452,7 +480,7 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
     why = {
         "precision": (f"e4m3 matmuls: {gpu.fp8_tflops:.0f} vs {gpu.bf16_tflops:.0f} TFLOP/s BF16 on "
                       f"{gpu.display_name}" if p.fp8 else
-                      f"bf16 matmuls" + ("" if gpu.fp8_tflops else f": {gpu.display_name} has no FP8 tensor cores")),
+                      "bf16 matmuls" + ("" if gpu.fp8_tflops else f": {gpu.display_name} has no FP8 tensor cores")),
         "batch": (f"{p.batch.micro_batch} x {p.batch.seq_len} tokens per micro-step, {p.batch.grad_accum} "
                   f"micro-steps: {p.tokens_per_step:,} tokens per optimizer step"),
         "recompute": ("none: every activation fits" if not p.recompute.names() else

@@ -1,9 +1,11 @@
 """Arena: the plan's memory table made real, as one device (or one pinned host) allocation.
 
-The rows of a place are laid out in table order, each row `count` contiguous instances of `bytes`.
-The planner already rounds every row's `bytes` up to ARENA_ALIGN, so each instance (not only each
-row) starts on a 256-byte boundary and the arena's size is exactly the sum of the row totals: the
-planner's numbers are the allocation. Rows with lifetime "reserve" (CUDA context, library handles)
+Each row is `count` contiguous instances of `bytes`. Device rows carry the offsets the planner packed
+(plan/lifetimes.py: rows whose lifetimes in the schedule never overlap share bytes) and the arena is
+exactly the packed peak; rows without offsets (host rows, an unpacked table) are laid out back to back
+in table order. The planner rounds every row's `bytes` up to ARENA_ALIGN and packs at multiples of it,
+so each instance (not only each row) starts on a 256-byte boundary: the planner's numbers are the
+allocation. Rows with lifetime "reserve" (CUDA context, library handles)
 are counted by the planner but allocated by nobody here.
 """
 from __future__ import annotations
@@ -31,12 +33,15 @@ class Slot:
 
 
 def layout(rows: Iterable[MemRow], place: str) -> dict[str, Slot]:
-    """Offsets of the rows placed at `place` ("device" or "host"), in table order."""
+    """Offsets of the rows placed at `place` ("device" or "host"): the planned ones, or in table order
+    when no row of the place has one."""
     slots: dict[str, Slot] = {}
     offset = 0
-    for row in rows:
-        if row.place != place or row.lifetime == "reserve":
-            continue
+    mine = [r for r in rows if r.place == place and r.lifetime != "reserve"]
+    planned = any(r.offset is not None for r in mine)
+    if planned and any(r.offset is None for r in mine):
+        raise ValueError(f"some {place} rows have planned offsets and some do not: pack the whole table")
+    for row in mine:
         if row.name in slots:
             raise ValueError(f"memory table has two rows named {row.name!r}: row names must be unique")
         if row.bytes % ALIGN:
@@ -44,13 +49,19 @@ def layout(rows: Iterable[MemRow], place: str) -> dict[str, Slot]:
                              f"the planner must round every row up to the arena alignment")
         if row.count < 1:
             raise ValueError(f"row {row.name!r} has count {row.count}: every row needs at least one instance")
-        slots[row.name] = Slot(offset, row.bytes, row.count)
-        offset += row.bytes * row.count
+        if planned:
+            if row.offset % ALIGN:
+                raise ValueError(f"row {row.name!r} is planned at offset {row.offset}, not a multiple of {ALIGN}")
+            slots[row.name] = Slot(row.offset, row.bytes, row.count)
+        else:
+            slots[row.name] = Slot(offset, row.bytes, row.count)
+            offset += row.bytes * row.count
     return slots
 
 
 def arena_bytes(slots: dict[str, Slot]) -> int:
-    return sum(s.total for s in slots.values())
+    """The allocation: the end of the highest row (the sum of the rows when they are back to back)."""
+    return max((s.offset + s.total for s in slots.values()), default=0)
 
 
 class Arena:

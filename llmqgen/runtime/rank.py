@@ -19,7 +19,8 @@ import numpy as np
 from ..codegen.families import adamw as adamw_family
 from ..codegen.families import gradnorm as gradnorm_family
 from ..codegen.schedule import SCALARS, fp8_slot_index
-from ..plan.memory import DTYPE_BYTES, memory_table, param_tensors, shard_elems
+from ..plan.lifetimes import packed_table
+from ..plan.memory import DTYPE_BYTES, param_tensors, shard_elems
 from ..plan.schema import Plan
 from . import driver
 from .arena import Arena
@@ -42,7 +43,8 @@ class Rank:
         self.dev = driver.open_device(device, own_context)
         self.module = driver.module_load(cubin)
         self.funcs: dict[str, int] = {}
-        self.rows = {r.name: r for r in memory_table(plan)}     # the table of this llmqgen, from the inputs
+        # the table of this llmqgen, from the inputs, with the packed device offsets the planner totalled
+        self.rows = {r.name: r for r in packed_table(plan)}
         # elements of one GPU's shard of each parameter (S of memory.shard_elems), by parameter name
         self.shard_of = {n: shard_elems(prod(shape), self.world) for n, shape, _, _ in param_tensors(plan)}
         self.mem = Arena(self.rows.values(), "device")
@@ -137,11 +139,11 @@ class Rank:
             return self._bind_flash_attention(op, layer)
         if kind == "attention_forward":
             p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "lse")}
-            ws = self.mem.ptr("ws.attention")
+            ws = self.ptr(op["workspace"], layer)
             return lambda: self.attn.forward(s, p["qkv"], p["out"], p["lse"], ws)
         if kind == "attention_backward":
             p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "dout", "lse", "dqkv")}
-            ws = self.mem.ptr("ws.attention")
+            ws = self.ptr(op["workspace"], layer)
             return lambda: self.attn.backward(s, p["qkv"], p["out"], p["dout"], p["lse"], p["dqkv"], ws)
         if kind == "memset":
             dst, n = self.ptr(op["dst"], layer), op["bytes"]
@@ -179,8 +181,8 @@ class Rank:
         if op["op"] == "attention_forward":
             names = [("llmq_attention_forward", [op["qkv"], op["out"], op["lse"]])]
         else:
-            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], "work.attn_delta"]),
-                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], "work.attn_delta", op["dqkv"]])]
+            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], op["delta"]]),
+                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], op["delta"], op["dqkv"]])]
         fns = [self._bind({"op": "kernel", "kernel": k, "args": {a: v for (a, _), v in
                                                                   zip(self.kernels[k].args, refs)}}, layer)
                for k, refs in names]

@@ -47,3 +47,21 @@ def test_unaligned_row_is_rejected_with_advice():
 def test_duplicate_names_rejected():
     with pytest.raises(ValueError, match="unique"):
         layout([row("a", 256), row("a", 512)], "device")
+
+
+def test_planned_offsets_are_used_and_the_arena_is_the_peak():
+    rows = [row("p", 512), row("a", 1024, lifetime="shared").model_copy(update={"offset": 512}),
+            row("b", 768, lifetime="shared").model_copy(update={"offset": 512}),
+            row("h", 256, place="host"), row("ctx", 640 << 20, lifetime="reserve")]
+    rows[0] = rows[0].model_copy(update={"offset": 0})
+    dev = layout(rows, "device")
+    assert dev == {"p": Slot(0, 512, 1), "a": Slot(512, 1024, 1), "b": Slot(512, 768, 1)}
+    assert arena_bytes(dev) == 1536                  # a and b share bytes: the peak, not the sum
+    assert layout(rows, "host") == {"h": Slot(0, 256, 1)}
+
+
+def test_half_planned_or_unaligned_offsets_rejected():
+    with pytest.raises(ValueError, match="pack the whole table"):
+        layout([row("a", 256).model_copy(update={"offset": 0}), row("b", 256)], "device")
+    with pytest.raises(ValueError, match="offset 100"):
+        layout([row("a", 256).model_copy(update={"offset": 100})], "device")
