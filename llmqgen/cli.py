@@ -454,9 +454,11 @@ def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
 
 
 def _register_subcommands() -> None:
+    from .cachecmd import cache
     from .checkpoint.cli import export
     from .data.cli import data
 
+    main.add_command(cache)
     main.add_command(data)
     main.add_command(export)
 
