@@ -1,4 +1,7 @@
-"""The safetensors format, read and written with numpy + ml_dtypes (no torch, no safetensors package).
+"""The safetensors format with numpy + ml_dtypes (no torch): Hugging Face files are written by the
+safetensors package's numpy API (`write_sharded`); reading is our own, zero-copy (memory-mapped, the
+tensors are views of the file), and `write_safetensors` streams a checkpoint's tensors with a
+running digest and fsync.
 
 File: u64 little-endian N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets": [b, e]},
 "__metadata__": {str: str}} padded with spaces so the data start 8-byte aligned, then the tensor
@@ -122,6 +125,30 @@ def read_safetensors(path: str | os.PathLike, names: Optional[Iterable[str]] = N
     return out
 
 
+def _save_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]],
+               fsync: bool) -> Path:
+    """One Hugging Face file, written by the safetensors package (bf16 and fp8 through ml_dtypes)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    arrays = {}
+    for name, a in tensors.items():
+        a = np.asarray(a)
+        _dtype_name(a, name)                       # our one-line error for a dtype safetensors lacks
+        arrays[name] = np.ascontiguousarray(a)
+    try:
+        save_file(arrays, str(path), metadata=dict(metadata) if metadata else None)
+    except (SafetensorError, ValueError, TypeError) as e:
+        raise SafetensorsError(f"{path}: the safetensors package could not write it ({e})") from None
+    if fsync:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return path
+
+
 def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                   shard_bytes: int = 5 << 30, metadata: Optional[Mapping[str, str]] = None,
                   fsync: bool = False) -> list[Path]:
@@ -140,11 +167,11 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray
         groups[-1][name] = a
         size += nbytes
     if len(groups) == 1:
-        return [write_safetensors(directory / SINGLE, groups[0], metadata, fsync)]
+        return [_save_file(directory / SINGLE, groups[0], metadata, fsync)]
     files, weight_map = [], {}
     for i, g in enumerate(groups):
         fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        files.append(write_safetensors(directory / fname, g, metadata, fsync))
+        files.append(_save_file(directory / fname, g, metadata, fsync))
         weight_map.update({n: fname for n in g})
     total = sum(np.asarray(a).nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

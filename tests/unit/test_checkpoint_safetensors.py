@@ -98,3 +98,23 @@ def test_cross_check_with_safetensors_package(tmp_path):
     mine = read_safetensors(tmp_path / "theirs.safetensors")
     for k in t:
         np.testing.assert_array_equal(mine[k], t[k])
+
+
+def test_hf_files_are_written_by_the_safetensors_package(tmp_path, monkeypatch):
+    """write_sharded goes through safetensors.numpy.save_file: every dtype (bf16, fp8 too) reads back
+    bit-exactly with our zero-copy reader, big-endian input is stored little, metadata is kept."""
+    import safetensors.numpy as st
+    calls = []
+    real = st.save_file
+    monkeypatch.setattr(st, "save_file", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    t = {**sample(), "be": np.arange(5, dtype=">f4")}
+    write_sharded(tmp_path, t, metadata={"format": "pt"}, fsync=True)
+    assert calls == [str(tmp_path / SINGLE)]
+    header, meta, start = read_header(tmp_path / SINGLE)
+    assert meta == {"format": "pt"} and start % 8 == 0
+    got = read_dir(tmp_path)
+    assert got.keys() == t.keys()
+    for k, v in t.items():
+        assert got[k].dtype == v.dtype.newbyteorder("<") and got[k].tobytes() == v.astype(got[k].dtype).tobytes()
+    with pytest.raises(SafetensorsError, match="has no safetensors name"):
+        write_sharded(tmp_path / "bad", {"c": np.zeros(2, np.complex64)})
