@@ -25,13 +25,16 @@ def gemm_seconds(flops: float, tflops: float, dtype: str, consumer: bool = False
 
 @dataclass
 class StepCost:
-    breakdown_ms: dict[str, float]
-    step_ms: float
-    tokens_per_s: float            # whole machine
-    sol_ms: float
-    sol_pct: float
-    mfu_pct: float
-    flops_per_token: float
+    """The predicted cost of one optimizer step (all `grad_accum` micro-steps plus the optimizer)."""
+
+    breakdown_ms: dict[str, float]  # ms per step: matmul, lm_head, attention, elementwise (incl. launches),
+                                    # exposed_transfers, optimizer, collectives; they sum to step_ms
+    step_ms: float                  # ms per optimizer step, per GPU (the GPUs run in lockstep)
+    tokens_per_s: float             # tokens/s of the whole machine (all GPUs, all nodes)
+    sol_ms: float                   # speed-of-light ms per step (metrics.sol_seconds_per_token)
+    sol_pct: float                  # 100 * sol_ms / step_ms
+    mfu_pct: float                  # BF16-equivalent model FLOPs utilisation per GPU, percent
+    flops_per_token: float          # training FLOPs per token (6N + attention), BF16-equivalent
 
 
 def _layer_gemms(plan: Plan) -> list[tuple[str, int, int, int]]:
@@ -42,6 +45,24 @@ def _layer_gemms(plan: Plan) -> list[tuple[str, int, int, int]]:
 
 
 def step_cost(plan: Plan) -> StepCost:
+    """Predict one optimizer step of `plan` on its inventory, from the plan alone (no GPU needed).
+
+    Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs (forward, dgrad, wgrad,
+    plus the recomputed ones) at the matmul dtype's dense TFLOP/s times a size-dependent efficiency,
+    the LM head in `lm_head_chunks` BF16 GEMMs, causal attention, elementwise kernels as bytes over
+    memory bandwidth, and kernel launches; offload over PCIe and per-layer collectives overlap with
+    compute up to `calibration.OFFLOAD_OVERLAP`, the rest is exposed. Per step: `grad_accum` micro-steps,
+    then the optimizer (state bytes over bandwidth, offloaded state over PCIe) and the step's collectives.
+
+    Args:
+        plan: a validated Plan; `plan.estimate` is not read (the solver calls this before it exists).
+    Returns:
+        StepCost: times in milliseconds per optimizer step per GPU, throughput in tokens/s of the whole
+        machine, SOL and MFU in percent. Constants come from `plan/calibration.py`.
+    Raises:
+        Nothing for a Plan that validated: inconsistent inputs are refused by `Plan` (pydantic
+        ValidationError) before they reach the cost model.
+    """
     m, b, r, o, s = plan.model, plan.batch, plan.recompute, plan.offload, plan.sharding
     gpu, N = plan.inventory.gpu, plan.num_gpus
     L, C, F, V = m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size

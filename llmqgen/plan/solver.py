@@ -289,6 +289,37 @@ def _tokens_hint(tokens: int, unit: int) -> str:
 def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
           tokens_per_step: int = 524288, dtype: Optional[str] = None,
           pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
+    """The fastest plan for `model` on `inventory` that fits device memory and pinned host memory.
+
+    Enumerates micro-batches (multiples of the FP8 row rule dividing the step), ZeRO levels (several
+    GPUs), the offload ladder and the recompute ladder; for each combination keeps the least recompute
+    and the fewest LM-head chunks that fit; ranks by `step_cost` (ZeRO-2/3 must win by more than
+    `calibration.SHARDING_MARGIN`). Deterministic.
+
+    Args:
+        model: the model's dimensions (models.catalog.resolve_model).
+        inventory: GPU spec, GPUs per node, nodes, host RAM in bytes (hardware.inventory.parse_inventory).
+        seq_len: tokens per sequence, 16 .. model.max_position_embeddings.
+        tokens_per_step: tokens per optimizer step over all GPUs; a multiple of seq_len x GPUs
+            (x the micro-batch unit that makes micro_batch x seq_len a multiple of 16 for FP8).
+        dtype: matmul precision, "e4m3" or "bf16"; None: e4m3 where the GPU has FP8 tensor cores and
+            the model's widths are multiples of 16, else bf16 (the plan's reasons say why).
+        pins: plan inputs fixed by the user, {"recompute.ffn": False, "batch.micro_batch": 8, ...}
+            (keys: solver.pin_fields()). Pins are constraints: applied after the recompute implications
+            (ffn -> swiglu, attention -> qkv, block -> all), kept by the plan and every runner-up.
+        name: the plan's (file) name; default <model>-<dtype>-<inventory> plus `pins_suffix` (the pins,
+            a non-default seq_len or tokens_per_step), e.g. qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block.
+        runners_up: how many distinct slower plans to keep in `estimate.runners_up`.
+    Returns:
+        Plan with `estimate` set: the memory table (bytes per row), step_ms, tokens/s, SOL/MFU percent,
+        one reason per choice, runners-up.
+    Raises:
+        NoFitError (a ValueError): nothing fits; the message names the closest plan, its shortfall in
+            GiB and what would make it fit (several lines).
+        ValueError: a bad input, in one line: unknown pin key or value, conflicting pins, --dtype vs a
+            pinned precision.matmul, FP8 on a GPU or model that cannot, seq_len out of range,
+            tokens_per_step not divisible as above, a bad name, or pins that make no valid Plan.
+    """
     pins = check_pins(dict(pins or {}))
     check_pin_conflicts(pins)
     gpu, N = inventory.gpu, inventory.count * inventory.nodes
