@@ -111,7 +111,8 @@ def clear(yes, only):
         click.echo(f"nothing to clear: no {', '.join(k + '/' for k in kinds)} under {root}")
         return
     size = sum(_size(t) for t in targets)
-    names = ", ".join(f"{t.name}/ ({len(entries(root, t.name))} entries)" for t in targets)
+    counts = {t: len(entries(root, t.name)) for t in targets}
+    names = ", ".join(f"{t.name}/ ({n} entr{'y' if n == 1 else 'ies'})" for t, n in counts.items())
     if not yes:
         try:
             ok = click.confirm(f"delete {names} under {root}, {human(size)}?", default=False)
