@@ -294,15 +294,26 @@ class Rank:
         return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
     # --- host <-> device -----------------------------------------------------------------------------
+    def _in_host(self, p: int) -> bool:
+        return self.host.device_base <= p < self.host.device_base + self.host.nbytes
+
     def upload(self, dst: int, array: np.ndarray) -> None:
         self.dev.make_current()
         a = np.ascontiguousarray(array)
+        if self._in_host(dst):                      # an offloaded row: written by the CPU once the GPU is idle
+            driver.stream_synchronize(self.stream)
+            ctypes.memmove(dst - self.host.device_base + self.host.base, a.ctypes.data, a.nbytes)
+            return
         driver.memcpy_htod(dst, a.ctypes.data, a.nbytes, self.stream)
         driver.stream_synchronize(self.stream)      # `a` may be freed once this returns
 
     def download(self, src: int, dtype, shape) -> np.ndarray:
         self.dev.make_current()
         out = np.empty(shape, dtype)
+        if self._in_host(src):                      # an offloaded row: read by the CPU once the GPU is idle
+            driver.stream_synchronize(self.stream)
+            ctypes.memmove(out.ctypes.data, src - self.host.device_base + self.host.base, out.nbytes)
+            return out
         driver.memcpy_dtoh(out.ctypes.data, src, out.nbytes, self.stream)
         driver.stream_synchronize(self.stream)
         return out
