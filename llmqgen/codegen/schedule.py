@@ -7,6 +7,9 @@ gradient sums over GPUs and the global norm, read back by the runtime before it 
 sections also run at load, making the work copies from the loaded masters) and evaluation (`eval.head`:
 the head's forward operations and the loss only, run after `prologue` and `layer_forward`).
 Recompute operations open a layer's backward, exactly for the activations the plan's recompute set dropped.
+Offloaded rows (place "host") are mapped pinned memory: operations may address them directly; streamed
+block weights, block gradients, residuals and the optimizer's block states go through their device double
+buffers ("stage.*") by `copy` operations on the compute stream (in order, not yet overlapped).
 
 References (strings) name rows of the plan's memory table:
   "act.res[l]"      layer l's instance of a per-layer row ("[l-1]" the previous layer's); on a shared
@@ -20,7 +23,7 @@ References (strings) name rows of the plan's memory table:
 rows receiving the result) or a byte `region`; the runtime runs them over all GPUs at once (copy
 engines or NCCL). An `overlap` collective runs beside the computation that follows it, under a `tag`
 ("w[l+1]": layer l+1's weights); `await` makes the computation after it wait for that tag, and
-`skip_layers` lists the layers where a per-layer collective does not happen. Index expressions:
+`skip_layers` lists the layers where a per-layer collective (or copy) does not happen. Index expressions:
 "[l]", "[l-1]", "[l+1]", "[l%2]", "[(l+1)%2]".
 Numbers are passed as they are. `linear` ops are the three GEMMs of a linear layer (forward,
 dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . W[N,K]^T.
@@ -109,10 +112,20 @@ def build_schedule(plan: Plan) -> dict:
     gdt = plan.precision.gradient
     N_gpu, sh = plan.num_gpus, plan.sharding
     zero2, zero3 = N_gpu > 1 and sh.gradients, N_gpu > 1 and sh.weights
+    off = plan.offload
+    # Offload (pinned host rows, mapped: kernels and GEMMs may address them, but block weights, block
+    # gradients and residuals go through their device double buffers by copies on the compute stream):
+    # streamed block weights (one GPU's sharded weights, or offloaded work copies without ZeRO-3) are
+    # copied in per layer; block gradients are copied in before a layer's backward and out after it.
+    stream_w = not zero3 and (off.quantized_weights or (sh.weights and N_gpu == 1))
+    stream_g = not zero2 and off.gradients
     # ZeRO-3: a block's weights are all-gathered from the shards into a double buffer ahead of use
-    W = (lambda n: f"stage.weights.{n}[l%2]") if zero3 else (lambda n: f"weights.{n}[l]")    # noqa: E731
+    W = (lambda n: f"stage.weights.{n}[l%2]") if (zero3 or stream_w) else (lambda n: f"weights.{n}[l]")  # noqa: E731
     # ZeRO-2: a block's gradients go to a double buffer, reduce-scattered as backward leaves the block
-    G = (lambda n: f"stage.grads.{n}[l%2]") if zero2 else (lambda n: f"grads.{n}[l]")   # noqa: E731
+    G = (lambda n: f"stage.grads.{n}[l%2]") if (zero2 or stream_g) else (lambda n: f"grads.{n}[l]")  # noqa: E731
+    # offloaded residuals: the block input lives in a device double buffer while its layer runs and is
+    # copied to its host row after the forward norm, back before the layer's backward
+    RES = "stage.res[l%2]" if off.residual else "act.res[l]"
     amax = (lambda s: {"amax": f"fp8:{s}[l]"}) if fp8 else (lambda s: {})    # noqa: E731
     sink = {"amax": "fp8:sink"} if fp8 else {}
     shapes = m.block_matrix_shapes()
@@ -155,7 +168,7 @@ def build_schedule(plan: Plan) -> dict:
             o.kernel(f"llmq_amax_{site['att']}", phase, **{"in": "act.att[l]"}, stats="fp8:att[l]")
             quantize("", "att", phase, "act.att[l]", out="work.att_q")
         linear_forward("attn_out", phase, "work.att_q" if fp8 else "act.att[l]", "work.branch", "att")
-        o.kernel("llmq_rmsnorm_forward_ln2", phase, res_out="act.res2[l]", res_in="act.res[l]",
+        o.kernel("llmq_rmsnorm_forward_ln2", phase, res_out="act.res2[l]", res_in=RES,
                  delta="work.branch", weight=W("ln2"), y=norm_out("ln2"), rstd="act.rstd2[l]", **amax("ln2"))
         if fp8:
             quantize("", "ln2", phase, "work.ln", out="act.ln2[l]")
@@ -165,9 +178,9 @@ def build_schedule(plan: Plan) -> dict:
     def ln1_forward(phase):
         args = dict(weight=W("ln1"), y=norm_out("ln1"), rstd="act.rstd1[l]", **amax("ln1"))
         o.add("branch_on_layer", phase, first=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1_first",
-                                                "args": {"res_in": "act.res[l]", **args}}],
+                                                "args": {"res_in": RES, **args}}],
               rest=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1",
-                     "args": {"res_out": "act.res[l]", "res_in": "act.res2[l-1]", "delta": "work.branch", **args}}])
+                     "args": {"res_out": RES, "res_in": "act.res2[l-1]", "delta": "work.branch", **args}}])
 
     layer_tensors = [(n, sh_) for n, sh_, per_layer, _ in param_tensors(plan) if per_layer]
 
@@ -178,10 +191,25 @@ def build_schedule(plan: Plan) -> dict:
               skip_layers=skip, tensors=[[f"weights.{n}[{target}]", False] for n, _ in layer_tensors],
               into=[f"stage.weights.{n}[({target})%2]" for n, _ in layer_tensors])
 
+    def copy_weights(phase, skip):
+        for n, _ in layer_tensors:
+            o.add("copy", phase, dst=f"stage.weights.{n}[l%2]", src=f"weights.{n}[l]",
+                  bytes=_same_bytes(o.rows, f"stage.weights.{n}", f"weights.{n}"), skip_layers=skip)
+
+    def copy_grads(phase, into_stage):
+        for n, _ in layer_tensors:
+            stage, row = f"stage.grads.{n}[l%2]", f"grads.{n}[l]"
+            o.add("copy", phase, dst=stage if into_stage else row, src=row if into_stage else stage,
+                  bytes=_same_bytes(o.rows, f"stage.grads.{n}", f"grads.{n}"))
+
     if zero3:      # layer l+1 arrives while layer l computes (layer 0: gathered in the prologue)
         gather_weights("forward", "l+1", [L - 1])
         o.add("await", "forward", tag="w[l]")
+    if stream_w:
+        copy_weights("forward", [])
     ln1_forward("forward")
+    if off.residual:
+        o.add("copy", "forward", dst="act.res[l]", src=RES, bytes=_same_bytes(o.rows, "act.res", "stage.res"))
     block_forward("forward")
     linear_forward("down", "forward", "act.h[l]", "work.branch", "h")
     layer_forward = o.take()
@@ -190,17 +218,24 @@ def build_schedule(plan: Plan) -> dict:
     if zero3:      # the last two layers are still in the buffers from the forward
         gather_weights("backward", "l-1", [0, L - 1])
         o.add("await", "backward", tag="w[l]")
+    if stream_w:   # the last two layers are still in the buffers from the forward
+        copy_weights("backward", [L - 1, L - 2])
+    if off.residual:  # the last two layers' block inputs are still in their buffers from the forward
+        o.add("copy", "backward", dst=RES, src="act.res[l]", bytes=_same_bytes(o.rows, "act.res", "stage.res"),
+              skip_layers=[L - 1, L - 2])
+    if stream_g:   # the gradients accumulated so far (over micro-steps) into the buffer
+        copy_grads("backward", True)
     if zero2:      # the buffer's previous user, layer l+2, has been reduce-scattered
         o.add("await", "backward", tag="g[l+2]")
         for n, shape in layer_tensors:
             o.add("memset", "backward", dst=G(n), bytes=o.rows[f"stage.grads.{n}"].bytes)
     if r.block:    # rstd1 was not kept either: the no-add forward norm recomputes it from the block input
-        o.kernel("llmq_rmsnorm_forward_ln1_first", "recompute", res_in="act.res[l]", weight=W("ln1"),
+        o.kernel("llmq_rmsnorm_forward_ln1_first", "recompute", res_in=RES, weight=W("ln1"),
                  y=norm_out("ln1"), rstd="act.rstd1[l]", **amax("ln1"))
         block_forward("recompute")
     else:
         if r.norm:
-            for n, res in (("ln1", "act.res[l]"), ("ln2", "act.res2[l]")):
+            for n, res in (("ln1", RES), ("ln2", "act.res2[l]")):
                 o.kernel(f"llmq_rmsnorm_recompute_{n}", "recompute", res=res, weight=W(n),
                          rstd=f"act.rstd{n[-1]}[l]", y=norm_out(n), **amax(n))
                 if fp8:
@@ -262,8 +297,10 @@ def build_schedule(plan: Plan) -> dict:
         o.add("bias_grad", b, dy="work.d_qkv", db=G("qkv_bias"), ones="work.ones", rows=BT, cols=QKV)
     linear_backward("qkv", "work.d_qkv", "d_qkv", "act.ln1[l]", "ln1", "work.d_ln")
     o.kernel("llmq_rmsnorm_backward_ln1", b, dx="work.d_res", d_res="work.d_res", dy="work.d_ln",
-             res="act.res[l]", weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
+             res=RES, weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
     o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=G("ln1"), dw_partial="work.norm_partials")
+    if stream_g:
+        copy_grads("backward", False)
     if zero2:      # overlapped with the next block's backward on the communication streams
         o.add("collective", b, kind="reduce_scatter", dtype="bf16", overlap=True, tag="g[l]", skip_layers=[],
               tensors=[[G(n), False] for n, _ in layer_tensors], into=[f"grads.{n}[l]" for n, _ in layer_tensors])
@@ -276,7 +313,8 @@ def build_schedule(plan: Plan) -> dict:
         o.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
               skip_layers=[], tensors=[[f"weights.{n}[0]", False] for n, _ in layer_tensors],
               into=[f"stage.weights.{n}[0]" for n, _ in layer_tensors])
-    o.kernel("llmq_embedding_forward", "forward", x="act.res[0]", tokens="tokens.inputs", wte="weights.embedding")
+    o.kernel("llmq_embedding_forward", "forward", x="stage.res[0]" if off.residual else "act.res[0]",
+             tokens="tokens.inputs", wte="weights.embedding")
     prologue = o.take()
     head_w = "weights.embedding" if m.tie_embeddings else "weights.lm_head"
     head_g = "grads.embedding" if m.tie_embeddings else "grads.lm_head"
@@ -361,10 +399,21 @@ def build_schedule(plan: Plan) -> dict:
         return f"master.{n}{idx}" if f"master.{n}" in o.rows else f"weights.{n}{idx}"
 
     def adamw(n, shape, idx, is_matrix):
-        o.kernel(adam, "optimizer", param=master_of(n, idx), grad=grad(n, idx), m=f"adam_m.{n}{idx}",
-                 v=f"adam_v.{n}{idx}", hyper="scalar:hyper", clip_scale="scalar:clip_scale",
+        # offloaded block states stream through their device double buffers: copied in, updated, copied out
+        # (the whole-model tensors' states are updated where they are, in mapped pinned memory)
+        rows = {"master": master_of(n, idx), "adam_m": f"adam_m.{n}{idx}", "adam_v": f"adam_v.{n}{idx}"}
+        staged = {what: f"stage.{what}.{n}[l%2]" for what in rows if f"stage.{what}.{n}" in o.rows and idx}
+        for what, buf in staged.items():
+            o.add("copy", "optimizer", dst=buf, src=rows[what],
+                  bytes=_same_bytes(o.rows, f"stage.{what}.{n}", rows[what].split("[")[0]))
+        args = {**rows, **staged}
+        o.kernel(adam, "optimizer", param=args["master"], grad=grad(n, idx), m=args["adam_m"],
+                 v=args["adam_v"], hyper="scalar:hyper", clip_scale="scalar:clip_scale",
                  amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n=elems(shape), step="step",
                  seed=f"seed:{n}", apply_weight_decay=int(is_matrix or n in ("embedding", "lm_head")), zero_grad=1)
+        for what, buf in staged.items():
+            o.add("copy", "optimizer", dst=rows[what], src=buf,
+                  bytes=_same_bytes(o.rows, f"stage.{what}.{n}", rows[what].split("[")[0]))
 
     def publish(n, shape, idx, is_matrix):
         """The work copy from the new master (this GPU's shard of it when the optimizer is sharded)."""
@@ -417,6 +466,20 @@ def build_schedule(plan: Plan) -> dict:
             "optimizer_step": {"gradnorm": gradnorm, "optimizer": optimizer,
                                "layer_optimizer": layer_optimizer,
                                "publish": publish_once, "layer_publish": layer_publish, "gather": gather}}
+
+
+def _same_bytes(rows: dict, a: str, b: str) -> int:
+    """Bytes of one instance of two rows a copy moves between (a host row and its device buffer)."""
+    if rows[a].bytes != rows[b].bytes:
+        raise ValueError(f"rows {a} ({rows[a].bytes} bytes) and {b} ({rows[b].bytes} bytes) differ: "
+                         f"the memory table must size a host row and its device buffer alike")
+    return rows[a].bytes
+
+
+def runtime_unsupported(plan: Plan) -> list[str]:
+    """What of the plan the runtime cannot execute, one phrase each naming the pin that avoids it (empty:
+    everything executes). `llmqgen plan` warns with these and Trainer refuses with them."""
+    return []
 
 
 def iter_ops(schedule: dict):

@@ -76,12 +76,19 @@ class Arena:
         self.base = driver.alloc(self.nbytes) if place == "device" else driver.host_alloc(self.nbytes)
         if self.base % ALIGN:  # the driver gives 256-byte (device) and page (host) alignment
             raise RuntimeError(f"{place} allocation at {self.base:#x} is not {ALIGN}-byte aligned")
+        # where kernels, GEMMs and copies address the rows: pinned host rows are mapped (zero-copy)
+        self.device_base = driver.host_device_pointer(self.base) if place == "host" else self.base
 
     def ptr(self, name: str, index: int = 0) -> int:
         slot = self.slot(name)
         if not 0 <= index < slot.count:
             raise IndexError(f"row {name!r} has {slot.count} instance(s), asked for index {index}")
         return self.base + slot.offset + index * slot.bytes
+
+    def device_ptr(self, name: str, index: int = 0) -> int:
+        """`ptr` as the GPU addresses it (the same value for device rows and, with unified addressing,
+        for mapped host rows)."""
+        return self.ptr(name, index) - self.base + self.device_base
 
     def slot(self, name: str) -> Slot:
         try:

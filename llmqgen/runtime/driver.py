@@ -207,8 +207,16 @@ def free(ptr: int) -> None:
 
 
 def host_alloc(nbytes: int) -> int:
-    """Pinned (page-locked) host memory: async copies to and from it run at full PCIe speed."""
-    return int(_call(cu.cuMemHostAlloc, max(1, nbytes), cu.CU_MEMHOSTALLOC_PORTABLE))
+    """Pinned (page-locked) host memory, mapped into the device address space of every context: async
+    copies to and from it run at full PCIe speed, and kernels, GEMMs and copies can address it directly
+    (zero-copy) through host_device_pointer."""
+    flags = cu.CU_MEMHOSTALLOC_PORTABLE | cu.CU_MEMHOSTALLOC_DEVICEMAP
+    return int(_call(cu.cuMemHostAlloc, max(1, nbytes), flags))
+
+
+def host_device_pointer(ptr: int) -> int:
+    """The device address of mapped pinned memory (with unified addressing, 64-bit Linux: `ptr` itself)."""
+    return int(_call(cu.cuMemHostGetDevicePointer, ptr, 0))
 
 
 def host_free(ptr: int) -> None:
@@ -231,6 +239,12 @@ def memcpy_dtoh(dst_host: int, src: int, nbytes: int, stream: int) -> None:
 
 def memcpy_dtod(dst: int, src: int, nbytes: int, stream: int) -> None:
     _call(cu.cuMemcpyDtoDAsync, dst, src, nbytes, stream)
+
+
+def memcpy(dst: int, src: int, nbytes: int, stream: int) -> None:
+    """A copy between any two addresses of the unified space (device memory, mapped pinned memory): the
+    driver infers the direction from the pointers."""
+    _call(cu.cuMemcpyAsync, dst, src, nbytes, stream)
 
 
 def memset_d8(ptr: int, value: int, count: int, stream: int) -> None:

@@ -9,6 +9,7 @@ Values the graphs read (loss scale, LR, ...) live in device memory (stats.scalar
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 from math import prod
 from typing import Callable
@@ -53,6 +54,7 @@ class Rank:
         self.comm_stream = driver.stream_create()     # collectives: copies in, reductions
         self.send_stream = driver.stream_create()     # host-staged collectives: copies out
         driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
+        ctypes.memset(self.host.base, 0, self.host.nbytes)                  # offloaded ones too (pinned host)
         self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
         m, b = plan.model, plan.batch
         self.attn = None
@@ -93,8 +95,8 @@ class Rank:
             return self.mem.ptr("stats.scalars") + 4 * SCALARS[ref[7:]]
         name, idx, off, shard = parse_ref(ref, layer)
         row = self.rows[name]
-        arena = self.mem if row.place == "device" else self.host
-        p = arena.ptr(name, idx if (idx is not None and row.count > 1) else 0) + off
+        arena = self.mem if row.place == "device" else self.host     # host rows: their mapped device address
+        p = arena.device_ptr(name, idx if (idx is not None and row.count > 1) else 0) + off
         return p + (self.rank * self.shard_bytes(name) if shard else 0)
 
     def _value(self, v, layer, extra):
@@ -148,9 +150,9 @@ class Rank:
         if kind == "memset":
             dst, n = self.ptr(op["dst"], layer), op["bytes"]
             return lambda: driver.memset_d8(dst, 0, n, s)
-        if kind == "copy":
+        if kind == "copy":          # device or mapped pinned host rows, either way (offload streaming)
             dst, src, n = self.ptr(op["dst"], layer), self.ptr(op["src"], layer), op["bytes"]
-            return lambda: driver.memcpy_dtod(dst, src, n, s)
+            return lambda: driver.memcpy(dst, src, n, s)
         if kind == "bias_grad":     # db[1, cols] += ones[1, rows] . dy[rows, cols]
             g = self._gemm(("bias", op["rows"], op["cols"]), lambda: Gemm(self.blas, 1, op["cols"], op["rows"],
                                                                          b_trans=True, accumulate=True, align=256))
@@ -231,9 +233,9 @@ class Rank:
         for ops, layers in sections:
             for layer in layers:
                 for op in ops:
+                    if layer in op.get("skip_layers", ()):   # e.g. a buffer that still holds this layer's data
+                        continue
                     if op["op"] in ("collective", "await"):
-                        if op["op"] == "collective" and layer in op.get("skip_layers", ()):
-                            continue
                         if run:
                             items.append(("ops", run))
                             run = []
@@ -294,15 +296,26 @@ class Rank:
         return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
 
     # --- host <-> device -----------------------------------------------------------------------------
+    def _in_host(self, p: int) -> bool:
+        return self.host.device_base <= p < self.host.device_base + self.host.nbytes
+
     def upload(self, dst: int, array: np.ndarray) -> None:
         self.dev.make_current()
         a = np.ascontiguousarray(array)
+        if self._in_host(dst):                      # an offloaded row: written by the CPU once the GPU is idle
+            driver.stream_synchronize(self.stream)
+            ctypes.memmove(dst - self.host.device_base + self.host.base, a.ctypes.data, a.nbytes)
+            return
         driver.memcpy_htod(dst, a.ctypes.data, a.nbytes, self.stream)
         driver.stream_synchronize(self.stream)      # `a` may be freed once this returns
 
     def download(self, src: int, dtype, shape) -> np.ndarray:
         self.dev.make_current()
         out = np.empty(shape, dtype)
+        if self._in_host(src):                      # an offloaded row: read by the CPU once the GPU is idle
+            driver.stream_synchronize(self.stream)
+            ctypes.memmove(out.ctypes.data, src - self.host.device_base + self.host.base, out.nbytes)
+            return out
         driver.memcpy_dtoh(out.ctypes.data, src, out.nbytes, self.stream)
         driver.stream_synchronize(self.stream)
         return out

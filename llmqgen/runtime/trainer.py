@@ -13,6 +13,7 @@ the step counter untouched. Evaluation replays the forward sections and the loss
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.context import check_arch
 from ..codegen.families import adamw as adamw_family
 from ..codegen.kernel import kernel_from_json
-from ..codegen.schedule import build_schedule
+from ..codegen.schedule import build_schedule, runtime_unsupported
 from ..compile.cache import build
 from ..plan.schema import Plan
 from . import driver
@@ -50,16 +51,9 @@ class Trainer:
         "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels).
         devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
         one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
-        streamed = plan.sharding.weights and plan.num_gpus == 1
-        # ZeRO-3 may keep its quantised weight shards in pinned host memory: the all-gathers read them there
-        host_shards = plan.sharding.weights and plan.num_gpus > 1
-        unsupported = ([n for n in plan.offload.names() if not (n == "quantized_weights" and host_shards)]
-                       + (["weight streaming (sharding.weights on one GPU)"] if streamed else []))
+        unsupported = runtime_unsupported(plan)
         if unsupported:
-            raise NotImplementedError(
-                f"plan {plan.name} uses {', '.join(unsupported)}: this runtime keeps weights, optimizer "
-                f"state and activations on the GPUs; plan for more or larger GPUs, or pin "
-                f"--set offload.<x>=false / --set sharding.weights=false")
+            raise NotImplementedError(f"plan {plan.name}: this runtime cannot execute {'; '.join(unsupported)}")
         self.plan, self.optim = plan, optim or AdamW()
         N = plan.num_gpus
         if plan.collectives == "nccl":
@@ -250,9 +244,15 @@ class Trainer:
 
     def zero_gradients(self) -> None:
         for rk in self.ranks:
+            rk.dev.make_current()
+            driver.stream_synchronize(rk.stream)
             for name, row in rk.rows.items():
-                if name.startswith(("grads.", "stage.grads.")):
+                if not name.startswith(("grads.", "stage.grads.")):
+                    continue
+                if row.place == "device":
                     driver.memset_d8(rk.mem.ptr(name), 0, row.total, rk.stream)
+                else:                       # offloaded gradients: pinned host memory, the GPU is idle here
+                    ctypes.memset(rk.host.ptr(name), 0, row.total)
         self._sync()
 
     def loss(self) -> float:
