@@ -133,9 +133,8 @@ def _compute(plan: Plan) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
 def plan_interference(plan: Plan, rows: list[MemRow]) -> tuple[str, dict[str, frozenset[str]], frozenset[str]]:
     """(cache key, rows each packed row may not share bytes with, the rows that may be packed) of a
     plan. Cached on what shapes the schedule: not the batch size, nor the layers or LM-head chunks
-    beyond the reduced plan's, nor the offload choices (the schedule names the same transient rows
-    wherever they live; a row the cached walk did not see lives for the whole step)."""
-    d = plan.model_dump(mode="json", exclude={"estimate", "name", "offload", "inventory", "batch", "lm_head_chunks"})
+    beyond the reduced plan's. The offload choices do shape it (their copies through `stage.*` rows)."""
+    d = plan.model_dump(mode="json", exclude={"estimate", "name", "inventory", "batch", "lm_head_chunks"})
     d["model"]["num_layers"] = min(plan.model.num_layers, MODEL_LAYERS)
     d["shape"] = [plan.batch.seq_len, min(plan.lm_head_chunks, MODEL_CHUNKS), plan.inventory.gpu.name, plan.num_gpus]
     key = json.dumps(d, sort_keys=True)
