@@ -221,12 +221,17 @@ class Trainer:
     def accumulate(self, batches) -> None:
         """Forward + backward of a step's micro-batches (all GPUs': rank r takes the r-th equal share);
         gradients summed over them (loss-scaled by the step's valid-token count)."""
+        self._replay(batches, lambda rk: rk.micro, "micro", "of this step is masked (-100): nothing to learn from")
+
+    def _replay(self, batches, program, key: str, all_masked: str) -> None:
+        """Each rank's share of `batches` through `program(rank)` (a micro-step's graphs), the loss
+        summed into scalar:loss with grad_scale = 1 / the valid targets of all batches."""
         N = self.plan.num_gpus
         if len(batches) % N:
             raise ValueError(f"{len(batches)} micro-batches cannot be shared by {N} GPUs: give a multiple of {N}")
         valid = sum(int((np.asarray(b.targets) != -100).sum()) for b in batches)
         if valid == 0:
-            raise ValueError("every target of this step is masked (-100): nothing to learn from")
+            raise ValueError(f"every target {all_masked}")
         per = len(batches) // N
         for rk in self.ranks:
             rk.dev.make_current()
@@ -236,7 +241,7 @@ class Trainer:
             for rk in self.ranks:
                 rk.dev.make_current()
                 rk.feed(batches[rk.rank * per + m])
-            self._execute([rk.micro for rk in self.ranks], key="micro")
+            self._execute([program(rk) for rk in self.ranks], key=key)
             self._drain()       # the next micro-step reuses the double buffers from its first block on
         if isinstance(self.comm, Nccl):     # each process holds its tokens' share of the loss: sum them
             self.comm.sum_floats([rk.ptr("scalar:loss", None) for rk in self.ranks], 1)
@@ -295,26 +300,8 @@ class Trainer:
     def eval_loss(self, batches) -> float:
         """Mean loss of micro-batches (all GPUs': rank r takes the r-th equal share) from the forward
         alone: the schedule's forward sections and the loss, no backward; gradients are not touched."""
-        N = self.plan.num_gpus
-        if len(batches) % N:
-            raise ValueError(f"{len(batches)} micro-batches cannot be shared by {N} GPUs: give a multiple of {N}")
-        valid = sum(int((np.asarray(b.targets) != -100).sum()) for b in batches)
-        if valid == 0:
-            raise ValueError("every target of these eval batches is masked (-100): nothing to evaluate")
-        per = len(batches) // N
-        for rk in self.ranks:
-            rk.dev.make_current()
-            rk.set_scalar("loss", [0.0])
-            rk.set_scalar("grad_scale", [1.0 / valid])
-        for m in range(per):
-            for rk in self.ranks:
-                rk.dev.make_current()
-                rk.feed(batches[rk.rank * per + m])
-            self._execute([rk.eval_program() for rk in self.ranks], key="eval")
-            self._drain()
-        if isinstance(self.comm, Nccl):
-            self.comm.sum_floats([rk.ptr("scalar:loss", None) for rk in self.ranks], 1)
-        self._sync()
+        self._replay(batches, lambda rk: rk.eval_program(), "eval",
+                     "of these eval batches is masked (-100): nothing to evaluate")
         return self.loss()
 
     def close(self) -> None:
