@@ -322,12 +322,20 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices):
             _fail(f"--devices {devices!r}: give one GPU index per rank, comma-separated, e.g. --devices 0,0")
         if min(ranks) < 0:
             _fail(f"--devices {devices!r}: GPU indices count from 0, e.g. --devices {','.join(['0'] * p.num_gpus)}")
-    click.echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
+    echo = _rank_zero_echo()
+    echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
         with _gpu_runtime():
-            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=click.echo, devices=ranks)
+            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=echo, devices=ranks)
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
+
+
+def _rank_zero_echo():
+    """click.echo in a single process or rank 0 of a launcher (torchrun, mpirun, srun); silent on the
+    other ranks, so that a job prints once. Errors (`_fail`) print on every rank."""
+    from .runtime.dist import is_rank_zero
+    return click.echo if is_rank_zero() else (lambda *a, **k: None)
 
 
 def _run_options(f):
@@ -398,7 +406,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     _check_data(data, p.model)
     if data is None:
         from .data.corpus import default_corpus, describe
-        click.echo(f"no --data given: training on the embedded default corpus ({describe()})")
+        _rank_zero_echo()(f"no --data given: training on the embedded default corpus ({describe()})")
         data = default_corpus()
     changes = tuple(c.strip().replace("-", "_") for item in change for c in item.split(",") if c.strip())
     cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=given("steps", steps),
@@ -406,11 +414,9 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
                     checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,
                     max_bad_steps=max_bad_steps, init_from=init_from)
-    n = cfg.steps or ("the saved run's" if resume else steps)
-    click.echo(f"run {p.name}: {n} steps of {p.tokens_per_step:,} tokens -> {cfg.out}")
     try:
         with _gpu_runtime():
-            train(p, cfg, echo=click.echo)
+            train(p, cfg, echo=_rank_zero_echo())     # train prints the run's header
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
 

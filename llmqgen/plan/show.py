@@ -1,6 +1,7 @@
 """Printing a plan: allocator-style memory tables, the choices with their reasons, predicted speed."""
 from __future__ import annotations
 
+from ..metrics import plan_throughput
 from . import calibration as K
 from .memory import arena_peak, group_totals
 from .schema import MemRow, Plan
@@ -45,6 +46,20 @@ def _table(rows: list[MemRow], place: str, total_label: str, capacity: int, usab
     return out
 
 
+def predicted_block(plan: Plan) -> list[str]:
+    """The "Predicted" lines: the cost model's step time in the throughput report `bench` and `run`
+    print (llmqgen.metrics.Throughput: tokens/s in total and per GPU, SOL and MFU per GPU)."""
+    e = plan.estimate
+    r = plan_throughput(plan, e.step_ms / 1e3)
+    n = plan.num_gpus
+    return ["", "Predicted (cost model, calibrated on H200 measurements):",
+            f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens"
+            + (f" on {n} GPUs" if n > 1 else ""),
+            f"  throughput {r.line()}",
+            f"  SOL        {'per GPU: ' if n > 1 else ''}against a speed-of-light step of {r.sol_s:.3f} s",
+            f"  MFU        {'per GPU: ' if n > 1 else ''}BF16-equivalent, {r.flops_per_token / 1e9:.2f} GFLOP/token"]
+
+
 def render_plan(plan: Plan, path: str | None = None) -> str:
     e = plan.estimate
     if e is None:
@@ -69,13 +84,9 @@ def render_plan(plan: Plan, path: str | None = None) -> str:
     order = ["precision", "batch", "recompute", "offload", "sharding", "lm_head_chunks", "collectives"]
     for k, v in sorted(e.reasons.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         lines.append(f"  {k:<15} {v}")
-    lines += ["", "Predicted (cost model, calibrated on H200 measurements):",
-              f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens",
-              f"  throughput {e.tokens_per_s:,.0f} tokens/s ({e.tokens_per_s / plan.num_gpus:,.0f} per GPU)",
-              f"  SOL        {e.sol_pct:.0f}%  (speed-of-light step {e.sol_ms / 1e3:.3f} s)",
-              f"  MFU        {e.mfu_pct:.0f}%  (BF16-equivalent, {e.flops_per_token / 1e9:.2f} GFLOP/token)",
-              "  where the time goes: " + ", ".join(
-                  f"{k} {100 * v / e.step_ms:.0f}%" for k, v in sorted(e.breakdown_ms.items(), key=lambda kv: -kv[1]) if v > 0)]
+    lines += predicted_block(plan)
+    lines += ["  where the time goes: " + ", ".join(
+        f"{k} {100 * v / e.step_ms:.0f}%" for k, v in sorted(e.breakdown_ms.items(), key=lambda kv: -kv[1]) if v > 0)]
     if e.runners_up:
         lines += ["", "Runners-up:"]
         for c in e.runners_up:

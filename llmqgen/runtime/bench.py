@@ -11,7 +11,8 @@ from ..data.loader import TokenBatch, embedding_backward_index
 from ..models.hf_names import param_shapes
 from ..plan.schema import Plan
 from . import driver
-from .benchfile import bench_record, collect_versions, write_bench
+from .benchfile import bench_record, bench_summary, collect_versions, write_bench
+from .dist import is_rank_zero
 from .trainer import Trainer
 
 
@@ -43,10 +44,17 @@ def bench_params(spec) -> dict[str, np.ndarray]:
     return out
 
 
+_clock = time.perf_counter      # step timing (tests stand a fake clock in)
+
+
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
-              echo=print, devices: list[int] | None = None) -> Path:
+              echo=print, devices: list[int] | None = None) -> Path | None:
     """devices: the GPU of each rank (default one per rank); several ranks on one GPU test the
-    collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so)."""
+    collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so).
+    Under a launcher only rank 0 prints and writes the result (returns None on the others)."""
+    main = is_rank_zero()
+    if not main:
+        echo = lambda *_: None      # noqa: E731
     tr = Trainer(plan, devices=devices)
     try:
         tr.load_params(bench_params(plan.model))
@@ -56,11 +64,11 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         if events is not None:
             events.start_timing()
         for step in range(warmup + steps):
-            t0 = time.perf_counter()
+            t0 = _clock()
             before = tr.comm.moved if tr.comm else 0
             tr.accumulate(data)
             norm = tr.optimizer_step(lr=1e-4)
-            times.append(1e3 * (time.perf_counter() - t0))
+            times.append(1e3 * (_clock() - t0))
             if events is not None:
                 comm_ms.append(events.take_ms())
                 moved.append(tr.comm.moved - before)
@@ -81,10 +89,10 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
                 "step_share": sum(comm_ms[meas]) / sum(times[meas]),
                 "note": ("several ranks share one GPU: step times are not multi-GPU speed"
                          if devices and len(set(devices)) < len(devices) else "")}
+        if not main:
+            return None
         path = write_bench(record, out_root)
-        echo(f"median {record['step_ms_median']:.1f} ms/step, {record['tokens_per_s']:,.0f} tokens/s, "
-             f"SOL {record['sol_pct']:.0f}%, MFU {record['mfu_pct']:.0f}%, "
-             f"{(total - free) / 2**30:.1f} GiB in use -> {path}")
+        echo(bench_summary(record, path))
         return path
     finally:
         tr.close()

@@ -1,7 +1,8 @@
 """Benchmark result files: `bench/results/<gpu>-<plan>.json`, one measured plan on one machine.
 
 A record holds what a reader needs to trust and reproduce the number: the median step time after
-warm-up with the raw times, tokens/s, SOL and MFU (through llmqgen.metrics, the one definition),
+warm-up with the raw times, tokens/s in total and per GPU, SOL and MFU per GPU (llmqgen.metrics.
+Throughput, the report `plan` and `run` print too),
 the planner's prediction beside the measurement, the GPU, driver and library versions, and the
 whole plan.
 """
@@ -16,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from ..metrics import mfu, sol_seconds_per_token
+from ..metrics import plan_throughput
 from ..plan.schema import Plan
 
 # CUDA 13 wheels carry no suffix (cuDNN: -cu13); the -cu12 twins serve CUDA 12 drivers.
@@ -51,10 +52,7 @@ def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, ve
         raise ValueError(f"device info lacks {missing}: pass the GPU name and driver version")
     measured = [float(t) for t in step_ms[warmup:]]
     median_ms = statistics.median(measured)
-    step_s = median_ms / 1e3
-    m, T, gpu, n = plan.model, plan.batch.seq_len, plan.inventory.gpu, plan.num_gpus
-    tokens_per_s = plan.tokens_per_step / step_s
-    sol_s = sol_seconds_per_token(m, T, gpu, plan.precision.matmul) * plan.tokens_per_step / n
+    rep = plan_throughput(plan, median_ms / 1e3)
     e = plan.estimate
     return {
         "llmqgen_version": __version__,
@@ -62,21 +60,34 @@ def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, ve
         "plan_name": plan.name,
         "plan_hash": plan.inputs_hash(),
         "device": dict(device),
-        "num_gpus": n,
+        "num_gpus": plan.num_gpus,
         "versions": dict(versions),
         "tokens_per_step": plan.tokens_per_step,
         "warmup_steps": warmup,
         "measured_steps": len(measured),
         "step_ms_median": median_ms,
-        "tokens_per_s": tokens_per_s,
-        "sol_pct": 100 * sol_s / step_s,
-        "mfu_pct": 100 * mfu(m, T, gpu, tokens_per_s / n),
+        "tokens_per_s": rep.tokens_per_s,               # total, all GPUs
+        "tokens_per_s_per_gpu": rep.tokens_per_s_per_gpu,
+        "sol_pct": rep.sol_pct,                         # per GPU
+        "mfu_pct": rep.mfu_pct,                         # per GPU
+        "sol_pct_per_gpu": rep.sol_pct,
+        "mfu_pct_per_gpu": rep.mfu_pct,
         "peak_mem_bytes": int(peak_mem_bytes),
         "predicted": None if e is None else {
             "step_ms": e.step_ms, "tokens_per_s": e.tokens_per_s, "device_bytes": e.device_bytes},
         "step_ms": [float(t) for t in step_ms],
         "plan": plan.model_dump(mode="json", by_alias=True),
     }
+
+
+def bench_summary(record: dict, path: Path | None = None) -> str:
+    """The last line `llmqgen bench` prints: the median step and the throughput report of the record."""
+    from ..metrics import format_throughput
+    line = (f"median {record['step_ms_median']:.1f} ms/step, "
+            + format_throughput(record["tokens_per_s"], record["num_gpus"], record["sol_pct"], record["mfu_pct"],
+                                sep=", ")
+            + f", {record['peak_mem_bytes'] / 2**30:.1f} GiB in use")
+    return line + (f" -> {path}" if path is not None else "")
 
 
 def slug(text: str) -> str:

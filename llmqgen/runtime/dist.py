@@ -116,6 +116,16 @@ def dist_env(environ: Mapping[str, str] = os.environ) -> DistEnv | None:
                    master_addr=addr, master_port=port, launcher=v.launcher)
 
 
+def is_rank_zero(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether this process prints and writes logs: no launcher (a single process) or rank 0 of one.
+    Launcher variables that do not parse count as rank 0 here (the run itself reports them)."""
+    try:
+        env = dist_env(environ)
+    except DistError:
+        return True
+    return env is None or env.rank == 0
+
+
 def rendezvous_port(env: DistEnv, environ: Mapping[str, str] = os.environ) -> int:
     """The TCP port rank 0 listens on for share_bytes."""
     if environ.get("LLMQGEN_RENDEZVOUS_PORT"):

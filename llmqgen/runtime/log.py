@@ -1,5 +1,9 @@
 """The training log: one JSON line per optimizer step in `log.jsonl`, one readable line on the terminal.
 
+Throughput (tokens/s in total and per GPU, SOL and MFU per GPU) is llmqgen.metrics.Throughput, the
+report `plan` and `bench` print too. Under a launcher only rank 0 logs (runtime/run.py passes no file
+and a null stream to the others).
+
 `StepRecord.step` is the 0-based index of the step just finished (the index `LRSchedule.lr` got);
 the terminal shows steps completed, `step+1/total`. The file is opened for appending, so a resumed
 run continues the same log, and every line is flushed, so a crash loses at most the step in flight.
@@ -17,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from ..metrics import Throughput, format_throughput
+
 GiB = 1 << 30
 ETA_WINDOW = 20      # steps averaged for the ETA: recent enough to follow a changed pace
 BAR_WIDTH = 20
@@ -29,12 +35,20 @@ class StepRecord:
     grad_norm: float
     lr: float
     step_ms: float
-    tokens_per_s: float
-    sol_pct: float
-    mfu_pct: float
+    tokens_per_s: float             # total, all GPUs
+    sol_pct: float                  # per GPU (llmqgen.metrics.Throughput)
+    mfu_pct: float                  # per GPU
     gpu_mem_bytes: int
     eval_loss: float | None = None
     skipped: bool = False           # loss or gradient norm not finite: no update was made
+    num_gpus: int = 1
+    tokens_per_s_per_gpu: float | None = None   # tokens_per_s / num_gpus (None in logs before it existed)
+
+
+def step_rates(report: Throughput) -> dict:
+    """The StepRecord fields of a step's throughput report (llmqgen.metrics.plan_throughput)."""
+    return {"tokens_per_s": report.tokens_per_s, "sol_pct": report.sol_pct, "mfu_pct": report.mfu_pct,
+            "num_gpus": report.num_gpus, "tokens_per_s_per_gpu": report.tokens_per_s_per_gpu}
 
 
 def format_step(rec: StepRecord, total_steps: int) -> str:
@@ -45,7 +59,7 @@ def format_step(rec: StepRecord, total_steps: int) -> str:
     if rec.skipped:
         parts.append("SKIPPED (not finite: no update)")
     parts += [f"{rec.step_ms:.0f} ms",
-              f"{rec.tokens_per_s:,.0f} tok/s", f"SOL {rec.sol_pct:.0f}%", f"MFU {rec.mfu_pct:.0f}%",
+              format_throughput(rec.tokens_per_s, rec.num_gpus, rec.sol_pct, rec.mfu_pct),
               f"{rec.gpu_mem_bytes / GiB:.1f} GiB"]
     return " | ".join(parts)
 

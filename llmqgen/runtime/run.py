@@ -21,14 +21,14 @@ from pathlib import Path
 from ..checkpoint.hf import export_hf
 from ..checkpoint.store import TrainingCheckpoint, read_checkpoint, save_checkpoint
 from ..data.loader import EvalLoader, TrainLoader
-from ..metrics import mfu, sol_seconds_per_token
+from ..metrics import plan_throughput
 from ..models.init import init_params
 from ..models.spec import ModelSpec
 from ..plan.schema import Plan
 from . import driver
-from .log import StepLogger, StepRecord
+from .log import StepLogger, StepRecord, step_rates
 from .lr import LRSchedule
-from .dist import dist_env
+from .dist import dist_env, is_rank_zero
 from .trainer import AdamW, Trainer
 
 # The settings that make a run what it is: saved in its checkpoints, kept on resume unless changed
@@ -36,6 +36,7 @@ from .trainer import AdamW, Trainer
 DEFAULTS = {"steps": 300, "lr": 3e-4, "warmup": 20, "schedule": "cosine", "final_fraction": 0.1,
             "weight_decay": 0.1, "max_norm": 1.0, "seed": 0}
 CHANGEABLE = ("steps", "lr", "warmup", "schedule", "final_fraction", "weight_decay", "max_norm")
+_clock = time.perf_counter      # step timing (tests stand a fake clock in)
 
 
 @dataclass
@@ -147,11 +148,12 @@ def settle(cfg: RunConfig, ck: TrainingCheckpoint | None) -> tuple[dict, list[st
 
 
 def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
-    """Run the configured optimizer steps; returns the exported model directory. Under NCCL every process
-    (torchrun, mpirun, srun) runs this; rank 0 alone logs, checkpoints and exports."""
+    """Run the configured optimizer steps; returns the exported model directory. Under a launcher every
+    process (torchrun, mpirun, srun) runs this; rank 0 alone prints (header, step lines, messages through
+    `echo`), logs, checkpoints and exports."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     dist = dist_env() if plan.collectives == "nccl" else None
-    main = dist is None or dist.rank == 0
+    main = dist.rank == 0 if dist is not None else is_rank_zero()
     if not main:
         echo = lambda *_: None      # noqa: E731
     # everything that can be checked is checked before the Trainer opens a GPU
@@ -163,6 +165,8 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         state = ck.state_tensors()
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
+    for line in run_header(plan, s["steps"], cfg.out):
+        echo(line)
     sched = LRSchedule(peak=s["lr"], warmup_steps=min(s["warmup"], s["schedule_steps"]),
                        total_steps=s["schedule_steps"], kind=s["schedule"], final_fraction=s["final_fraction"])
     tr = Trainer(plan, seed=s["seed"], optim=AdamW(weight_decay=s["weight_decay"], max_norm=s["max_norm"]),
@@ -182,8 +186,6 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         else:
             tr.load_params(init_params(plan.model, s["seed"]))
         loader = TrainLoader(cfg.data, B, T, seed=s["seed"], cursor=cursor, model_vocab=plan.model.vocab_size)
-        gpu, tokens = plan.inventory.gpu, plan.tokens_per_step
-        sol_s = sol_seconds_per_token(plan.model, T, gpu, plan.precision.matmul) * tokens
         quiet = None if main else open(os.devnull, "w")     # noqa: SIM115 - closed after the loop
         bad: list[tuple[float, float]] = []                # (loss, norm) of the non-finite steps in a row
         with StepLogger(cfg.out / "log.jsonl" if main else None, s["steps"], stream=quiet or sys.stderr) as log:
@@ -194,20 +196,19 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
             step = start
             end = min(s["steps"], cfg.stop_after or s["steps"])
             while step < end and not tr.any_rank(stop["now"]):
-                t0 = time.perf_counter()
+                t0 = _clock()
                 tr.accumulate([loader.next_batch() for _ in range(plan.batch.grad_accum * plan.num_gpus)])
                 loss = tr.loss()
                 lr = sched.lr(step)
                 norm = tr.optimizer_step(lr, apply=math.isfinite(loss))
                 skipped = not (math.isfinite(loss) and math.isfinite(norm))
-                dt = time.perf_counter() - t0
+                dt = _clock() - t0
                 eval_loss = None
                 if not skipped and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                     eval_loss = evaluate(tr, cfg.data, B, T, cfg.eval_batches, plan.num_gpus)
                 free, total = driver.mem_info()
                 log.log(StepRecord(step=step, loss=loss, grad_norm=norm, lr=lr, step_ms=1e3 * dt,
-                                   tokens_per_s=tokens / dt, sol_pct=100 * sol_s / dt,
-                                   mfu_pct=100 * mfu(plan.model, T, gpu, tokens / dt), gpu_mem_bytes=total - free,
+                                   **step_rates(plan_throughput(plan, dt)), gpu_mem_bytes=total - free,
                                    eval_loss=eval_loss, skipped=skipped))
                 if skipped:
                     bad.append((loss, norm))
@@ -242,6 +243,19 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         for sig, h in previous.items():
             signal.signal(sig, h)
         tr.close()
+
+
+def run_header(plan: Plan, steps: int, out: Path) -> list[str]:
+    """What `llmqgen run` prints first (rank 0 only): the plan, the GPUs, the steps, and the planner's
+    prediction in the same report as the step lines (llmqgen.metrics.Throughput)."""
+    inv = plan.inventory
+    gpus = (f"{inv.nodes} x " if inv.nodes > 1 else "") + f"{inv.count} x {inv.gpu.display_name}"
+    lines = [f"run {plan.name}: {steps} steps of {plan.tokens_per_step:,} tokens on {gpus} -> {out}"]
+    if plan.estimate is not None:
+        e = plan.estimate
+        lines.append(f"predicted {e.step_ms:.0f} ms/step | "
+                     + plan_throughput(plan, e.step_ms / 1e3).line())
+    return lines
 
 
 def evaluate(tr: Trainer, data: Path, B: int, T: int, batches: int, gpus: int = 1) -> float:

@@ -15,7 +15,8 @@ def test_plan_writes_and_shows(tmp_path):
     assert r.exit_code == 0, r.output
     path = tmp_path / "qwen2.5-0.5b-e4m3-1xh200.json"
     assert path.exists()
-    assert "Device memory, per GPU" in r.output and "tokens/s" in r.output and "Runners-up" in r.output
+    assert "Device memory, per GPU" in r.output and "Runners-up" in r.output
+    assert "  throughput " in r.output and " tok/s | SOL " in r.output      # metrics.Throughput.line()
     plan = json.loads(path.read_text())
     assert plan["schema"] == 1 and plan["inventory"]["host_mem_source"] == "user"
     shown = run("plan", "--show", str(path))
