@@ -17,9 +17,11 @@ from .schema import Plan
 
 
 def gemm_seconds(flops: float, tflops: float, dtype: str, consumer: bool = False) -> float:
-    eff = K.GEMM_EFF_MAX[dtype] * flops / (flops + K.GEMM_EFF_HALF_FLOPS)
+    """One GEMM of `flops` at `tflops` dense: e(f) = max * f / (f + half), per GPU class (calibration.py)."""
     if consumer:
-        eff *= K.CONSUMER_GEMM_SCALE
+        eff = K.CONSUMER_GEMM_EFF_MAX[dtype] * flops / (flops + K.CONSUMER_GEMM_EFF_HALF_FLOPS)
+    else:
+        eff = K.GEMM_EFF_MAX[dtype] * flops / (flops + K.GEMM_EFF_HALF_FLOPS)
     return flops / (tflops * 1e12 * eff)
 
 
@@ -69,7 +71,8 @@ def step_cost(plan: Plan) -> StepCost:
     BT, T = b.micro_batch * b.seq_len, b.seq_len
     mm = plan.precision.matmul
     rate = gpu.fp8_tflops if mm == "e4m3" else gpu.bf16_tflops
-    bw = gpu.mem_bandwidth_gbs * 1e9 * K.MEM_EFF
+    bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.MEM_EFF)
+    attn_eff = K.CONSUMER_ATTN_EFF if gpu.consumer else K.ATTN_EFF
 
     # --- one micro-step ----------------------------------------------------------------------
     recomputed = {"qkv": r.qkv, "attn_out": r.block, "gate_up": r.ffn, "down": r.block}
@@ -84,8 +87,8 @@ def step_cost(plan: Plan) -> StepCost:
     t_head = 3 * gemm_seconds(f_head / plan.lm_head_chunks, gpu.bf16_tflops, "bf16", gpu.consumer) * plan.lm_head_chunks
 
     f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
-    t_att_f = f_att / (gpu.bf16_tflops * 1e12 * K.ATTN_EFF["fwd"])
-    t_att_b = 2.5 * f_att / (gpu.bf16_tflops * 1e12 * K.ATTN_EFF["bwd"])
+    t_att_f = f_att / (gpu.bf16_tflops * 1e12 * attn_eff["fwd"])
+    t_att_b = 2.5 * f_att / (gpu.bf16_tflops * 1e12 * attn_eff["bwd"])
     t_att = L * (t_att_f * (2 if r.attention else 1) + t_att_b)
 
     # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,

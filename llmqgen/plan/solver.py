@@ -288,7 +288,8 @@ def _tokens_hint(tokens: int, unit: int) -> str:
 
 def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
           tokens_per_step: int = 524288, dtype: Optional[str] = None,
-          pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4) -> Plan:
+          pins: Optional[dict[str, Any]] = None, name: Optional[str] = None, runners_up: int = 4,
+          _hints: bool = True, _collect: Optional[list] = None) -> Plan:
     """The fastest plan for `model` on `inventory` that fits device memory and pinned host memory.
 
     Enumerates micro-batches (multiples of the FP8 row rule dividing the step), ZeRO levels (several
@@ -310,18 +311,21 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         name: the plan's (file) name; default <model>-<dtype>-<inventory> plus `pins_suffix` (the pins,
             a non-default seq_len or tokens_per_step), e.g. qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block.
         runners_up: how many distinct slower plans to keep in `estimate.runners_up`.
+        _hints, _collect: internal (the no-fit hints re-solve without hints of their own; `_collect`
+            receives every fitting candidate).
     Returns:
         Plan with `estimate` set: the memory table (bytes per row), step_ms, tokens/s, SOL/MFU percent,
         one reason per choice, runners-up.
     Raises:
         NoFitError (a ValueError): nothing fits; the message names the closest plan, its shortfall in
-            GiB and what would make it fit (several lines).
+            GiB and what would make it fit (several lines; every hint shown was solved and fits).
         ValueError: a bad input, in one line: unknown pin key or value, conflicting pins, --dtype vs a
             pinned precision.matmul, FP8 on a GPU or model that cannot, seq_len out of range,
             tokens_per_step not divisible as above, a bad name, or pins that make no valid Plan.
     """
     pins = check_pins(dict(pins or {}))
     check_pin_conflicts(pins)
+    asked = dict(pins)          # as given, for the no-fit hints' re-solves
     gpu, N = inventory.gpu, inventory.count * inventory.nodes
     if "precision.matmul" in pins:
         if dtype is not None and dtype != pins["precision.matmul"]:
@@ -447,15 +451,41 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                             closest = s
                     if found:
                         break          # least recompute that fits for this (micro, zero, offload)
+    if _collect is not None:
+        _collect.extend(fitting)
     if not fitting:
-        raise NoFitError(_no_fit_message(model, inventory, seq_len, tokens_per_step, fp8, chunks_pin, closest))
-    # ZeRO-2 and -3 must win by more than the cost model's error on overlapped collectives: they add
-    # per-layer transfers whose hiding is only estimated, so near-ties go to ZeRO-1 (no more bytes than
-    # plain data parallelism, less memory).
-    fitting.sort(key=lambda s: s.cost.step_ms * (1 + K.SHARDING_MARGIN * max(0, s.plan.sharding.zero - 1)))
-    best = fitting[0]
-    others = _distinct(fitting[1:], best, runners_up)
-    return _with_estimate(best, others, reason_pins, notes)
+        hints = None
+        if _hints:
+            again = dict(model=model, seq_len=seq_len, tokens_per_step=tokens_per_step, dtype=dtype, pins=asked)
+            hints = _fit_hints(inventory, again, fp8, chunks_pin)
+        raise NoFitError(_no_fit_message(model, inventory, seq_len, tokens_per_step, fp8, chunks_pin, closest, hints))
+    fitting.sort(key=_rank)
+    best = _prefer_less_offload(fitting)
+    others = _distinct([c for c in fitting if c is not best], best, runners_up)
+    return _with_estimate(best, others, reason_pins, notes, fitting)
+
+
+def _rank(s: Scored) -> float:
+    """Step time, with ZeRO-2 and -3 handicapped: they must win by more than the cost model's error on
+    overlapped collectives (per-layer transfers whose hiding is only estimated), so near-ties go to
+    ZeRO-1 (no more bytes than plain data parallelism, less memory)."""
+    return s.cost.step_ms * (1 + K.SHARDING_MARGIN * max(0, s.plan.sharding.zero - 1))
+
+
+def _prefer_less_offload(fitting: list[Scored]) -> Scored:
+    """The fastest plan, unless a plan that offloads less (a strict subset) is within
+    `calibration.OFFLOAD_MARGIN` of it: then that one (the fastest such, repeatedly). Offload's gain is
+    only as good as the estimated overlap of its PCIe streams, and it pins host RAM; recompute is not
+    handicapped (its cost is GEMM and elementwise time, which the cost model predicts like the rest)."""
+    top = fitting[0]
+    best = top
+    while best.plan.offload.names():
+        mine = set(best.plan.offload.names())
+        alt = next((c for c in fitting if set(c.plan.offload.names()) < mine), None)   # fitting is sorted
+        if alt is None or _rank(alt) > _rank(top) * (1 + K.OFFLOAD_MARGIN):
+            break
+        best = alt
+    return best
 
 
 def _shortfall(s: Scored, bound: bool = False) -> int:
@@ -490,21 +520,97 @@ def _gib(n: float) -> str:
     return f"{n / K.GiB:.1f} GiB"
 
 
+def _why_not(o: Scored, best: Scored) -> str:
+    pct = 100 * (o.cost.step_ms / best.cost.step_ms - 1)
+    if pct >= 0:
+        return f"{pct:.1f}% slower"
+    if set(o.plan.offload.names()) > set(best.plan.offload.names()):
+        return f"{-pct:.1f}% faster, with more offload: under the {100 * K.OFFLOAD_MARGIN:.0f}% margin"
+    return (f"{-pct:.1f}% faster, with ZeRO-{o.plan.sharding.zero}: under the {100 * K.SHARDING_MARGIN:.0f}% "
+            f"margin per ZeRO level above 1")
+
+
 def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any],
-                   notes: Optional[dict[str, str]] = None) -> Plan:
+                   notes: Optional[dict[str, str]] = None, fitting: Optional[list[Scored]] = None) -> Plan:
     p, c = best.plan, best.cost
     runners = [Candidate(summary=_summary(o.plan), step_ms=o.cost.step_ms, tokens_per_s=o.cost.tokens_per_s,
-                         device_bytes=o.device,
-                         why_not=f"{100 * (o.cost.step_ms / c.step_ms - 1):.1f}% slower")
+                         device_bytes=o.device, why_not=_why_not(o, best))
                for o in others]
     est = Estimate(memory=live_spans(p, packed_table(p, best.rows)), device_bytes=best.device, host_bytes=best.host, step_ms=c.step_ms,
                    tokens_per_s=c.tokens_per_s, flops_per_token=c.flops_per_token, sol_ms=c.sol_ms,
                    sol_pct=c.sol_pct, mfu_pct=c.mfu_pct, breakdown_ms=c.breakdown_ms,
-                   reasons={**_reasons(best, pins), **(notes or {})}, runners_up=runners)
+                   reasons={**_reasons(best, pins, fitting or [best]), **(notes or {})}, runners_up=runners)
     return p.model_copy(update={"estimate": est})
 
 
-def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
+def _differs(a: Plan, b: Plan, skip: str = "") -> str:
+    """What `a` has that `b` does not, in words: "micro-batch 32 (not 8), recompute swiglu (not ffn+...)"."""
+    out = []
+    if a.batch.micro_batch != b.batch.micro_batch:
+        out.append(f"micro-batch {a.batch.micro_batch} (not {b.batch.micro_batch})")
+    ra, rb = "+".join(a.recompute.names()) or "none", "+".join(b.recompute.names()) or "none"
+    if ra != rb and skip != "recompute":
+        out.append(f"recompute {ra} (not {rb})")
+    if a.sharding.zero != b.sharding.zero and a.num_gpus > 1:
+        out.append(f"ZeRO-{a.sharding.zero} (not {b.sharding.zero})")
+    if a.lm_head_chunks != b.lm_head_chunks:
+        out.append(f"{a.lm_head_chunks} LM-head chunks (not {b.lm_head_chunks})")
+    return ", ".join(out)
+
+
+def _faster(best: Scored, alt: Scored) -> str:
+    return f"{100 * (alt.cost.step_ms / best.cost.step_ms - 1):.1f}%"
+
+
+def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
+    names = best.plan.offload.names()
+    top = fitting[0] if fitting else best
+    if not names:
+        why = "none: everything fits on the GPU"
+        if top is not best and top.plan.offload.names():
+            why += (f"; offloading {'+'.join(top.plan.offload.names())} would be {_faster(top, best)} faster, "
+                    f"under the {100 * K.OFFLOAD_MARGIN:.0f}% margin that offload must win by")
+        return why
+    mine = set(names)
+    less = next((c for c in fitting if set(c.plan.offload.names()) < mine), None)
+    head = "+".join(names) + " to pinned host memory: "
+    if less is None:
+        return head + "needed to fit (no plan that offloads less fits)"
+    gained = _differs(best.plan, less.plan)
+    return (head + f"{_faster(best, less)} faster than the fastest plan offloading less "
+            f"({'+'.join(less.plan.offload.names()) or 'nothing'}"
+            + (f"): the device memory it frees buys {gained}" if gained else ")"))
+
+
+def _recompute_reason(best: Scored, fitting: list[Scored], act: int) -> str:
+    names = best.plan.recompute.names()
+    if not names:
+        return "none: every activation fits"
+    mine = set(names)
+    less = [c for c in fitting if set(c.plan.recompute.names()) < mine]
+    head = "+".join(names) + f" (saved activations {_gib(act)}): "
+    if not less:
+        return head + "the least recompute that fits"
+    alt = less[0]
+    gained = _differs(best.plan, alt.plan, skip="recompute")
+    return (head + f"{_faster(best, alt)} faster than the fastest plan recomputing less "
+            f"({'+'.join(alt.plan.recompute.names()) or 'none'})"
+            + (f": the memory it saves buys {gained}" if gained else ""))
+
+
+def _sharding_reason(best: Scored, fitting: list[Scored]) -> str:
+    z = best.plan.sharding.zero
+    others = [c for c in fitting if c.plan.sharding.zero != z]
+    if not others:
+        return f"ZeRO-{z}: the only sharding that fits"
+    alt = others[0]
+    if alt.cost.step_ms < best.cost.step_ms:
+        return (f"ZeRO-{z}: ZeRO-{alt.plan.sharding.zero} would be {_faster(alt, best)} faster, under the "
+                f"{100 * K.SHARDING_MARGIN:.0f}% margin per ZeRO level above 1 (estimated collective overlap)")
+    return f"ZeRO-{z}: fastest sharding that fits (ZeRO-{alt.plan.sharding.zero} {_faster(best, alt)} slower)"
+
+
+def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[str, str]:
     p = best.plan
     gpu = p.inventory.gpu
     act = sum(r.total for r in best.rows if r.name.startswith("act.") and r.place == "device")
@@ -514,10 +620,8 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
                       "bf16 matmuls" + ("" if gpu.fp8_tflops else f": {gpu.display_name} has no FP8 tensor cores")),
         "batch": (f"{p.batch.micro_batch} x {p.batch.seq_len} tokens per micro-step, {p.batch.grad_accum} "
                   f"micro-steps: {p.tokens_per_step:,} tokens per optimizer step"),
-        "recompute": ("none: every activation fits" if not p.recompute.names() else
-                      "+".join(p.recompute.names()) + f": the least recompute that fits (saved activations {_gib(act)})"),
-        "offload": ("none: optimizer state and weights fit on the GPU" if not p.offload.names() else
-                    "+".join(p.offload.names()) + " to pinned host memory: the device is too small otherwise"),
+        "recompute": _recompute_reason(best, fitting, act),
+        "offload": _offload_reason(best, fitting),
         "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
                            f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"),
         "collectives": ("none: one GPU" if p.num_gpus == 1 else
@@ -526,7 +630,7 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
                         f"copy engines through pinned host memory: {gpu.display_name} has no peer access"),
     }
     if p.num_gpus > 1:
-        why["sharding"] = f"ZeRO-{p.sharding.zero}: fastest sharding that fits"
+        why["sharding"] = _sharding_reason(best, fitting)
     for path in pins:                      # a pinned choice was the user's, not the solver's
         key = path.split(".")[0]
         if key in why:
@@ -534,8 +638,88 @@ def _reasons(best: Scored, pins: dict[str, Any]) -> dict[str, str]:
     return why
 
 
+def _plans(inv: Inventory, again: dict) -> bool:
+    """Whether solve() finds a plan for `inv` with `again`'s other inputs (no hints of its own)."""
+    try:
+        solve(inventory=inv, _hints=False, runners_up=0, **again)
+        return True
+    except NoFitError:
+        return False
+    except ValueError:
+        return False
+
+
+def _host_needed(inv: Inventory, again: dict) -> Optional[int]:
+    """The least host RAM (whole GiB, per machine) with which some plan fits `inv`'s GPUs; verified
+    by solving again with it. None: no host RAM is enough."""
+    fitting: list[Scored] = []
+    try:
+        solve(inventory=inv.model_copy(update={"host_mem_bytes": 1 << 50}), _hints=False, runners_up=0,
+              _collect=fitting, **again)
+    except ValueError:
+        return None
+    need = min((c.host for c in fitting), default=None)
+    if need is None:
+        return None
+    gib = max(1, -(-need // int(K.HOST_USABLE * K.GiB)))        # usable = HOST_USABLE of the total
+    for extra in (0, 1, 2, 4):                                  # rounding of usable bytes: verify
+        trial = inv.model_copy(update={"host_mem_bytes": (gib + extra) * K.GiB, "host_mem_source": "user"})
+        if _plans(trial, again):
+            return gib + extra
+    return None
+
+
+def _fit_hints(inv: Inventory, again: dict, fp8: bool, chunks: Optional[int]) -> list[str]:
+    """What would make it fit, each hint solved and kept only if a plan fits with it: more host RAM (the
+    least with which a plan fits); 2x or 4x the GPUs, then half the sequence length, each alone or with
+    host RAM, shown only where they need less host RAM than the first hint."""
+    seq, tokens = again["seq_len"], again["tokens_per_step"]
+
+    def tokens_for(seq_len: int, gpus: int) -> tuple[int, str]:
+        """A --tokens-per-step the suggested seq_len and GPUs can divide (the user's where it can)."""
+        step_unit = seq_len * gpus * micro_batch_unit(seq_len, fp8, chunks)
+        if tokens % step_unit == 0:
+            return tokens, ""
+        lo = tokens // step_unit * step_unit or step_unit
+        return lo, f" with {_tokens_hint(tokens, step_unit)}"
+
+    base = _host_needed(inv, again)
+
+    def with_host(trial: Inventory, args: dict) -> Optional[str]:
+        """"" when `trial` fits with the host RAM given, " --host-mem NG" when it needs more (and less than
+        the plain host-RAM hint: else that hint says it all), None when neither."""
+        gib = _host_needed(trial, args)
+        if gib is None:
+            return None
+        if gib * K.GiB <= trial.host_mem_bytes:
+            return ""
+        return None if base is not None and gib >= base else f" --host-mem {gib}G"
+
+    hints = []
+    if base is not None and base * K.GiB > inv.host_mem_bytes:
+        hints.append(f"more host RAM (--host-mem {base}G)")
+    N = inv.count * inv.nodes
+    for k in (2, 4):
+        trial = (inv.model_copy(update={"nodes": inv.nodes * k}) if inv.nodes > 1
+                 else inv.model_copy(update={"count": inv.count * k}))
+        if trial.count > 8 and inv.nodes == 1:
+            trial = inv.model_copy(update={"nodes": trial.count // 8, "count": 8})
+        step, tail = tokens_for(seq, N * k)
+        args = {**again, "tokens_per_step": step}
+        host = with_host(trial, args)
+        if host is not None:
+            hints.append(f"more GPUs (--gpus {trial.label}{host}{tail})")
+            break
+    if seq > 256 and seq % 2 == 0 and "batch.seq_len" not in (again.get("pins") or {}):
+        step, tail = tokens_for(seq // 2, N)
+        host = with_host(inv, {**again, "seq_len": seq // 2, "tokens_per_step": step})
+        if host is not None:
+            hints.append(f"shorter sequences (--seq-len {seq // 2}{host}{tail})")
+    return hints
+
+
 def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, tokens_per_step: int, fp8: bool,
-                    chunks: Optional[int], s: Optional[Scored]) -> str:
+                    chunks: Optional[int], s: Optional[Scored], hints: Optional[list[str]] = None) -> str:
     head = f"{model.name} does not fit {inv.label}"
     if s is None:
         return head + "."
@@ -546,20 +730,11 @@ def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, tokens_per_s
                  + (f" (short {_gib(dev_short)})" if dev_short > 0 else ""))
     lines.append(f"  {_gib(s.host)} pinned host RAM, {_gib(usable_host(inv))} usable of {_gib(inv.host_mem_bytes)}"
                  + (f" (short {_gib(host_short)})" if host_short > 0 else ""))
-
-    def with_tokens(seq: int, gpus: int) -> str:
-        """Suggestions must plan: name a --tokens-per-step that fits the suggested seq_len and GPUs."""
-        step_unit = seq * gpus * micro_batch_unit(seq, fp8, chunks)
-        return "" if tokens_per_step % step_unit == 0 else f" with {_tokens_hint(tokens_per_step, step_unit)}"
-
-    hints = []
-    if dev_short > 0:
-        N = inv.count * inv.nodes
-        more = (f"{inv.nodes * 2}x{inv.count}x{inv.gpu.name}" if inv.nodes > 1 else f"{inv.count * 2}x{inv.gpu.name}")
-        hints.append(f"more or larger GPUs (e.g. --gpus {more}{with_tokens(seq_len, 2 * N)})")
-        if seq_len > 256 and seq_len % 2 == 0:
-            hints.append(f"shorter sequences (--seq-len {seq_len // 2}{with_tokens(seq_len // 2, N)})")
-    if host_short > 0:
-        hints.append(f"more host RAM (--host-mem {int((s.host / K.HOST_USABLE) / K.GiB) + 1}G)")
-    lines.append("What would make it fit: " + "; ".join(hints or ["a larger machine"]))
+    if hints is None:
+        return "\n".join(lines)
+    if hints:
+        lines.append("What would make it fit (each solved and fits): " + "; ".join(hints))
+    else:
+        lines.append("What would make it fit: nothing llmqgen tried (more host RAM, 2x or 4x the GPUs, half the "
+                     "sequence length) fits; a GPU with more memory")
     return "\n".join(lines)

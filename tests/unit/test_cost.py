@@ -29,3 +29,26 @@ def test_fp8_is_faster_than_bf16_and_recompute_offload_cost_time():
     assert step_cost(plan(offload=Offload(master=True, adam_m=True, adam_v=True))).step_ms > base.step_ms
     assert 0 < base.sol_pct < 100 and 0 < base.mfu_pct < 100
     assert abs(sum(base.breakdown_ms.values()) - base.step_ms) / base.step_ms < 1e-9
+
+
+def test_h200_measurements_stay_calibrated():
+    """The one-GPU H200 benchmarks in bench/results: the prediction within 16% of the measured tokens/s
+    (the 4090 constants are GeForce-only and must not move these)."""
+    import glob
+    import json
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results"
+    files = sorted(glob.glob(str(root / "nvidia-h200-*-1xh200*.json")))
+    assert files
+    for f in files:
+        d = json.loads(pathlib.Path(f).read_text())
+        pred = step_cost(Plan.model_validate(d["plan"])).tokens_per_s
+        assert abs(pred / d["tokens_per_s"] - 1) < 0.16, (f, pred, d["tokens_per_s"])
+
+
+def test_consumer_constants_apply_to_geforce_only():
+    from llmqgen.plan import calibration as K
+    from llmqgen.plan.cost import gemm_seconds
+    f = 1e11
+    assert gemm_seconds(f, 330.3, "e4m3", consumer=True) < gemm_seconds(f, 330.3, "e4m3")
+    assert K.CONSUMER_GEMM_EFF_MAX["bf16"] <= 1.0 and K.CONSUMER_GEMM_EFF_MAX["e4m3"] <= 1.0

@@ -193,16 +193,81 @@ def test_pins_that_contradict_each_other_are_one_line():
         solve(resolve_model("0.5b"), inv("h200"), dtype="bf16", pins={"precision.matmul": "e4m3"})
 
 
-def test_no_fit_suggestions_plan():
-    """The no-fit hints name values that satisfy the divisibility rules (or say which step does)."""
+def test_no_fit_hints_are_solved_and_fit():
+    """Every hint shown was re-solved and fits: 72B on a 16 GB card needs ~759 GiB of host RAM (not just
+    its closest plan's shortfall); more GPUs or shorter sequences need no less host RAM, so are not shown."""
+    import re
     with pytest.raises(NoFitError) as e:
         solve(resolve_model("72b"), inv("4060ti", 1, host_gib=32), seq_len=1000, tokens_per_step=2000)
     msg = str(e.value)
-    assert "--gpus 2x4060ti with --tokens-per-step 4000" in msg      # 2 GPUs x micro-batch 2 x 1000
-    assert "(--seq-len 500)" in msg         # 4 sequences of 500: micro-batch 4 has 2000 rows, a multiple of 16
-    with pytest.raises(NoFitError) as e:
-        solve(resolve_model("72b"), inv("4060ti", 1, host_gib=32), seq_len=1000, tokens_per_step=6000)
-    assert "--gpus 2x4060ti with --tokens-per-step 4000 (or 8000)" in str(e.value)   # 3 sequences on 2 GPUs
+    assert "each solved and fits" in msg and "--gpus" not in msg and "--seq-len" not in msg
+    gib = int(re.search(r"--host-mem (\d+)G", msg).group(1))
+    p = solve(resolve_model("72b"), inv("4060ti", 1, host_gib=gib), seq_len=1000, tokens_per_step=2000)
+    assert fits(p)
+    with pytest.raises(NoFitError):       # the least that fits: one GiB less does not
+        solve(resolve_model("72b"), inv("4060ti", 1, host_gib=gib - 1), seq_len=1000, tokens_per_step=2000)
+
+
+def test_no_fit_gpu_hint_plans_with_its_tokens_per_step():
+    """A --gpus hint names a step the new GPU count divides, and plans as printed (the helper run on
+    its own: 3 sequences do not split over 2 GPUs)."""
+    import re
+    from llmqgen.plan.solver import _fit_hints
+    again = dict(model=resolve_model("7b"), seq_len=1024, tokens_per_step=1024 * 3, dtype="e4m3", pins={})
+    hints = _fit_hints(inv("h200", 1, host_gib=8), again, True, None)
+    assert any("--gpus" in h for h in hints)
+    for h in hints:
+        m = re.search(r"--gpus (\d+)x(\w+)", h)
+        if m:
+            assert "--tokens-per-step 2048 (or 4096)" in h
+            host = re.search(r"--host-mem (\d+)G", h)
+            p = solve(resolve_model("7b"), inv(m.group(2), int(m.group(1)), host_gib=int(host.group(1)) if host else 8),
+                      tokens_per_step=2048)
+            assert fits(p)
+
+
+def test_offload_only_when_it_buys_more_than_the_margin():
+    """72B on 2x8 H200: a plan offloading less within 2% of the fastest wins, and the offload reason
+    says what it buys or that it is needed to fit (never 'too small otherwise' when it is not)."""
+    from llmqgen.plan import calibration as K
+    from llmqgen.plan.solver import _rank
+    i = Inventory(gpu=resolve_gpu("h200"), count=8, nodes=2, host_mem_bytes=2048 * GiB, host_mem_source="user")
+    fitting = []
+    p = solve(resolve_model("72b"), i, _collect=fitting)
+    fitting.sort(key=_rank)
+    why = p.estimate.reasons["offload"]
+    assert "too small otherwise" not in why
+    mine = set(p.offload.names())
+    less = [c for c in fitting if set(c.plan.offload.names()) < mine]
+    if mine and less:
+        assert _rank(less[0]) > _rank(fitting[0]) * (1 + K.OFFLOAD_MARGIN)
+        assert "faster than the fastest plan offloading less" in why
+    elif mine:
+        assert "needed to fit" in why
+    else:
+        assert why.startswith("none")
+    for c in p.estimate.runners_up:      # a faster runner-up says why it lost
+        assert "slower" in c.why_not or "margin" in c.why_not
+
+
+def test_offload_margin_prefers_no_offload_within_2_percent():
+    from llmqgen.plan.solver import _prefer_less_offload
+
+    class P:                       # the fields _rank and _prefer_less_offload read
+        def __init__(self, ms, off):
+            from types import SimpleNamespace as NS
+            self.cost = NS(step_ms=ms)
+            self.plan = NS(offload=NS(names=lambda: list(off)), sharding=NS(zero=1))
+    fast, plain = P(100.0, ["adam_m", "adam_v"]), P(101.5, [])
+    assert _prefer_less_offload([fast, plain]) is plain
+    far = P(102.5, [])
+    assert _prefer_less_offload([fast, far]) is fast
+
+
+def test_7b_on_4090_offload_reason_is_true():
+    p = solve(resolve_model("7b"), inv("4090", 1, host_gib=128), pins={"batch.micro_batch": 16})
+    why = p.estimate.reasons["offload"]
+    assert p.offload.names() and ("needed to fit" in why or "faster than the fastest plan offloading less" in why)
 
 
 # --- pins are constraints (issue 10) ---------------------------------------------------------------
