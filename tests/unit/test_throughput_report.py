@@ -86,7 +86,6 @@ def test_per_gpu_values_are_the_total_over_the_gpus(name):
     p = plan_throughput(plan, e.step_ms / 1e3)
     assert (p.tokens_per_s, p.sol_pct, p.mfu_pct) == pytest.approx((e.tokens_per_s, e.sol_pct, e.mfu_pct), rel=1e-9)
     assert 1e3 * p.sol_s == pytest.approx(e.sol_ms, rel=1e-9)
-    assert p.sol_pct < 100 and p.mfu_pct < 100
 
 
 def test_the_line_says_per_gpu_on_several_gpus_only():
