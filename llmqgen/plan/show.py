@@ -52,7 +52,7 @@ def predicted_block(plan: Plan) -> list[str]:
     e = plan.estimate
     r = plan_throughput(plan, e.step_ms / 1e3)
     n = plan.num_gpus
-    return ["", "Predicted (cost model, calibrated on H200 measurements):",
+    return ["", "Predicted (cost model: H200 constants from measurements here, GeForce ones fitted to LLMQ's RTX 4090 results):",
             f"  step       {e.step_ms / 1e3:.3f} s per optimizer step of {plan.tokens_per_step:,} tokens"
             + (f" on {n} GPUs" if n > 1 else ""),
             f"  throughput {r.line()}",
