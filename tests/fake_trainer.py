@@ -182,3 +182,4 @@ def install():
 
 def uninstall():
     run_mod.Trainer = Trainer
+

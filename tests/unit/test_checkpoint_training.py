@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fake_trainer import FakeTrainer, TINY, install, tiny_data, tiny_plan, uninstall  # noqa: E402
+from fake_trainer import FakeTrainer, TINY, tiny_data, tiny_plan  # noqa: E402
 
 from llmqgen.checkpoint.cli import export  # noqa: E402
 from llmqgen.checkpoint.safetensors import read_dir, read_header  # noqa: E402
@@ -20,18 +20,6 @@ from llmqgen.checkpoint.store import CheckpointError, read_checkpoint  # noqa: E
 from llmqgen.runtime.log import read_log  # noqa: E402
 
 quiet = lambda *a, **k: None      # noqa: E731
-
-
-@pytest.fixture
-def run():
-    mod = install()
-    yield mod
-    uninstall()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_data(tmp_path_factory.mktemp("data"))
 
 
 def train(run, data, out, echo=quiet, **kw):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fake_trainer import TINY, FakeTrainer, install, tiny_data, tiny_plan, uninstall  # noqa: E402
+from fake_trainer import TINY, FakeTrainer, tiny_plan  # noqa: E402
 
 from llmqgen.hardware.inventory import parse_inventory  # noqa: E402
 from llmqgen.metrics import (format_throughput, mfu, plan_throughput, sol_seconds_per_token,  # noqa: E402
@@ -45,18 +45,6 @@ class Clock:
     def __call__(self) -> float:
         self.calls += 1
         return 0.0 if self.calls % 2 else self.step_s
-
-
-@pytest.fixture
-def run():
-    mod = install()
-    yield mod
-    uninstall()
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_data(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture
