@@ -9,7 +9,9 @@ the head's forward operations and the loss only, run after `prologue` and `layer
 Recompute operations open a layer's backward, exactly for the activations the plan's recompute set dropped.
 Offloaded rows (place "host") are mapped pinned memory: operations may address them directly; streamed
 block weights, block gradients, residuals and the optimizer's block states go through their device double
-buffers ("stage.*") by `copy` operations on the compute stream (in order, not yet overlapped).
+buffers ("stage.*") by asynchronous `copy` operations (`stream` "h2d" or "d2h": the copy engines, beside
+the computation). Such a copy starts once the computation issued before it is done and the copies
+named in its `after` tags have landed; `copy_wait` makes the computation wait for the copies of a tag.
 
 References (strings) name rows of the plan's memory table:
   "act.res[l]"      layer l's instance of a per-layer row ("[l-1]" the previous layer's); on a shared
@@ -114,9 +116,9 @@ def build_schedule(plan: Plan) -> dict:
     zero2, zero3 = N_gpu > 1 and sh.gradients, N_gpu > 1 and sh.weights
     off = plan.offload
     # Offload (pinned host rows, mapped: kernels and GEMMs may address them, but block weights, block
-    # gradients and residuals go through their device double buffers by copies on the compute stream):
+    # gradients and residuals go through their device double buffers by asynchronous copies):
     # streamed block weights (one GPU's sharded weights, or offloaded work copies without ZeRO-3) are
-    # copied in per layer; block gradients are copied in before a layer's backward and out after it.
+    # fetched a layer ahead; block gradients are fetched a layer ahead of the backward and leave after it.
     stream_w = not zero3 and (off.quantized_weights or (sh.weights and N_gpu == 1))
     stream_g = not zero2 and off.gradients
     # ZeRO-3: a block's weights are all-gathered from the shards into a double buffer ahead of use
@@ -191,25 +193,38 @@ def build_schedule(plan: Plan) -> dict:
               skip_layers=skip, tensors=[[f"weights.{n}[{target}]", False] for n, _ in layer_tensors],
               into=[f"stage.weights.{n}[({target})%2]" for n, _ in layer_tensors])
 
-    def copy_weights(phase, skip):
-        for n, _ in layer_tensors:
-            o.add("copy", phase, dst=f"stage.weights.{n}[l%2]", src=f"weights.{n}[l]",
-                  bytes=_same_bytes(o.rows, f"stage.weights.{n}", f"weights.{n}"), skip_layers=skip)
+    def transfer(phase, dst, src, row_a, row_b, stream, tag, after=(), skip=()):
+        """An asynchronous copy between a host row and its device buffer on the `stream` ("h2d"/"d2h")
+        copy engine: it starts when the computation issued before it is done (and the copies tagged
+        `after`), and the computation waits for it at `copy_wait` of its tag."""
+        o.add("copy", phase, dst=dst, src=src, bytes=_same_bytes(o.rows, row_a, row_b), stream=stream, tag=tag,
+              after=list(after), skip_layers=list(skip))
 
-    def copy_grads(phase, into_stage):
+    def fetch_weights(phase, target, skip=()):
         for n, _ in layer_tensors:
-            stage, row = f"stage.grads.{n}[l%2]", f"grads.{n}[l]"
-            o.add("copy", phase, dst=stage if into_stage else row, src=row if into_stage else stage,
-                  bytes=_same_bytes(o.rows, f"stage.grads.{n}", f"grads.{n}"))
+            transfer(phase, f"stage.weights.{n}[({target})%2]", f"weights.{n}[{target}]", f"stage.weights.{n}",
+                     f"weights.{n}", "h2d", f"w_in[{target}]", skip=skip)
 
+    def fetch_grads(phase, target, after=(), skip=()):
+        for n, _ in layer_tensors:
+            transfer(phase, f"stage.grads.{n}[({target})%2]", f"grads.{n}[{target}]", f"stage.grads.{n}",
+                     f"grads.{n}", "h2d", f"g_in[{target}]", after, skip)
+
+    # Streams overlap the computation: layer l+1's inputs arrive while layer l computes (l-1's in
+    # backward), outputs leave while the next layer computes; a double buffer's next fill waits for the
+    # copy out of its previous contents (`after`). Tags of layers that do not exist are dropped, and a
+    # wait for a copy not in flight (its data is still in the buffer) does nothing.
     if zero3:      # layer l+1 arrives while layer l computes (layer 0: gathered in the prologue)
         gather_weights("forward", "l+1", [L - 1])
         o.add("await", "forward", tag="w[l]")
-    if stream_w:
-        copy_weights("forward", [])
+    if stream_w:   # layer 0: fetched in the prologue
+        fetch_weights("forward", "l+1", skip=[L - 1])
+        o.add("copy_wait", "forward", tag="w_in[l]")
+    if off.residual:  # the buffer's previous block input (layer l-2) has left for the host
+        o.add("copy_wait", "forward", tag="r_out[l-2]")
     ln1_forward("forward")
     if off.residual:
-        o.add("copy", "forward", dst="act.res[l]", src=RES, bytes=_same_bytes(o.rows, "act.res", "stage.res"))
+        transfer("forward", "act.res[l]", RES, "act.res", "stage.res", "d2h", "r_out[l]")
     block_forward("forward")
     linear_forward("down", "forward", "act.h[l]", "work.branch", "h")
     layer_forward = o.take()
@@ -219,12 +234,17 @@ def build_schedule(plan: Plan) -> dict:
         gather_weights("backward", "l-1", [0, L - 1])
         o.add("await", "backward", tag="w[l]")
     if stream_w:   # the last two layers are still in the buffers from the forward
-        copy_weights("backward", [L - 1, L - 2])
+        fetch_weights("backward", "l-1", skip=[L - 1, 0])
+        o.add("copy_wait", "backward", tag="w_in[l]")
     if off.residual:  # the last two layers' block inputs are still in their buffers from the forward
-        o.add("copy", "backward", dst=RES, src="act.res[l]", bytes=_same_bytes(o.rows, "act.res", "stage.res"),
-              skip_layers=[L - 1, L - 2])
-    if stream_g:   # the gradients accumulated so far (over micro-steps) into the buffer
-        copy_grads("backward", True)
+        transfer("backward", "stage.res[(l-1)%2]", "act.res[l-1]", "act.res", "stage.res", "h2d", "r_in[l-1]",
+                 after=["r_out[l+1]"], skip=[L - 1, 0])
+        o.add("copy_wait", "backward", tag="r_in[l]")
+    if stream_g:   # the gradients accumulated so far (over micro-steps); the first layer's: not ahead (the
+        # LM head's buffers are live until then)
+        fetch_grads("backward", "l", skip=range(L - 1))
+        fetch_grads("backward", "l-1", after=["g_out[l+1]"], skip=[0])
+        o.add("copy_wait", "backward", tag="g_in[l]")
     if zero2:      # the buffer's previous user, layer l+2, has been reduce-scattered
         o.add("await", "backward", tag="g[l+2]")
         for n, shape in layer_tensors:
@@ -300,7 +320,8 @@ def build_schedule(plan: Plan) -> dict:
              res=RES, weight=W("ln1"), rstd="act.rstd1[l]", dw_partial="work.norm_partials", **sink)
     o.kernel("llmq_rmsnorm_dweight_ln1", b, dw=G("ln1"), dw_partial="work.norm_partials")
     if stream_g:
-        copy_grads("backward", False)
+        for n, _ in layer_tensors:
+            transfer(b, f"grads.{n}[l]", G(n), f"grads.{n}", f"stage.grads.{n}", "d2h", "g_out[l]")
     if zero2:      # overlapped with the next block's backward on the communication streams
         o.add("collective", b, kind="reduce_scatter", dtype="bf16", overlap=True, tag="g[l]", skip_layers=[],
               tensors=[[G(n), False] for n, _ in layer_tensors], into=[f"grads.{n}[l]" for n, _ in layer_tensors])
@@ -313,6 +334,8 @@ def build_schedule(plan: Plan) -> dict:
         o.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
               skip_layers=[], tensors=[[f"weights.{n}[0]", False] for n, _ in layer_tensors],
               into=[f"stage.weights.{n}[0]" for n, _ in layer_tensors])
+    if stream_w:
+        fetch_weights("forward", "0")
     o.kernel("llmq_embedding_forward", "forward", x="stage.res[0]" if off.residual else "act.res[0]",
              tokens="tokens.inputs", wte="weights.embedding")
     prologue = o.take()
@@ -322,18 +345,18 @@ def build_schedule(plan: Plan) -> dict:
              delta="work.branch", weight="weights.final_norm", y="lmhead.ln", rstd="lmhead.rstd")
     rows = BT // plan.lm_head_chunks
     for c in range(plan.lm_head_chunks):
-        off = c * rows
+        at_row = c * rows
         o.add("linear", "forward", **{"pass": "forward", "layer_name": "lm_head", "M": rows, "N": m.vocab_size,
-              "K": C, "x": f"lmhead.ln+{off * C * 2}", "w": head_w, "y": "lmhead.logits", "dtype": "bf16",
+              "K": C, "x": f"lmhead.ln+{at_row * C * 2}", "w": head_w, "y": "lmhead.logits", "dtype": "bf16",
               "bias": None, "x_scale": None, "w_scale": None, "accumulate": False})
         o.kernel("llmq_crossentropy_fused", "forward", logits="lmhead.logits", targets="tokens.targets",
-                 losses="lmhead.losses", lse="lmhead.lse", grad_scale="scalar:grad_scale", row_offset=off)
+                 losses="lmhead.losses", lse="lmhead.lse", grad_scale="scalar:grad_scale", row_offset=at_row)
         common = {"layer_name": "lm_head", "M": rows, "N": m.vocab_size, "K": C, "dtype": "bf16",
                   "grad_dtype": "bf16", "dy_scale": None}
         o.add("linear", "backward", **{"pass": "dgrad", **common, "dy": "lmhead.logits", "w": head_w,
-              "dx": f"work.d_ln+{off * C * 2}", "w_scale": None, "accumulate": False})
+              "dx": f"work.d_ln+{at_row * C * 2}", "w_scale": None, "accumulate": False})
         o.add("linear", "backward", **{"pass": "wgrad", **common, "dy": "lmhead.logits",
-              "x": f"lmhead.ln+{off * C * 2}", "dw": head_g, "x_scale": None, "accumulate": True})
+              "x": f"lmhead.ln+{at_row * C * 2}", "dw": head_g, "x_scale": None, "accumulate": True})
     o.kernel("llmq_loss_reduce", "forward", losses="lmhead.losses", scale="scalar:grad_scale", acc="scalar:loss")
     o.kernel("llmq_rmsnorm_backward_final", "backward", dx="work.d_res", dy="work.d_ln", res="lmhead.x",
              weight="weights.final_norm", rstd="lmhead.rstd", dw_partial="work.norm_partials", **sink)
@@ -398,22 +421,32 @@ def build_schedule(plan: Plan) -> dict:
     def master_of(n, idx):
         return f"master.{n}{idx}" if f"master.{n}" in o.rows else f"weights.{n}{idx}"
 
+    # Offloaded block states stream through their device double buffers: layer l+1's arrive while layer
+    # l updates, layer l's leave while l+1 updates. Whole-model tensors' states, and offloaded gradients
+    # (read once), are used where they are, in mapped pinned memory (no device buffer for them here).
+    def streamed(n):
+        rows = {"master": master_of(n, ""), "adam_m": f"adam_m.{n}", "adam_v": f"adam_v.{n}"}
+        return {what: row for what, row in rows.items() if f"stage.{what}.{n}" in o.rows}
+
+    def move_states(target, into_stage, skip=()):
+        for n, _, pl, _ in tensors:
+            for what, row in streamed(n).items() if pl else ():
+                buf, src = f"stage.{what}.{n}[({target})%2]", f"{row}[{target}]"
+                if into_stage:
+                    transfer("optimizer", buf, src, f"stage.{what}.{n}", row, "h2d", f"o_in[{target}]",
+                             after=[f"o_out[{target}-2]"], skip=skip)
+                else:
+                    transfer("optimizer", src, buf, f"stage.{what}.{n}", row, "d2h", f"o_out[{target}]")
+
     def adamw(n, shape, idx, is_matrix):
-        # offloaded block states stream through their device double buffers: copied in, updated, copied out
-        # (the whole-model tensors' states are updated where they are, in mapped pinned memory)
-        rows = {"master": master_of(n, idx), "adam_m": f"adam_m.{n}{idx}", "adam_v": f"adam_v.{n}{idx}"}
-        staged = {what: f"stage.{what}.{n}[l%2]" for what in rows if f"stage.{what}.{n}" in o.rows and idx}
-        for what, buf in staged.items():
-            o.add("copy", "optimizer", dst=buf, src=rows[what],
-                  bytes=_same_bytes(o.rows, f"stage.{what}.{n}", rows[what].split("[")[0]))
-        args = {**rows, **staged}
-        o.kernel(adam, "optimizer", param=args["master"], grad=grad(n, idx), m=args["adam_m"],
-                 v=args["adam_v"], hyper="scalar:hyper", clip_scale="scalar:clip_scale",
+        rows = {"master": master_of(n, idx), "adam_m": f"adam_m.{n}{idx}", "adam_v": f"adam_v.{n}{idx}",
+                "grads": grad(n, idx)}
+        if idx:
+            rows.update({what: f"stage.{what}.{n}[l%2]" for what in streamed(n)})
+        o.kernel(adam, "optimizer", param=rows["master"], grad=rows["grads"], m=rows["adam_m"],
+                 v=rows["adam_v"], hyper="scalar:hyper", clip_scale="scalar:clip_scale",
                  amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n=elems(shape), step="step",
                  seed=f"seed:{n}", apply_weight_decay=int(is_matrix or n in ("embedding", "lm_head")), zero_grad=1)
-        for what, buf in staged.items():
-            o.add("copy", "optimizer", dst=rows[what], src=buf,
-                  bytes=_same_bytes(o.rows, f"stage.{what}.{n}", rows[what].split("[")[0]))
 
     def publish(n, shape, idx, is_matrix):
         """The work copy from the new master (this GPU's shard of it when the optimizer is sharded)."""
@@ -437,15 +470,21 @@ def build_schedule(plan: Plan) -> dict:
             if per_layer == layered:
                 fn(n, shape, "[l]" if per_layer else "", is_matrix)
 
+    move_states("0", True)
     each(adamw, False)
     optimizer = o.take()
+    move_states("l+1", True, skip=[L - 1])
+    o.add("copy_wait", "optimizer", tag="o_in[l]")
     each(adamw, True)
+    move_states("l", False)
     layer_optimizer = o.take()
     if opt_shard and fp8:
         o.add("collective", "optimizer", kind="all_reduce_max", dtype="fp32", overlap=False,
               region=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
     each(publish, False)
     publish_once = o.take()
+    if any(streamed(n) for n, _, pl, _ in tensors if pl):    # the new master has reached the host
+        o.add("copy_wait", "optimizer", tag="o_out[l]")
     each(publish, True)
     layer_publish = o.take()
     if opt_shard:

@@ -9,9 +9,9 @@ for the whole step.
 Every operation touches rows (its references, schedule.op_touches): a *write* of a whole row that the
 operation does not also read kills the row's old value; any other touch reads it. A transient row
 (lifetime shared or per_layer, on the device) is live in segments, each from a killing write to the
-last read before the next killing write; an overlapped collective (other streams) keeps what it
-touches live until the computation awaits its tag (or to the micro-step's end, where the trainer
-drains the rest). Rows of several instances (per-layer activations, double buffers) get one segment
+last read before the next killing write; an overlapped collective or an asynchronous copy (other
+streams) keeps what it touches live until the computation awaits its tag (or to the end of its run:
+the micro-step's end, where the trainer drains the rest, or the optimizer step's). Rows of several instances (per-layer activations, double buffers) get one segment
 from their first touch to their last. Where the analysis cannot tell (a row read before any write in
 the step, a row no operation names), the row lives for the whole step: correctness first.
 
@@ -48,7 +48,7 @@ def step_order(sched: dict):
                 for op in sched[group][sec]:
                     if op["op"] == "branch_on_layer":
                         yield from ((sec, layer, o) for o in (op["first"] if layer == 0 else op["rest"]))
-                    elif op["op"] == "collective" and layer in op.get("skip_layers", ()):
+                    elif layer in op.get("skip_layers", ()):
                         continue
                     else:
                         yield sec, layer, op
@@ -63,13 +63,15 @@ def segments(sched: dict, rows: list[MemRow]) -> tuple[dict[str, list[list[int]]
     cand = {r.name for r in rows if r.lifetime in TRANSIENT}        # a host row's too: callers filter
     ops = list(step_order(sched))
     micro_end = max(i for i, (sec, _, _) in enumerate(ops) if sec in MICRO)
-    # an overlapped collective's rows stay live until its tag is awaited (else: the micro-step's end)
+    # An overlapped collective's rows stay live until its tag is awaited, an asynchronous copy's until
+    # its copy_wait; else to the end of the run that issued it (the micro-step, or the optimizer step).
     until: dict[int, int] = {}
+    waits = {"collective": "await", "copy": "copy_wait"}
     for i, (sec, layer, op) in enumerate(ops):
-        if op["op"] == "collective" and op.get("overlap"):
-            tag = resolve_tag(op["tag"], layer)
-            until[i] = next((j for j in range(i + 1, micro_end + 1) if ops[j][2]["op"] == "await"
-                             and resolve_tag(ops[j][2]["tag"], ops[j][1]) == tag), micro_end)
+        if op.get("overlap") or (op["op"] == "copy" and "stream" in op):
+            tag, end = resolve_tag(op["tag"], layer), micro_end if i <= micro_end else len(ops) - 1
+            until[i] = next((j for j in range(i + 1, end + 1) if ops[j][2]["op"] == waits[op["op"]]
+                             and resolve_tag(ops[j][2]["tag"], ops[j][1]) == tag), end)
     segs: dict[str, list[list[int]]] = {}
     whole: set[str] = set()
     for i, (_, _, op) in enumerate(ops):

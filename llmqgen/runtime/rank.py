@@ -53,6 +53,11 @@ class Rank:
         self.stream = driver.stream_create()
         self.comm_stream = driver.stream_create()     # collectives: copies in, reductions
         self.send_stream = driver.stream_create()     # host-staged collectives: copies out
+        # offload streaming: one stream per copy direction, so that fetches and write-backs overlap
+        self.copy_streams = {"h2d": driver.stream_create(), "d2h": driver.stream_create()}
+        self.tag_events: dict[str, int] = {}          # the last copy of each tag (a resolved "w_in[3]")
+        self.fork_event = driver.event_create()
+        self.in_flight: dict[str, int] = {}           # copies of this run of operations not yet waited for
         driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
         ctypes.memset(self.host.base, 0, self.host.nbytes)                  # offloaded ones too (pinned host)
         self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
@@ -152,7 +157,13 @@ class Rank:
             return lambda: driver.memset_d8(dst, 0, n, s)
         if kind == "copy":          # device or mapped pinned host rows, either way (offload streaming)
             dst, src, n = self.ptr(op["dst"], layer), self.ptr(op["src"], layer), op["bytes"]
-            return lambda: driver.memcpy(dst, src, n, s)
+            if "stream" not in op:
+                return lambda: driver.memcpy(dst, src, n, s)
+            return self._bind_transfer(dst, src, n, self.copy_streams[op["stream"]],
+                                       self._tag(op["tag"], layer), [self._tag(t, layer) for t in op["after"]])
+        if kind == "copy_wait":
+            tag = self._tag(op["tag"], layer)
+            return lambda: self._wait_copy(tag)
         if kind == "bias_grad":     # db[1, cols] += ones[1, rows] . dy[rows, cols]
             g = self._gemm(("bias", op["rows"], op["cols"]), lambda: Gemm(self.blas, 1, op["cols"], op["rows"],
                                                                          b_trans=True, accumulate=True, align=256))
@@ -167,6 +178,45 @@ class Rank:
                     self.ptr(op["out"], None))
             return lambda: fin(grid, *args)
         raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
+
+    def _tag(self, tag: str, layer: int | None) -> str | None:
+        """A copy's tag at `layer` ("w_in[l+1]" -> "w_in[4]"); None for a layer the model lacks."""
+        name, idx = split_index(tag, layer)
+        return None if idx is not None and not 0 <= idx < self.L else resolve_tag(tag, layer)
+
+    def _bind_transfer(self, dst: int, src: int, n: int, stream: int, tag: str | None,
+                       after: list[str | None]) -> Callable[[], None]:
+        """An asynchronous copy on a copy stream: it forks from the compute stream where it is issued
+        (what was computed before it is done), waits for the in-flight copies tagged `after`, and is
+        recorded under its tag for `copy_wait`. Inside a captured run the forks and waits become the
+        graph's edges."""
+        if tag not in self.tag_events:
+            self.tag_events[tag] = driver.event_create()
+        event = self.tag_events[tag]
+
+        def run():
+            driver.event_record(self.fork_event, self.stream)
+            driver.stream_wait(stream, self.fork_event)
+            for t in after:
+                if t in self.in_flight:
+                    driver.stream_wait(stream, self.in_flight[t])
+            driver.memcpy(dst, src, n, stream)
+            driver.event_record(event, stream)
+            self.in_flight[tag] = event
+        return run
+
+    def _wait_copy(self, tag: str | None) -> None:
+        """The compute stream waits for the copies of `tag`; nothing when none is in flight (the data
+        is still in its buffer, or the run that copied it has ended)."""
+        event = self.in_flight.pop(tag, None)
+        if event is not None:
+            driver.stream_wait(self.stream, event)
+
+    def _join_copies(self) -> None:
+        """A run of operations ends with every copy it started: the compute stream waits for the rest
+        (a captured graph must join its forks; the next run may reuse any buffer)."""
+        for tag in list(self.in_flight):
+            self._wait_copy(tag)
 
     def _bind_gradnorm_partials(self, op: dict) -> Callable[[], None]:
         ptrs = [self.ptr(ref if not per_layer else at(ref, i), None)
@@ -275,19 +325,22 @@ class Rank:
     def run_ops(self, fns, key: tuple | None) -> None:
         """A run of operations: eagerly, or as a CUDA graph captured on first use under `key`."""
         if key is None or not self.use_graphs:
-            for f in fns:
-                f()
+            self._issue(fns)
             return
         graph = self.graphs.get(key)
         if graph is None:
-            for f in fns:            # warm-up run: libraries allocate and pick kernels outside capture
-                f()
+            self._issue(fns)         # warm-up run: libraries allocate and pick kernels outside capture
             driver.capture_begin(self.stream)
-            for f in fns:
-                f()
+            self._issue(fns)
             self.graphs[key] = driver.capture_end(self.stream)
             return                   # the warm-up already did this work
         driver.graph_launch(graph, self.stream)
+
+    def _issue(self, fns) -> None:
+        self.in_flight.clear()
+        for f in fns:
+            f()
+        self._join_copies()
 
     def _seed(self, tag: str, layer) -> int:
         # each GPU rounds its own shard: a shard's random stream must not repeat another's
@@ -371,6 +424,12 @@ class Rank:
         return self.download(self.ptr(f"{name}[{index}]", None), NP_DTYPES[row.dtype], (n,))
 
     def close(self) -> None:
+        driver.stream_synchronize(self.stream)
+        for st in self.copy_streams.values():
+            driver.stream_synchronize(st)
+            driver.stream_destroy(st)
+        for e in [*self.tag_events.values(), self.fork_event]:
+            driver.event_destroy(e)
         for g in self.graphs.values():
             driver.graph_destroy(g)
         self.graphs.clear()
