@@ -307,7 +307,9 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
               default=Path("bench/results"), show_default=True)
 @click.option("--devices", default=None, help="GPU of each rank, e.g. 0,0 to run a 2-GPU plan's two ranks on "
               "GPU 0 (tests the collectives and host-staged transfer rates, not multi-GPU speed).")
-def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices):
+@click.option("--profile", is_flag=True, help="Then one eager step timed per operation: GPU time and launches "
+              "per kernel family and schedule phase, and the GEMM+attention (floor) share; into the result too.")
+def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile):
     """Run optimizer steps of a plan on synthetic tokens; write bench/results/<gpu>-<plan>.json."""
     try:
         from .runtime.bench import run_bench
@@ -326,7 +328,7 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices):
     echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
         with _gpu_runtime():
-            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=echo, devices=ranks)
+            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=echo, devices=ranks, profile=profile)
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
 

@@ -13,6 +13,7 @@ from ..plan.schema import Plan
 from . import driver
 from .benchfile import bench_record, bench_summary, collect_versions, write_bench
 from .dist import is_rank_zero
+from .profile import format_profile, profile_step
 from .trainer import Trainer
 
 
@@ -48,9 +49,10 @@ _clock = time.perf_counter      # step timing (tests stand a fake clock in)
 
 
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
-              echo=print, devices: list[int] | None = None) -> Path | None:
+              echo=print, devices: list[int] | None = None, profile: bool = False) -> Path | None:
     """devices: the GPU of each rank (default one per rank); several ranks on one GPU test the
     collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so).
+    profile: then one more step, eager, timed per operation (runtime/profile.py; the record's `profile`).
     Under a launcher only rank 0 prints and writes the result (returns None on the others)."""
     main = is_rank_zero()
     if not main:
@@ -79,7 +81,8 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
                   "sm_count": tr.dev.sm_count, "total_memory": total,
                   "rank_devices": devices or list(range(len(tr.ranks)))}
-        record = bench_record(plan, times, warmup, device, collect_versions(), peak_mem_bytes=total - free)
+        record = bench_record(plan, times, warmup, device, collect_versions(), peak_mem_bytes=total - free,
+                              profile=profile_step(tr, data) if profile else None)   # one more step, eager
         if comm_ms:
             meas = slice(warmup, None)
             record["collectives"] = {
@@ -89,6 +92,8 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
                 "step_share": sum(comm_ms[meas]) / sum(times[meas]),
                 "note": ("several ranks share one GPU: step times are not multi-GPU speed"
                          if devices and len(set(devices)) < len(devices) else "")}
+        if profile:
+            echo(format_profile(record["profile"], record["step_ms_median"]))
         if not main:
             return None
         path = write_bench(record, out_root)

@@ -39,9 +39,10 @@ def collect_versions() -> dict[str, str | None]:
 
 
 def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, versions: dict,
-                 peak_mem_bytes: int) -> dict:
+                 peak_mem_bytes: int, profile: dict | None = None) -> dict:
     """`step_ms`: every optimizer step's time in order, the first `warmup` of them discarded.
-    `device`: at least `name` (the GPU as the driver names it) and `driver` (its version)."""
+    `device`: at least `name` (the GPU as the driver names it) and `driver` (its version).
+    `profile`: a profiled step's report (runtime/profile.py), kept as the record's `profile`."""
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     if len(step_ms) <= warmup:
@@ -54,7 +55,9 @@ def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, ve
     median_ms = statistics.median(measured)
     rep = plan_throughput(plan, median_ms / 1e3)
     e = plan.estimate
-    return {
+    if profile is not None and not {"gpu_ms", "floor_share", "families", "phases"} <= set(profile):
+        raise ValueError("profile must be a report of runtime.profile (gpu_ms, floor_share, families, phases)")
+    record = {
         "llmqgen_version": __version__,
         "timestamp_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "plan_name": plan.name,
@@ -78,6 +81,9 @@ def bench_record(plan: Plan, step_ms: list[float], warmup: int, device: dict, ve
         "step_ms": [float(t) for t in step_ms],
         "plan": plan.model_dump(mode="json", by_alias=True),
     }
+    if profile is not None:
+        record["profile"] = profile
+    return record
 
 
 def bench_summary(record: dict, path: Path | None = None) -> str:

@@ -2,7 +2,7 @@
 
 A Rank allocates the plan's memory table on its GPU (device and pinned-host arenas), loads the
 compiled program into its context and binds every operation of schedule.json to closures over its
-own pointers, once. Sections become *programs*: lists of items, either ("ops", closures) — a run of
+own pointers, once. Sections become *programs*: lists of items, either ("ops", closures, ops) — a run of
 operations on the rank's compute stream, captured as one CUDA graph where the program is replayed —
 or ("collective", op, layer), which the Trainer hands to the collectives of all ranks at once.
 Values the graphs read (loss scale, LR, ...) live in device memory (stats.scalars), written per step.
@@ -278,8 +278,9 @@ class Rank:
                 (ms["layer_backward"], list(reversed(range(L)))), (ms["epilogue"], [None])])
 
     def program(self, sections, extra=None) -> list[Item]:
-        """Bind sections [(ops, layers)] into items; a collective ends the run of operations before it."""
-        items, run = [], []
+        """Bind sections [(ops, layers)] into items; a collective ends the run of operations before it.
+        An ("ops", closures, op dicts) item keeps each closure's schedule operation (runtime/profile.py)."""
+        items, run, run_ops = [], [], []
         for ops, layers in sections:
             for layer in layers:
                 for op in ops:
@@ -287,14 +288,15 @@ class Rank:
                         continue
                     if op["op"] in ("collective", "await"):
                         if run:
-                            items.append(("ops", run))
-                            run = []
+                            items.append(("ops", run, run_ops))
+                            run, run_ops = [], []
                         tag = resolve_tag(op["tag"], layer) if "tag" in op else None
                         items.append((op["op"], op, layer, tag))
                     else:
                         run.append(self._bind(op, layer, extra))
+                        run_ops.append(op)
         if run:
-            items.append(("ops", run))
+            items.append(("ops", run, run_ops))
         return items
 
     def eval_program(self) -> list[Item]:

@@ -98,6 +98,7 @@ class Trainer:
             self.comm = (self._nccl(dist) if plan.collectives == "nccl"
                          else CopyEngine(self.ranks, peer=plan.peer_copies))
         self.pending: dict[str, list[int]] = {}   # done events of overlapped collectives, by tag
+        self.profiler = None                       # a profile.Profiler while one profiles a step
         self.step_count = 0
         self.L = plan.model.num_layers
 
@@ -111,8 +112,10 @@ class Trainer:
 
     # --- executing programs on every rank -----------------------------------------------------------
     def _execute(self, programs: list[list[tuple]], key: str | None = None) -> None:
+        prof = self.profiler        # runtime/profile.py: every operation between events, no graphs
         for i, items in enumerate(zip(*programs)):
             kind = items[0][0]
+            end = prof.bracket(items[0]) if prof and kind != "ops" else None
             if kind == "collective":
                 _, op, layer, tag = items[0]
                 done = self.comm.run(op, layer)
@@ -127,7 +130,9 @@ class Trainer:
             else:
                 for rk, item in zip(self.ranks, items):
                     rk.dev.make_current()
-                    rk.run_ops(item[1], (key, i) if key else None)
+                    rk.run_ops(prof.wrap(rk, item) if prof else item[1], (key, i) if key else None)
+            if end:
+                end()
 
     def _wait(self, done: list[int]) -> None:
         for rk in self.ranks:
