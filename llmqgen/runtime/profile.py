@@ -7,7 +7,8 @@ from a pool made before the step; their times are read once the step has synchro
 
 Each operation of schedule.json gets a `Label` (`label`): its family — "gemm" and "lm_head gemm" (the
 linear ops, split by layer_name), "attention", "bias_grad" (cuBLASLt reduction of the QKV bias gradient),
-"copy", "memset", "collective", or a generated kernel's family from its name (llmq_<family>_...:
+"copy", "copy wait" (the compute stream waiting for offload transfers), "memset", "collective", or a
+generated kernel's family from its name (llmq_<family>_...:
 quantize, transpose, amax, rmsnorm, swiglu, rope, crossentropy, embedding, adamw, gradnorm, cast) —
 and its phase: forward, recompute, backward, optimizer as the schedule says, "LM head" for the ops of
 the micro-step's `head` section, "collectives" and "copies" for those kinds wherever they sit. The
@@ -30,8 +31,8 @@ from . import driver
 FLOOR_FAMILIES = ("gemm", "lm_head gemm", "attention")
 PHASES = ("forward", "recompute", "backward", "LM head", "optimizer", "collectives", "copies")
 FAMILIES = ("gemm", "lm_head gemm", "attention", "bias_grad", "quantize", "transpose", "amax", "rmsnorm",
-            "swiglu", "rope", "crossentropy", "embedding", "adamw", "gradnorm", "cast", "copy", "memset",
-            "collective")
+            "swiglu", "rope", "crossentropy", "embedding", "adamw", "gradnorm", "cast", "copy", "copy wait",
+            "memset", "collective")
 _KERNEL_ALIAS = {"loss": "crossentropy", "ce": "crossentropy"}     # llmq_loss_reduce: the loss's sum
 TOP = 10                    # costliest operations (by name) in the report
 POOL_GROW = 1024            # events made at once when the pool runs dry
@@ -86,8 +87,10 @@ def label(op: dict, head: bool = False, flash: bool = False) -> Label:
         return Label("gradnorm", phase, "llmq_gradnorm_partial", len(op["sizes"]))
     if kind == "gradnorm_finalize":
         return Label("gradnorm", phase, "llmq_gradnorm_finalize", 1)
-    if kind == "copy":
+    if kind == "copy":      # an asynchronous one (offload streaming) only forks on the compute stream
         return Label("copy", "copies", "copy", 1)
+    if kind == "copy_wait":     # the compute stream waiting for host transfers: offload's exposed time
+        return Label("copy wait", "copies", "copy_wait", 0)
     if kind in ("collective", "await"):
         return Label("collective", "collectives", f"{kind} {op.get('kind', op.get('tag', ''))}".strip(),
                      int(kind == "collective"))

@@ -56,8 +56,8 @@ def test_every_operation_of_a_step_has_a_known_family_and_phase(name, make):
             kind = op["op"]
             if kind in ("collective", "await"):
                 assert (lab.family, lab.phase) == ("collective", "collectives")
-            elif kind == "copy":
-                assert (lab.family, lab.phase) == ("copy", "copies")
+            elif kind in ("copy", "copy_wait"):
+                assert (lab.family, lab.phase) == ({"copy": "copy", "copy_wait": "copy wait"}[kind], "copies")
             elif section == "head":
                 assert lab.phase == "LM head"
             else:       # the schedule's own phase: forward, recompute, backward, optimizer
@@ -67,7 +67,7 @@ def test_every_operation_of_a_step_has_a_known_family_and_phase(name, make):
                 assert (op["layer_name"] == "lm_head") == (section == "head")
             if kind.startswith("attention_"):
                 assert lab.family == "attention"
-            if section in sched["optimizer_step"] and kind not in ("copy", "collective", "await"):
+            if section in sched["optimizer_step"] and kind not in ("copy", "copy_wait", "collective", "await"):
                 assert lab.phase == "optimizer"
     for op in sched["eval"]["head"]:                    # evaluation's head: the same ops, the same labels
         assert labels[id(op)].phase == "LM head"
@@ -201,6 +201,9 @@ class FakeRank:
     norm_program = Rank.norm_program
     optimizer_program = Rank.optimizer_program
     run_ops = Rank.run_ops
+    _issue = Rank._issue
+    _join_copies = Rank._join_copies
+    _wait_copy = Rank._wait_copy
     _micro_sections = Rank._micro_sections
 
     def __init__(self, sched, r, L, clock, flash):
@@ -208,7 +211,7 @@ class FakeRank:
         self.stream, self.use_graphs, self.graphs = 100 + r, True, {}
         self.attn = None if flash else object()
         self.dev = SimpleNamespace(make_current=lambda: None, arch="sm_90")
-        self.ran = []
+        self.ran, self.in_flight = [], {}
         self.micro = self.program(self._micro_sections())
 
     def _seed(self, tag, layer):
