@@ -14,7 +14,7 @@ for plan in "$@"; do
   name=$(basename "$plan" .json)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > $OUT/nvml-$name.csv &
   smi=$!
-  python -m llmqgen bench --plan "$plan" --warmup ${WARMUP:-1} --steps ${STEPS:-1} ${PROFILE:---profile} \
+  python -m llmqgen bench --plan "$plan" --warmup ${WARMUP:-1} --steps ${STEPS:-1} ${PROFILE-"--profile"} \
     --out $OUT > $OUT/bench-$name.log 2>&1
   kill $smi
   tail -40 $OUT/bench-$name.log
