@@ -107,9 +107,11 @@ def build_context(plan: Plan, arch: str) -> dict:
         "ZERO": plan.sharding.zero,
         "LM_HEAD_CHUNKS": plan.lm_head_chunks,
         "ATTN_BWD_CHUNKS": plan.attn_bwd_chunks,
-        # target
+        # target: code paths follow the compile target; launch sizes (grids, scratch) the plan's GPU, so
+        # that they match the memory table on any target (a plan run on a GPU that stands in for its own)
         "ARCH": arch,
         "SM": 10 * major + minor,
+        "GPU_ARCH": gpu.arch,
         "SM_COUNT": gpu.sm_count,
         "MAX_SMEM": gpu.max_smem_per_block,
         # header comment
