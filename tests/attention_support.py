@@ -17,7 +17,7 @@ TEMPLATES = TEMPLATES_DIR
 
 def make_ctx(**over) -> dict:
     """The ctx keys the family reads, for a small GQA model; `over` replaces any of them."""
-    ctx = dict(HQ=4, HKV=2, HD=64, B=2, T=128, ATTN_BWD_CHUNKS=1, ARCH="sm_90", SM_COUNT=132,
+    ctx = dict(HQ=4, HKV=2, HD=64, B=2, T=128, ATTN_BWD_CHUNKS=1, ARCH="sm_90", GPU_ARCH="sm_90", SM_COUNT=132,
                MAX_SMEM=227 * 1024)
     ctx.update(over)
     ctx.update(QDIM=ctx["HQ"] * ctx["HD"], KVDIM=ctx["HKV"] * ctx["HD"], BT=ctx["B"] * ctx["T"])

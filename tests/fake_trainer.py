@@ -39,7 +39,7 @@ from llmqgen.plan.memory import memory_table  # noqa: E402
 from llmqgen.plan.solver import solve  # noqa: E402
 from llmqgen.runtime import run as run_mod  # noqa: E402
 from llmqgen.runtime.rank import NP_DTYPES, Rank  # noqa: E402
-from llmqgen.runtime.trainer import Trainer  # noqa: E402
+from llmqgen.runtime.trainer import AdamW, Trainer  # noqa: E402
 
 TINY = ModelSpec(name="tiny-qwen2", architecture="qwen2", hidden_size=64, intermediate_size=128,
                  num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512,
@@ -62,6 +62,10 @@ def tiny_data(out: Path, tokens=200_000, vocab=512, seed=0, tokenizer="synthetic
 
 
 class _Dev:
+    """The GPU as the driver describes it (an H200, the GPU of tiny_plan)."""
+    ordinal, name, arch, compute_capability, sm_count = 0, "NVIDIA H200", "sm_90", (9, 0), 132
+    total_memory, max_smem_optin = 150_109_880_320, 227 * 1024
+
     def make_current(self):
         pass
 
@@ -124,8 +128,9 @@ class FakeTrainer(Trainer):
     attempts = 0
 
     def __init__(self, plan, *, seed=0, optim=None, dist=None, devices=None, **_):
-        self.plan, self.optim, self.seed = plan, optim, seed
+        self.plan, self.optim, self.seed = plan, optim or AdamW(), seed
         self.ranks = [FakeRank(plan, self)]
+        self.dev = self.ranks[0].dev
         self.comm, self.pending, self.step_count = None, {}, 0
         self.L = plan.model.num_layers
         self._loss, self._norm = 0.0, 1.0
@@ -170,6 +175,66 @@ class FakeTrainer(Trainer):
 
     def close(self):
         pass
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml as runtime/devmem.py uses it: one GPU at PCI_BUS (the driver's spelling; NVML's is longer)
+    with `baseline` bytes in use before the run; this process then uses `process_bytes` on it, which the
+    process list shows unless `listed` is false (a container's PID namespace), and the GPU's used memory
+    grows by as much."""
+
+    PCI_BUS = "0000:1b:00.0"
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, process_bytes=5 << 30, baseline=600 << 20, listed=True, fail_init=False):
+        super().__init__("pynvml")
+        self.process_bytes, self.baseline, self.listed, self.fail_init = process_bytes, baseline, listed, fail_init
+        self.running, self.inits = False, 0
+
+    def nvmlInit(self):
+        if self.fail_init:
+            raise self.NVMLError("Driver Not Loaded")
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        self.inits -= 1
+
+    def nvmlDeviceGetCount(self):
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return "gpu0"
+
+    def nvmlDeviceGetHandleByPciBusId(self, bus):
+        assert bus == self.PCI_BUS, bus
+        return "gpu0"
+
+    def nvmlDeviceGetPciInfo(self, h):
+        return types.SimpleNamespace(busId=b"00000000:1B:00.0")
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=self.baseline + (self.process_bytes if self.running else 0))
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        import os
+        mine = [types.SimpleNamespace(pid=os.getpid(), usedGpuMemory=self.process_bytes)] if self.listed else []
+        return [types.SimpleNamespace(pid=1, usedGpuMemory=123 << 20)] + mine
+
+
+def fake_nvml(monkeypatch, **kw) -> FakeNvml:
+    """FakeNvml(**kw) as pynvml, the fake device's PCI address from the driver; the GPU counts this
+    process's memory from its first `watch` on (the Trainer has opened it by then)."""
+    from llmqgen.runtime import driver
+    nvml = FakeNvml(**kw)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+
+    def bus(dev):
+        nvml.running = True
+        return nvml.PCI_BUS
+    monkeypatch.setattr(driver, "pci_bus_id", bus)
+    return nvml
 
 
 def install():

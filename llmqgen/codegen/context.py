@@ -38,17 +38,6 @@ def check_arch(arch: str, gpu: GpuSpec) -> None:
                          f"{g_major}.{g_minor}): build for {gpu.arch} instead")
 
 
-def check_stand_in(arch: str, gpu: GpuSpec) -> None:
-    """A plan made for `gpu` runs on a GPU of architecture `arch` (the program is built for the GPU it runs
-    on) when that GPU has every feature the plan's card has: a compute capability at least the card's.
-    Raises ValueError otherwise."""
-    major, minor, _ = parse_arch(arch)
-    if (major, minor) < tuple(gpu.compute_capability):
-        g_major, g_minor = gpu.compute_capability
-        raise ValueError(f"this plan was made for {gpu.display_name} (compute capability {g_major}.{g_minor}); "
-                         f"this GPU ({major}.{minor}) lacks some of its features: re-plan with --gpus auto")
-
-
 def summary_lines(plan: Plan, arch: str) -> list[str]:
     """The plan in a few lines, for the header comment of program.cu."""
     m, b, p, gpu = plan.model, plan.batch, plan.precision, plan.inventory.gpu
@@ -118,9 +107,11 @@ def build_context(plan: Plan, arch: str) -> dict:
         "ZERO": plan.sharding.zero,
         "LM_HEAD_CHUNKS": plan.lm_head_chunks,
         "ATTN_BWD_CHUNKS": plan.attn_bwd_chunks,
-        # target
+        # target: code paths follow the compile target; launch sizes (grids, scratch) the plan's GPU, so
+        # that they match the memory table on any target (a plan run on a GPU that stands in for its own)
         "ARCH": arch,
         "SM": 10 * major + minor,
+        "GPU_ARCH": gpu.arch,
         "SM_COUNT": gpu.sm_count,
         "MAX_SMEM": gpu.max_smem_per_block,
         # header comment

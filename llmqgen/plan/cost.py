@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import prod
 
+from ..hardware.spec import GpuSpec
 from ..metrics import mfu, sol_seconds_per_token, training_flops_per_token
 from . import calibration as K
 from .memory import DTYPE_BYTES, param_tensors
@@ -162,6 +163,13 @@ def step_cost(plan: Plan) -> StepCost:
     return StepCost(breakdown_ms=breakdown, step_ms=step_s * 1e3, tokens_per_s=tps,
                     sol_ms=sol_s * 1e3, sol_pct=100 * sol_s / step_s,
                     mfu_pct=100 * mfu(m, T, gpu, tps / N), flops_per_token=fpt)
+
+
+def on_gpu(plan: Plan, gpu: GpuSpec) -> Plan:
+    """The same plan (batch, recompute, offload, sharding, chunks, GPU count) on another GPU model, without
+    its estimate: `step_cost(on_gpu(plan, gpu))` predicts the plan run on a GPU it was not made for (a
+    stand-in, runtime/standin.py), and `metrics.plan_throughput` of it gives SOL and MFU against that GPU."""
+    return plan.model_copy(update={"inventory": plan.inventory.model_copy(update={"gpu": gpu}), "estimate": None})
 
 
 def _link_bytes_per_s(plan: Plan) -> float:

@@ -10,10 +10,11 @@ import numpy as np
 from ..data.loader import TokenBatch, embedding_backward_index
 from ..models.hf_names import param_shapes
 from ..plan.schema import Plan
-from . import driver
 from .benchfile import bench_record, bench_summary, collect_versions, write_bench
+from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import is_rank_zero
 from .profile import format_profile, profile_step
+from .standin import RunningOn
 from .trainer import Trainer
 
 
@@ -57,8 +58,13 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
     main = is_rank_zero()
     if not main:
         echo = lambda *_: None      # noqa: E731
+    mem = DeviceMemory()            # before the Trainer: the baseline of its fallback
     tr = Trainer(plan, devices=devices)
     try:
+        running = RunningOn.of(plan, tr.dev)
+        for line in running.lines():
+            echo(line)
+        mem.watch(tr.dev)
         tr.load_params(bench_params(plan.model))
         data = synthetic_batches(plan)
         times, comm_ms, moved = [], [], []
@@ -71,17 +77,18 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
             tr.accumulate(data)
             norm = tr.optimizer_step(lr=1e-4)
             times.append(1e3 * (_clock() - t0))
+            mem.sample()
             if events is not None:
                 comm_ms.append(events.take_ms())
                 moved.append(tr.comm.moved - before)
             echo(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
                  + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
                  + (" (warm-up)" if step < warmup else ""))
-        free, total = driver.mem_info()
         device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
-                  "sm_count": tr.dev.sm_count, "total_memory": total,
+                  "sm_count": tr.dev.sm_count, "total_memory": tr.dev.total_memory,
                   "rank_devices": devices or list(range(len(tr.ranks)))}
-        record = bench_record(plan, times, warmup, device, collect_versions(), peak_mem_bytes=total - free,
+        record = bench_record(plan, times, warmup, device, collect_versions(),
+                              mem.report(plan, ranks_on_first_gpu(devices)), running,
                               profile=profile_step(tr, data) if profile else None)   # one more step, eager
         if comm_ms:
             meas = slice(warmup, None)
@@ -100,6 +107,7 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         echo(bench_summary(record, path))
         return path
     finally:
+        mem.close()
         tr.close()
 
 

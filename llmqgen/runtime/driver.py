@@ -92,6 +92,12 @@ def open_device(ordinal: int = 0, own_context: bool = False) -> Device:
         max_smem_optin=attr(A.CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN), own_context=own_context)
 
 
+def pci_bus_id(dev: Device) -> str:
+    """The GPU's PCI address, "0000:1b:00.0": how NVML finds it (NVML's indices need not be CUDA's)."""
+    raw = _call(cu.cuDeviceGetPCIBusId, 32, cu.CUdevice(dev.handle))
+    return raw.split(b"\0", 1)[0].decode()
+
+
 def mem_info() -> tuple[int, int]:
     """(free, total) bytes of the current context's device."""
     return tuple(_call(cu.cuMemGetInfo))

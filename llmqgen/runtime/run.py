@@ -28,7 +28,9 @@ from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord, step_rates
 from .lr import LRSchedule
+from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
+from .standin import RunningOn
 from .trainer import AdamW, Trainer
 
 # The settings that make a run what it is: saved in its checkpoints, kept on resume unless changed
@@ -150,7 +152,9 @@ def settle(cfg: RunConfig, ck: TrainingCheckpoint | None) -> tuple[dict, list[st
 def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
     """Run the configured optimizer steps; returns the exported model directory. Under a launcher every
     process (torchrun, mpirun, srun) runs this; rank 0 alone prints (header, step lines, messages through
-    `echo`), logs, checkpoints and exports."""
+    `echo`), logs, checkpoints and exports. Once the GPU is open the header says whether it stands in for
+    the plan's (runtime/standin.py); at the end the measured peak device memory is printed and logged next
+    to the plan's (runtime/devmem.py)."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     dist = dist_env() if plan.collectives == "nccl" else None
     main = dist.rank == 0 if dist is not None else is_rank_zero()
@@ -169,12 +173,17 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         echo(line)
     sched = LRSchedule(peak=s["lr"], warmup_steps=min(s["warmup"], s["schedule_steps"]),
                        total_steps=s["schedule_steps"], kind=s["schedule"], final_fraction=s["final_fraction"])
+    mem = DeviceMemory()            # before the Trainer: the baseline of its fallback
     tr = Trainer(plan, seed=s["seed"], optim=AdamW(weight_decay=s["weight_decay"], max_norm=s["max_norm"]),
                  dist=dist, devices=cfg.devices)
     stop = {"now": False}
     handler = lambda *_: stop.update(now=True)      # noqa: E731 - finish the step, save, export
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        running = RunningOn.of(plan, tr.dev)
+        for line in running.lines():
+            echo(line)
+        mem.watch(tr.dev)
         start, cursor = 0, None
         if ck is not None:
             tr.load_state_tensors(state, ck.step)
@@ -207,8 +216,9 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
                 if not skipped and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                     eval_loss = evaluate(tr, cfg.data, B, T, cfg.eval_batches, plan.num_gpus)
                 free, total = driver.mem_info()
+                mem.sample()
                 log.log(StepRecord(step=step, loss=loss, grad_norm=norm, lr=lr, step_ms=1e3 * dt,
-                                   **step_rates(plan_throughput(plan, dt)), gpu_mem_bytes=total - free,
+                                   **step_rates(plan_throughput(running.speed_plan, dt)), gpu_mem_bytes=total - free,
                                    eval_loss=eval_loss, skipped=skipped))
                 if skipped:
                     bad.append((loss, norm))
@@ -222,6 +232,9 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
             if bad and len(bad) >= cfg.max_bad_steps:
                 what = ", ".join(f"loss {lo:g} norm {n:g}" for lo, n in bad)
                 log.event("stopped_nonfinite", step=step, attempts=[[lo, n] for lo, n in bad])
+            memory = mem.report(plan, ranks_on_first_gpu(cfg.devices))
+            echo(memory.line())
+            log.event("device_memory", step=step, **memory.fields())
         if quiet:
             quiet.close()
         if bad and len(bad) >= cfg.max_bad_steps:
@@ -242,6 +255,7 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
     finally:
         for sig, h in previous.items():
             signal.signal(sig, h)
+        mem.close()
         tr.close()
 
 

@@ -22,7 +22,6 @@ from math import prod
 import numpy as np
 
 from ..checkpoint.layout import KINDS, PREFIX, instances
-from ..codegen.context import check_stand_in
 from ..codegen.families import adamw as adamw_family
 from ..codegen.kernel import kernel_from_json
 from ..codegen.schedule import build_schedule, runtime_unsupported
@@ -32,6 +31,7 @@ from . import driver
 from .collectives import CopyEngine, Nccl
 from .dist import DistEnv
 from .rank import Rank
+from .standin import check_runs_on
 
 
 @dataclass
@@ -77,7 +77,7 @@ class Trainer:
             raise RuntimeError(f"plan {plan.name} needs GPUs {sorted(set(devices))}, the driver sees "
                                f"{driver.device_count()}: plan for the GPUs you have (--gpus auto)")
         first = driver.open_device(devices[0])
-        check_stand_in(first.arch, plan.inventory.gpu)
+        check_runs_on(plan, first)      # any GPU with the plan's memory and features: compiled for it below
         self.build = build(plan, first.arch, out_root=out_root)
         kernels = {d["name"]: kernel_from_json(d) for d in json.loads((self.build.path / "kernels.json").read_text())}
         if attention == "auto":

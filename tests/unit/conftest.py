@@ -9,9 +9,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @pytest.fixture
-def run():
-    """runtime.run with the stand-in Trainer installed."""
-    from fake_trainer import install, uninstall
+def run(monkeypatch):
+    """runtime.run with the stand-in Trainer installed, and NVML faked (fake_trainer.fake_nvml)."""
+    from fake_trainer import fake_nvml, install, uninstall
+    fake_nvml(monkeypatch)
     mod = install()
     yield mod
     uninstall()

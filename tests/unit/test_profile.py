@@ -366,15 +366,17 @@ DEVICE = {"name": "NVIDIA H200", "driver": "580.95.05"}
 
 def test_the_bench_record_carries_the_profile(tmp_path):
     plan = Plan.from_json(PLANS[0].read_text())
+    from llmqgen.runtime.devmem import MemoryReport
+    mem = MemoryReport(7 << 30, "process", 8 << 30)
     rep = summarize(SYNTH, micro_steps=1, wall_ms=40.0)
-    assert "profile" not in bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, 0)
-    r = bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, 0, profile=rep)
+    assert "profile" not in bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, mem)
+    r = bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, mem, profile=rep)
     assert r["profile"] == rep
     written = json.loads(write_bench(r, tmp_path).read_text())
     assert written["profile"]["floor_share"] == pytest.approx(rep["floor_share"])
     assert [f["name"] for f in written["profile"]["families"]] == [f["name"] for f in rep["families"]]
     with pytest.raises(ValueError, match="report of runtime.profile"):
-        bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, 0, profile={"ms": 1})
+        bench_record(plan, [10.0, 10.0], 1, DEVICE, {}, mem, profile={"ms": 1})
 
 
 def test_bench_profile_flag_reaches_run_bench(monkeypatch, tmp_path):

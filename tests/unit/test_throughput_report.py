@@ -19,9 +19,9 @@ from llmqgen.plan.show import predicted_block, render_plan  # noqa: E402
 from llmqgen.plan.solver import solve  # noqa: E402
 from llmqgen.runtime import bench as bench_mod  # noqa: E402
 from llmqgen.runtime.benchfile import bench_record, bench_summary  # noqa: E402
+from llmqgen.runtime.devmem import MemoryReport  # noqa: E402
 from llmqgen.runtime.dist import is_rank_zero  # noqa: E402
 from llmqgen.runtime.log import read_log  # noqa: E402
-from llmqgen.runtime.trainer import AdamW  # noqa: E402
 
 PLANS = Path(__file__).resolve().parents[2] / "plans"
 DEVICE = {"name": "NVIDIA H200", "driver": "580.95.05"}
@@ -100,14 +100,14 @@ def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeyp
     assert f"  throughput {line}" in render_plan(plan).splitlines()
 
     # bench: its record and summary for a measured median equal to the prediction ...
-    rec = bench_record(plan, [1e3 * step_s] * 3, 0, DEVICE, {}, peak_mem_bytes=1 << 30)
+    mem = MemoryReport(1 << 30, "process", 2 << 30)
+    rec = bench_record(plan, [1e3 * step_s] * 3, 0, DEVICE, {}, mem)
     assert rec["tokens_per_s"] == r.tokens_per_s and rec["tokens_per_s_per_gpu"] == r.tokens_per_s_per_gpu
     assert rec["sol_pct"] == rec["sol_pct_per_gpu"] == r.sol_pct and rec["mfu_pct"] == rec["mfu_pct_per_gpu"] == r.mfu_pct
     assert line.replace(" | ", ", ") in bench_summary(rec)
     # ... and run_bench itself, timed by a fake clock, through the CPU stand-in Trainer
-    monkeypatch.setattr(bench_mod, "Trainer", BenchTrainer)
+    monkeypatch.setattr(bench_mod, "Trainer", FakeTrainer)
     monkeypatch.setattr(bench_mod, "_clock", Clock(step_s))
-    monkeypatch.setattr(bench_mod.driver, "mem_info", lambda: (0, 1 << 30))
     monkeypatch.setattr(bench_mod, "_driver_version", lambda: "test")
     said: list[str] = []
     path = bench_mod.run_bench(plan, steps=2, warmup=1, out_root=tmp_path / "bench", echo=said.append)
@@ -128,18 +128,6 @@ def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeyp
         assert logged["num_gpus"] == 2
         assert (logged["tokens_per_s"], logged["tokens_per_s_per_gpu"], logged["sol_pct"], logged["mfu_pct"]) \
             == pytest.approx((r.tokens_per_s, r.tokens_per_s / 2, r.sol_pct, r.mfu_pct), rel=1e-12)
-
-
-class BenchTrainer(FakeTrainer):
-    """The CPU stand-in as run_bench makes it (no optimizer settings: the defaults), with the device
-    it reads."""
-
-    class dev:
-        name, arch, sm_count = "NVIDIA H200", "sm_90", 132
-
-    def __init__(self, plan, **kw):
-        super().__init__(plan, **kw)
-        self.optim = self.optim or AdamW()
 
 
 # --- launchers: only rank 0 prints ---------------------------------------------------------------------
@@ -173,8 +161,7 @@ def test_a_nonzero_rank_prints_and_logs_nothing(run, data, tmp_path, monkeypatch
     assert res.exit_code == 0, res.output
     assert res.output == "" and not (tmp_path / "r2" / "log.jsonl").exists()
 
-    monkeypatch.setattr(bench_mod, "Trainer", BenchTrainer)
-    monkeypatch.setattr(bench_mod.driver, "mem_info", lambda: (0, 1 << 30))
+    monkeypatch.setattr(bench_mod, "Trainer", FakeTrainer)
     monkeypatch.setattr(bench_mod, "_driver_version", lambda: "test")
     said: list[str] = []
     assert bench_mod.run_bench(tiny_plan(), steps=1, warmup=0, out_root=tmp_path / "bench", echo=said.append) is None

@@ -13,8 +13,8 @@ _THREADS_PER_SM = {"sm_80": 2048, "sm_90": 2048, "sm_90a": 2048, "sm_100": 2048}
 
 
 def resident_blocks(ctx: dict, threads: int) -> int:
-    """Blocks of `threads` that fill every SM once: the grid of a grid-stride kernel."""
-    per_sm = _THREADS_PER_SM.get(ctx["ARCH"], 1536)
+    """Blocks of `threads` that fill every SM of the plan's GPU once: the grid of a grid-stride kernel."""
+    per_sm = _THREADS_PER_SM.get(ctx["GPU_ARCH"], 1536)
     return ctx["SM_COUNT"] * max(1, per_sm // threads)
 
 
