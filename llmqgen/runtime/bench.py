@@ -1,6 +1,7 @@
 """`llmqgen bench`: N optimizer steps of a plan on synthetic tokens, timed, written to bench/results."""
 from __future__ import annotations
 
+import logging
 import time
 from math import prod
 from pathlib import Path
@@ -45,16 +46,16 @@ def bench_params(spec) -> dict[str, np.ndarray]:
 
 
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
+logger = logging.getLogger(__name__)
 
 
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
-              echo=print, devices: list[int] | None = None) -> Path | None:
+              devices: list[int] | None = None) -> Path | None:
     """devices: the GPU of each rank (default one per rank); several ranks on one GPU test the
     collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so).
-    Under a launcher only rank 0 prints and writes the result (returns None on the others)."""
+    Each step and the summary are logged (the command line prints rank 0's); under a launcher only rank 0
+    writes the result (returns None on the others)."""
     main = is_rank_zero()
-    if not main:
-        echo = lambda *_: None      # noqa: E731
     tr = Trainer(plan, devices=devices)
     try:
         tr.load_params(bench_params(plan.model))
@@ -72,9 +73,9 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
             if events is not None:
                 comm_ms.append(events.take_ms())
                 moved.append(tr.comm.moved - before)
-            echo(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
-                 + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
-                 + (" (warm-up)" if step < warmup else ""))
+            logger.info(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
+                        + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
+                        + (" (warm-up)" if step < warmup else ""))
         free, total = driver.mem_info()
         device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
                   "sm_count": tr.dev.sm_count, "total_memory": total,
@@ -92,7 +93,7 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         if not main:
             return None
         path = write_bench(record, out_root)
-        echo(bench_summary(record, path))
+        logger.info(bench_summary(record, path))
         return path
     finally:
         tr.close()
