@@ -1,6 +1,12 @@
-"""The `llmqgen` command line: plan, build, and the catalogs; data and export come from their packages."""
+"""The `llmqgen` command line: plan, build, and the catalogs; data and export come from their packages.
+
+The library reports through `logging` (a logger per module, under "llmqgen"); every command prints
+those records through one handler, `terminal_logging`: plain messages on stdout, warnings on stderr as
+"warning: ...", and under a launcher (torchrun, mpirun, srun) only rank 0 prints them.
+"""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from contextlib import contextmanager
@@ -16,6 +22,45 @@ from .plan import calibration as K
 # repository's plans/ holds the checked-in examples only (the compile tests build every one of them).
 PLANS_DIR = Path("llmqgen-plans")
 PLANS_ENV = "LLMQGEN_PLANS_DIR"
+
+logger = logging.getLogger(__name__)
+
+
+class _TerminalHandler(logging.Handler):
+    """llmqgen's log records as the command line prints them: INFO on stdout as the bare message,
+    WARNING and above on stderr prefixed "warning: " / "error: "; on a launcher's other ranks only
+    errors (so that a job prints once). click.echo finds the current stdout/stderr at each record."""
+
+    def __init__(self, rank_zero: bool):
+        super().__init__(logging.INFO)
+        self.rank_zero = rank_zero
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.rank_zero and record.levelno < logging.ERROR:
+            return
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            message = f"{'error' if record.levelno >= logging.ERROR else 'warning'}: {message}"
+        click.echo(message, err=record.levelno >= logging.WARNING)
+
+
+@contextmanager
+def terminal_logging():
+    """Print llmqgen's INFO and higher records with `_TerminalHandler` (and only there: not also through
+    handlers some imported library put on the root logger) while in the block; each command of `main`
+    runs in one."""
+    from .runtime.dist import is_rank_zero
+    top = logging.getLogger("llmqgen")
+    handler, saved = _TerminalHandler(is_rank_zero()), (top.level, top.propagate)
+    top.addHandler(handler)
+    top.setLevel(logging.INFO)
+    top.propagate = False
+    try:
+        yield
+    finally:
+        top.removeHandler(handler)
+        top.setLevel(saved[0])
+        top.propagate = saved[1]
 
 
 def plans_dir() -> Path:
@@ -106,8 +151,10 @@ def _gpu_runtime():
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmqgen")
-def main():
+@click.pass_context
+def main(ctx):
     """llmqgen: plan, generate and compile FP8 training programs for Llama/Qwen models."""
+    ctx.with_resource(terminal_logging())
 
 
 @main.command()
@@ -324,20 +371,12 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile
             _fail(f"--devices {devices!r}: give one GPU index per rank, comma-separated, e.g. --devices 0,0")
         if min(ranks) < 0:
             _fail(f"--devices {devices!r}: GPU indices count from 0, e.g. --devices {','.join(['0'] * p.num_gpus)}")
-    echo = _rank_zero_echo()
-    echo(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
+    logger.info(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
         with _gpu_runtime():
-            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, echo=echo, devices=ranks, profile=profile)
+            run_bench(p, steps=steps, warmup=warmup, out_root=out_root, devices=ranks, profile=profile)
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
-
-
-def _rank_zero_echo():
-    """click.echo in a single process or rank 0 of a launcher (torchrun, mpirun, srun); silent on the
-    other ranks, so that a job prints once. Errors (`_fail`) print on every rank."""
-    from .runtime.dist import is_rank_zero
-    return click.echo if is_rank_zero() else (lambda *a, **k: None)
 
 
 def _run_options(f):
@@ -408,7 +447,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     _check_data(data, p.model)
     if data is None:
         from .data.corpus import default_corpus, describe
-        _rank_zero_echo()(f"no --data given: training on the embedded default corpus ({describe()})")
+        logger.info(f"no --data given: training on the embedded default corpus ({describe()})")
         data = default_corpus()
     changes = tuple(c.strip().replace("-", "_") for item in change for c in item.split(",") if c.strip())
     cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=given("steps", steps),
@@ -418,7 +457,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
                     max_bad_steps=max_bad_steps, init_from=init_from)
     try:
         with _gpu_runtime():
-            train(p, cfg, echo=_rank_zero_echo())     # train prints the run's header
+            train(p, cfg)     # train logs the run's header
     except (NotImplementedError, ValueError) as e:
         _fail(str(e))
 

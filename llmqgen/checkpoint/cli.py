@@ -26,7 +26,7 @@ def export(checkpoint, out_dir, step, dtype, shard_size) -> None:
     """Write CHECKPOINT as an HF model in OUT_DIR. CHECKPOINT: a run directory (runs/<plan>), its
     checkpoints/ directory, or one step-NNNNNN directory written by `llmqgen run`."""
     try:
-        ck = read_checkpoint(checkpoint, step, warn=lambda m: click.echo(f"warning: {m}", err=True))
+        ck = read_checkpoint(checkpoint, step)
         spec = ck.plan().model
         files = export_hf(ck.params(), spec, out_dir, shard_bytes=int(shard_size * (1 << 30)),
                           dtype=_DTYPES[dtype])

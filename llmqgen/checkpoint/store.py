@@ -21,12 +21,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 from pathlib import Path
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Union
+from typing import Mapping, Optional, Union
 
 import numpy as np
 
@@ -37,6 +38,8 @@ from .safetensors import SafetensorsError, read_header, read_safetensors, write_
 TENSORS, STATE, PLAN, LATEST = "tensors.safetensors", "state.json", "plan.json", "latest"
 _STEP = re.compile(r"^step-(\d+)$")
 _TMP = re.compile(r"^step-\d+\.(?:tmp|old)-(\d+)$")
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError, ValueError):
@@ -211,11 +214,10 @@ def _refuse_damaged(p: Path, problem: str, root: Path, deep: bool) -> Checkpoint
     return CheckpointError(f"checkpoint {p} is damaged: {problem}; {hint}")
 
 
-def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
-            warn: Optional[Callable[[str], None]] = None, deep: bool = True) -> Path:
+def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest", deep: bool = True) -> Path:
     """An intact checkpoint directory: `path_or_root` itself if it is one (a step directory), else a
     step of a checkpoint root or run directory: "latest" (the newest intact one: damaged newer ones are
-    passed over, each reported through `warn`) or a step number (refused if damaged)."""
+    passed over, each logged as a warning) or a step number (refused if damaged)."""
     path = Path(path_or_root)
     if _STEP.match(path.name) and path.is_dir():             # one step directory, named directly
         problem = verify(path, deep)
@@ -239,8 +241,7 @@ def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "lat
             problem = verify(p, deep)
             if problem is None:
                 for d, why in damaged:
-                    if warn:
-                        warn(f"checkpoint {d} is damaged ({why}); using {p.name} instead")
+                    logger.warning(f"checkpoint {d} is damaged ({why}); using {p.name} instead")
                 return p
             damaged.append((p.name, problem))
         raise CheckpointError(f"{root}: every checkpoint is damaged ("
@@ -275,10 +276,9 @@ def check_model(plan_json: str, expect: ModelSpec, where: Path) -> None:
 
 
 def load_checkpoint(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
-                    expect: Optional[ModelSpec] = None, warn: Optional[Callable[[str], None]] = None
-                    ) -> tuple[dict[str, np.ndarray], dict, str]:
+                    expect: Optional[ModelSpec] = None) -> tuple[dict[str, np.ndarray], dict, str]:
     """(tensors as stored, state, plan_json) of a checkpoint; tensors are read-only memory maps."""
-    return _load(resolve(path_or_root, which, warn), expect)
+    return _load(resolve(path_or_root, which), expect)
 
 
 def _load(path: Path, expect: Optional[ModelSpec]) -> tuple[dict[str, np.ndarray], dict, str]:
@@ -328,10 +328,9 @@ class TrainingCheckpoint:
 
 
 def read_checkpoint(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest",
-                    expect: Optional[ModelSpec] = None,
-                    warn: Optional[Callable[[str], None]] = None) -> TrainingCheckpoint:
+                    expect: Optional[ModelSpec] = None) -> TrainingCheckpoint:
     """The one reader of training checkpoints (resume and export): a run directory, its checkpoints/
     root (then `which`: latest = the newest intact one, or a step) or one step directory."""
-    path = resolve(path_or_root, which, warn)
+    path = resolve(path_or_root, which)
     tensors, state, plan_json = _load(path, expect)
     return TrainingCheckpoint(path, state, plan_json, tensors)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..hardware.spec import GpuSpec
+from ..layout import FP8_AMAX_OFFSET, FP8_DESCALE_OFFSET, FP8_SLOT_BYTES
 from ..plan.schema import Plan
 
 _ARCH_RE = re.compile(r"^sm_(\d+)(\d)(a|f)?$")
@@ -101,6 +102,10 @@ def build_context(plan: Plan, arch: str) -> dict:
         "MASTER_T": _CTYPE[p.master],
         "ADAM_M_T": _CTYPE[p.adam_m],
         "ADAM_V_T": _CTYPE[p.adam_v],
+        # FP8 stats slot layout (kernels get a slot's amax address and find its descale this many floats on)
+        "FP8_SLOT_BYTES": FP8_SLOT_BYTES,
+        "FP8_DESCALE_OFFSET": FP8_DESCALE_OFFSET,
+        "FP8_DESCALE_FLOAT": (FP8_DESCALE_OFFSET - FP8_AMAX_OFFSET) // 4,
         # memory-saving choices
         "RECOMPUTE": plan.recompute.model_dump(),
         "OFFLOAD": plan.offload.model_dump(),

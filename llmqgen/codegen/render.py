@@ -252,13 +252,14 @@ def write_if_different(path: Path, data: str | bytes) -> bool:
     return True
 
 
-def write_build(plan: Plan, arch: str, out_root: str | Path = "build",
+def write_build(plan: Plan, arch: str, nvrtc: tuple[int, int], out_root: str | Path = "build",
                 extra_files: dict[str, str] | None = None, rendered: Rendered | None = None) -> Path:
     """Write build/<uri>/{program.cu, kernels.json, plan.json, *extra_files}; returns the folder.
 
-    `extra_files` (name -> text) is how schedule.json gets in; `rendered` reuses a render."""
+    `nvrtc`: the (major, minor) version that will compile it (part of the URI); `extra_files`
+    (name -> text) is how schedule.json gets in; `rendered` reuses a render."""
     rendered = rendered or render(plan, arch)
-    out = Path(out_root) / uri.plan_uri(plan, arch)
+    out = Path(out_root) / uri.plan_uri(plan, arch, nvrtc)
     out.mkdir(parents=True, exist_ok=True)
     files = {"program.cu": rendered.source,
              "kernels.json": json.dumps([k.to_json() for k in rendered.kernels], indent=2) + "\n",

@@ -34,27 +34,9 @@ from __future__ import annotations
 
 from math import prod
 
+from ..layout import ACT_SLOTS, FP8_SLOT_BYTES, SCALARS, WEIGHT_SLOTS, fp8_slot_count, num_unique_index
 from ..plan.memory import memory_table, param_tensors
 from ..plan.schema import MemRow, Plan
-
-# stats.scalars: fp32 values the graphs read from device memory, so a replay picks up new values.
-SCALARS = {"loss": 0, "grad_scale": 1, "norm": 4, "clip_scale": 5, "nonfinite": 6, "sumsq": 7, "hyper": 8,
-           "flag": 63}
-ACT_SLOTS = ("ln1", "att", "ln2", "h", "d_down", "d_gu", "d_att_out", "d_qkv")
-WEIGHT_SLOTS = ("qkv", "attn_out", "gate_up", "down")
-
-
-def fp8_slot_count(num_layers: int) -> int:
-    """Activation/gradient slots per layer, weight slots per layer, and one sink for unused amax."""
-    return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + 1
-
-
-def fp8_slot_index(name: str, layer: int, num_layers: int) -> int:
-    if name == "sink":
-        return fp8_slot_count(num_layers) - 1
-    if name.startswith("w_"):
-        return len(ACT_SLOTS) * num_layers + layer * len(WEIGHT_SLOTS) + WEIGHT_SLOTS.index(name[2:])
-    return layer * len(ACT_SLOTS) + ACT_SLOTS.index(name)
 
 
 # FP8 stats slot -> the quantize family's site of that tensor.
@@ -329,7 +311,7 @@ def build_schedule(plan: Plan) -> dict:
 
     # ---- tokens in, embedding, LM head and loss --------------------------------------------------------
     if fp8:
-        o.add("memset", "forward", dst="stats.fp8", bytes=len(ACT_SLOTS) * L * 32)   # zero act/grad amaxes
+        o.add("memset", "forward", dst="stats.fp8", bytes=len(ACT_SLOTS) * L * FP8_SLOT_BYTES)   # zero act/grad amaxes
     if zero3:
         o.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
               skip_layers=[], tensors=[[f"weights.{n}[0]", False] for n, _ in layer_tensors],
@@ -364,7 +346,7 @@ def build_schedule(plan: Plan) -> dict:
     head = o.take()
     o.kernel("llmq_embedding_backward", "backward", dwte="grads.embedding", dx="work.d_res",
              tokens="tokens.inputs", sorted_pos="tokens.sorted_pos", seg_start="tokens.segments",
-             num_segments=f"tokens.segments+{(BT + 1) * 4}")
+             num_segments=f"tokens.segments+{4 * num_unique_index(BT)}")
     epilogue = o.take()
 
     # ---- init: RoPE table; amaxes of the initial weights (their work copies come from `publish`) ------------
@@ -416,7 +398,8 @@ def build_schedule(plan: Plan) -> dict:
           count=n_partials * (N_gpu if opt_shard else 1), out="scalar:norm", hyper="scalar:hyper")
     gradnorm = o.take()
     if fp8:
-        o.add("memset", "optimizer", dst=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
+        o.add("memset", "optimizer", dst=f"stats.fp8+{len(ACT_SLOTS) * L * FP8_SLOT_BYTES}",
+              bytes=len(WEIGHT_SLOTS) * L * FP8_SLOT_BYTES)
 
     def master_of(n, idx):
         return f"master.{n}{idx}" if f"master.{n}" in o.rows else f"weights.{n}{idx}"
@@ -480,7 +463,7 @@ def build_schedule(plan: Plan) -> dict:
     layer_optimizer = o.take()
     if opt_shard and fp8:
         o.add("collective", "optimizer", kind="all_reduce_max", dtype="fp32", overlap=False,
-              region=f"stats.fp8+{len(ACT_SLOTS) * L * 32}", bytes=len(WEIGHT_SLOTS) * L * 32)
+              region=f"stats.fp8+{len(ACT_SLOTS) * L * FP8_SLOT_BYTES}", bytes=len(WEIGHT_SLOTS) * L * FP8_SLOT_BYTES)
     each(publish, False)
     publish_once = o.take()
     if any(streamed(n) for n, _, pl, _ in tensors if pl):    # the new master has reached the host
@@ -496,7 +479,7 @@ def build_schedule(plan: Plan) -> dict:
                 o.add("memset", "optimizer", dst=f"grads.{n}", bytes=row.total)
     gather = o.take()
     return {"schema": 1, "plan": plan.name, "layers": L, "scalars": SCALARS,
-            "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": 32,
+            "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": FP8_SLOT_BYTES,
                           "count": fp8_slot_count(L)},
             "init": init, "layer_init": layer_init,
             "micro_step": {"prologue": prologue, "layer_forward": layer_forward, "head": head,

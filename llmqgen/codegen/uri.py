@@ -2,9 +2,9 @@
 
     qwen2.5-0.5b_e4m3_1xh200_sm90_3f1c9a0b2d4e
 
-The hash covers the plan's inputs, the generator (every template and every codegen module: the
-family modules compute the numbers the templates spell out), the llmqgen version, the NVRTC
-version and the target arch. Same URI, same program and CUBIN.
+The hash covers the plan's inputs, the generator (every template, every codegen module and
+llmqgen/layout.py: they compute the numbers the templates spell out), the llmqgen version, the NVRTC
+version (the caller's: compile/ knows it) and the target arch. Same URI, same program and CUBIN.
 """
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ import re
 from pathlib import Path
 
 from .. import __version__
-from ..compile.nvrtc import nvrtc_version
 from ..plan.schema import Plan
-
 
 
 def find_templates() -> Path:
@@ -31,6 +29,7 @@ def find_templates() -> Path:
 
 TEMPLATES_DIR = find_templates()
 CODEGEN_DIR = Path(__file__).resolve().parent
+LAYOUT_FILE = CODEGEN_DIR.parent / "layout.py"
 
 
 def _tree_digest(root: Path, pattern: str) -> str:
@@ -41,17 +40,19 @@ def _tree_digest(root: Path, pattern: str) -> str:
 
 
 def generator_digest(templates_dir: Path | None = None) -> str:
-    """sha256 over the template tree and the codegen sources."""
+    """sha256 over the template tree, the codegen sources and the layouts they spell out."""
     return hashlib.sha256((_tree_digest(Path(templates_dir or TEMPLATES_DIR), "*")
-                           + _tree_digest(CODEGEN_DIR, "*.py")).encode()).hexdigest()
+                           + _tree_digest(CODEGEN_DIR, "*.py")
+                           + hashlib.sha256(LAYOUT_FILE.read_bytes()).hexdigest()).encode()).hexdigest()
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.\-]+", "-", text.lower()).strip("-")
 
 
-def plan_uri(plan: Plan, arch: str, templates_dir: Path | None = None) -> str:
-    major, minor = nvrtc_version()
+def plan_uri(plan: Plan, arch: str, nvrtc: tuple[int, int], templates_dir: Path | None = None) -> str:
+    """The build folder's name for `plan` on `arch`, compiled by NVRTC version `nvrtc` (major, minor)."""
+    major, minor = nvrtc
     h = hashlib.sha256("\0".join([plan.inputs_hash(), generator_digest(templates_dir), __version__,
                                   f"nvrtc{major}.{minor}", arch]).encode()).hexdigest()[:12]
     inv = plan.inventory

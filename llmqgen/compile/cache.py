@@ -78,7 +78,7 @@ def build(plan: Plan, arch: str | None = None, out_root: str | Path = "build") -
     schedule = build_schedule(plan)
     check_schedule(schedule, rendered.kernels)
     extra = {"schedule.json": json.dumps(schedule, indent=1) + "\n"}
-    out = write_build(plan, arch, out_root, extra_files=extra, rendered=rendered)
+    out = write_build(plan, arch, nvrtc_version(), out_root, extra_files=extra, rendered=rendered)
     try:
         entry = compile_cached(rendered.source, arch, rendered.source_map)
     except CompileError as e:

@@ -45,8 +45,7 @@ def prepare_cmd(inputs, out, tokenizer, field, eval_fraction, shard_tokens, work
         manifest, stats = prepare(inputs, out, tokenizer=tokenizer, field=field,
                                   eval_fraction=eval_fraction, shard_tokens=shard_tokens,
                                   workers=workers, max_tokens=max_tokens, progress=not quiet,
-                                  force=force, encoding=encoding, skip_bad_files=skip_bad_files,
-                                  warn=lambda m: click.echo(m, err=True))
+                                  force=force, encoding=encoding, skip_bad_files=skip_bad_files)
     except (PrepareError, ShardError, TokenizerError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

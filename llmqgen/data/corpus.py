@@ -7,6 +7,7 @@ out of the box and its losses are comparable between runs. Prepared once into a 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,8 @@ from filelock import FileLock
 from .prepare import prepare
 from .shards import MANIFEST, read_manifest
 from .tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 MAX_TOKENS = 20_000_000            # bounds the preparation time and the disk used
 EVAL_FRACTION = 0.02
@@ -56,7 +59,8 @@ def describe() -> str:
 
 
 def default_corpus(progress: bool = True, workers: int | None = None) -> Path:
-    """The dataset directory of the default corpus, preparing it on first use."""
+    """The dataset directory of the default corpus, preparing it on first use. `progress`: log what it
+    is and, when preparing it, show the tokenizing progress and log the summary."""
     files = stdlib_sources()
     if not files:
         raise RuntimeError(f"no .py files under {sysconfig.get_paths()['stdlib']}: this Python has "
@@ -64,7 +68,7 @@ def default_corpus(progress: bool = True, workers: int | None = None) -> Path:
     tok = load_tokenizer("qwen2.5")
     out = cache_root() / "corpus" / corpus_id(files, tok.identity)
     if progress:
-        print(describe(), file=sys.stderr)
+        logger.info(describe())
     if (out / MANIFEST).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,12 +81,11 @@ def default_corpus(progress: bool = True, workers: int | None = None) -> Path:
             # a stdlib source that is not UTF-8 text (none in CPython's) is left out, not fatal
             _, stats = prepare(files, tmp, tokenizer="qwen2.5", eval_fraction=EVAL_FRACTION,
                                shard_tokens=SHARD_TOKENS, workers=workers, max_tokens=MAX_TOKENS,
-                               progress=progress, skip_bad_files=True,
-                               warn=lambda m: progress and print(m, file=sys.stderr))
+                               progress=progress, skip_bad_files=True)
             read_manifest(tmp)
             os.replace(tmp, out)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if progress:
-            print(f"{stats.summary()} -> {out}", file=sys.stderr)
+            logger.info(f"{stats.summary()} -> {out}")
     return out

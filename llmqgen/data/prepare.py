@@ -25,6 +25,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import sys
@@ -32,12 +33,14 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from .shards import MANIFEST, Manifest, ShardEntry, ShardWriter, write_manifest
 from .tokenizer import first_cut, last_cut, load_tokenizer
+
+logger = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".cc", ".cpp", ".cu", ".rs", ".go",
                  ".js", ".ts", ".java", ".tex", ".html", ".css", ".sh", ".toml", ".yaml", ".yml"}
@@ -382,13 +385,7 @@ class _Progress:
         sys.stderr.flush()
 
 
-def _warn(message: str) -> None:
-    sys.stderr.write(message + "\n")
-    sys.stderr.flush()
-
-
-def _sources(files: list[Path], codec: str, skip_bad_files: bool,
-             warn: Callable[[str], None]) -> tuple[list[_Source], int]:
+def _sources(files: list[Path], codec: str, skip_bad_files: bool) -> tuple[list[_Source], int]:
     """The inputs to read, each text/JSONL file checked for its decoding; bad files stop, or are
     skipped with a warning naming each."""
     sources, skipped = [], 0
@@ -405,7 +402,7 @@ def _sources(files: list[Path], codec: str, skip_bad_files: bool,
         except _BadFile as bad:
             if not skip_bad_files:
                 raise
-            warn(f"warning: skipping {bad.reason}")
+            logger.warning(f"skipping {bad.reason}")
             skipped += 1
             continue
         sources.append(_Source(path, kind, file_codec))
@@ -419,11 +416,10 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             field: str = "text", eval_fraction: float = 0.01, shard_tokens: int = 100_000_000,
             workers: Optional[int] = None, max_tokens: Optional[int] = None,
             progress: bool = True, force: bool = False, encoding: str = "utf-8",
-            skip_bad_files: bool = False,
-            warn: Callable[[str], None] = _warn) -> tuple[Manifest, PrepareStats]:
+            skip_bad_files: bool = False) -> tuple[Manifest, PrepareStats]:
     """Tokenize `inputs` into the dataset directory `out`; `max_tokens` stops after the document
     that reaches it. `encoding`: how text and JSONL files are decoded (a codec name, or `auto`);
-    `skip_bad_files`: leave out undecodable and binary files (each named through `warn`) instead
+    `skip_bad_files`: leave out undecodable and binary files (each named in a logged warning) instead
     of stopping. Returns the manifest written and the statistics."""
     if not 0.0 <= eval_fraction < 1.0:
         raise PrepareError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
@@ -437,7 +433,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         raise PrepareError(f"{out} already holds a dataset: choose another --out or pass --force")
     files = _expand(inputs)
     tok = load_tokenizer(tokenizer)
-    sources, skipped = _sources(files, codec, skip_bad_files, warn)
+    sources, skipped = _sources(files, codec, skip_bad_files)
     out.mkdir(parents=True, exist_ok=True)
     for old in [*out.glob("train-*.bin"), *out.glob("eval-*.bin")]:    # a forced overwrite's shards
         old.unlink()

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import re
 
-from ..plan.schema import Inventory
 from .catalog import match_nvml_name, resolve_gpu
 from .host import NO_DRIVER, DetectedGpu, detect_host_memory, detected_gpus
-from .spec import GpuSpec
+from .spec import GpuSpec, Inventory
 
 _BINARY = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _DECIMAL = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}

@@ -1,9 +1,9 @@
-"""GpuSpec: what the planner needs to know about one GPU model."""
+"""GpuSpec: what the planner needs to know about one GPU model; Inventory: how many, and the host's RAM."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GpuSpec(BaseModel):
@@ -35,3 +35,18 @@ class GpuSpec(BaseModel):
         """Practical one-direction host<->device bandwidth (about 80% of the raw link)."""
         per_lane = {3: 0.985, 4: 1.969, 5: 3.938}[self.pcie_gen]
         return 0.8 * per_lane * self.pcie_lanes
+
+
+class Inventory(BaseModel):
+    """The GPUs a plan is for (hardware.inventory.parse_inventory reads them from --gpus/--host-mem)."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gpu: GpuSpec
+    count: int = Field(ge=1)           # GPUs per machine
+    host_mem_bytes: int = Field(ge=0)  # per machine
+    host_mem_source: Literal["detected", "user", "assumed"] = "assumed"
+    nodes: int = Field(default=1, ge=1)   # machines, joined by NCCL
+
+    @property
+    def label(self) -> str:
+        return (f"{self.nodes}x" if self.nodes > 1 else "") + f"{self.count}x{self.gpu.name}"

@@ -10,7 +10,6 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 # --- memory --------------------------------------------------------------------------------------
-ARENA_ALIGN = 256                    # every row of the memory table starts on this boundary
 CONTEXT_RESERVE = 640 * MiB          # CUDA context, cuBLASLt/cuDNN handles, module, graph pools
 CUBLAS_WORKSPACE = 32 * MiB          # cuBLASLt's recommended workspace on Hopper/Ada
 ATTN_WORKSPACE_MIN = 16 * MiB        # cuDNN SDPA fixed part (the per-token part is computed)
@@ -18,7 +17,6 @@ DEVICE_MARGIN = 0.03                 # keep this fraction of device memory free 
 HOST_USABLE = 0.80                   # fraction of host RAM a plan may pin
 GRADNORM_PARTIALS = 1 << 16          # fp32 partial sums of the deterministic global norm
 COMM_PIECE = 16 * MiB                # copy-engine collectives move tensors in pieces of this size
-STATS_SLOT = 32                      # bytes per FP8 tensor's slot: amax @0, descale @16 (16-byte aligned)
 
 # --- cost: achieved fraction of the datasheet dense rate --------------------------------------
 # GEMM efficiency rises with size; e(flops) = GEMM_EFF_MAX * f / (f + GEMM_EFF_HALF_FLOPS).

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import json
 
+from ..codegen.schedule import build_schedule, op_touches   # against the layers: tests/unit/test_import_order.py
+from .memory import memory_table
+from .refs import resolve_tag
 from .schema import MemRow, Plan
 
 MODEL_LAYERS = 6          # layers of the schedule whose interference stands for any number of layers
@@ -57,8 +60,6 @@ def step_order(sched: dict):
 def segments(sched: dict, rows: list[MemRow]) -> tuple[dict[str, list[list[int]]], int]:
     """Live segments [first, last] (positions in step_order) of every transient row; rows that live
     for the whole step are absent. Also the number of positions."""
-    from ..codegen.schedule import op_touches
-    from ..runtime.refs import resolve_tag
     by_name = {r.name: r for r in rows}
     cand = {r.name for r in rows if r.lifetime in TRANSIENT}        # a host row's too: callers filter
     ops = list(step_order(sched))
@@ -123,8 +124,6 @@ _CACHE: dict[str, tuple[dict[str, frozenset[str]], frozenset[str]]] = {}
 
 
 def _compute(plan: Plan) -> tuple[dict[str, frozenset[str]], frozenset[str]]:
-    from ..codegen.schedule import build_schedule
-    from .memory import memory_table
     small = _reduced(plan)
     rows = memory_table(small)
     segs, _ = segments(build_schedule(small), rows)
@@ -203,7 +202,6 @@ def arena_offsets(plan: Plan, rows: list[MemRow]) -> tuple[dict[str, int], int]:
 def packed_table(plan: Plan, rows: list[MemRow] | None = None) -> list[MemRow]:
     """The memory table with every device row's arena offset: what the planner totals and the
     runtime allocates."""
-    from .memory import memory_table
     rows = memory_table(plan) if rows is None else rows
     offsets, _ = arena_offsets(plan, rows)
     return [r.model_copy(update={"offset": offsets[r.name]}) if r.name in offsets else r for r in rows]
@@ -212,7 +210,6 @@ def packed_table(plan: Plan, rows: list[MemRow] | None = None) -> list[MemRow]:
 def live_spans(plan: Plan, rows: list[MemRow]) -> list[MemRow]:
     """Rows with `live` = (first, last) operation of the full step order for the packed rows (the
     plan file shows them; the packing itself does not need the full walk)."""
-    from ..codegen.schedule import build_schedule
     segs, _ = segments(build_schedule(plan), rows)
     return [r.model_copy(update={"live": (segs[r.name][0][0], max(b for _, b in segs[r.name]))})
             if r.name in segs and r.place == "device" else r for r in rows]

@@ -20,15 +20,14 @@ from __future__ import annotations
 from functools import lru_cache
 from math import prod
 
-from .calibration import (ARENA_ALIGN, ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE,
-                          GRADNORM_PARTIALS, STATS_SLOT)
-from .schema import MemRow, Plan
+from ..layout import (FP8_SLOT_BYTES, SCALAR_COUNT, align, attention_stats_bytes, flash_unsupported, fp8_slot_count,
+                      norm_partials_bytes, staging_elems, token_rows)
+from .calibration import ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE, GRADNORM_PARTIALS
+from ..hardware.spec import GpuSpec
+from ..models.spec import ModelSpec
+from .schema import MemRow, Offload, Plan, Precision, Recompute, Sharding
 
 DTYPE_BYTES = {"bf16": 2, "fp32": 4, "e4m3": 1, "e5m2": 1, "int32": 4, "uint8": 1}
-
-
-def align(n: int) -> int:
-    return -(-n // ARENA_ALIGN) * ARENA_ALIGN
 
 
 SHARD_GRAIN = 16     # shard sizes are multiples of this (16-byte vectors, FP8 quantize blocks)
@@ -68,7 +67,11 @@ class _Table:
 
 def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:
     """(name, shape, per_layer, is_matrix) for every trainable tensor, in storage order."""
-    m = plan.model
+    return list(_tensors(plan.model))
+
+
+@lru_cache(maxsize=64)
+def _tensors(m: ModelSpec) -> tuple[tuple[str, tuple[int, ...], bool, bool], ...]:
     C, HD = m.hidden_size, m.head_dim
     out = [(f"{k}", shape, True, True) for k, shape in m.block_matrix_shapes().items()]
     out += [("ln1", (C,), True, False), ("ln2", (C,), True, False)]
@@ -80,14 +83,14 @@ def param_tensors(plan: Plan) -> list[tuple[str, tuple[int, ...], bool, bool]]:
     if not m.tie_embeddings:
         out.append(("lm_head", (m.vocab_size, C), False, False))
     out.append(("final_norm", (C,), False, False))
-    return out
+    return tuple(out)
 
 
-def saved_activations(plan: Plan) -> list[tuple[str, str, tuple[int, ...], bool]]:
-    """(name, dtype, shape, saved_per_layer) of the block activations backward reads."""
-    m, r = plan.model, plan.recompute
-    BT = plan.batch.micro_batch * plan.batch.seq_len
-    op = plan.precision.matmul          # the dtype a matmul operand is kept in
+def saved_activations(m: ModelSpec, r: Recompute, B: int, T: int, op: str
+                      ) -> list[tuple[str, str, tuple[int, ...], bool]]:
+    """(name, dtype, shape, saved_per_layer) of the block activations backward reads, for micro-batches
+    of B sequences of T tokens; op: the dtype a matmul operand is kept in (the plan's matmul dtype)."""
+    BT = B * T
     C, F = m.hidden_size, m.intermediate_size
     acts = [
         ("res", "bf16", (BT, C), True),                      # the block input: always kept
@@ -100,7 +103,7 @@ def saved_activations(plan: Plan) -> list[tuple[str, str, tuple[int, ...], bool]
                  ("qk_rstd", "fp32", (BT, m.num_heads + m.num_kv_heads), not r.qkv)]
     acts += [
         ("att", "bf16", (BT, m.q_dim), not r.attention),
-        ("lse", "fp32", (plan.batch.micro_batch, m.num_heads, plan.batch.seq_len), not r.attention),
+        ("lse", "fp32", (B, m.num_heads, T), not r.attention),
         ("res2", "bf16", (BT, C), not r.block),
         ("rstd2", "fp32", (BT,), not r.block),
         ("ln2", op, (BT, C), not r.norm),
@@ -111,11 +114,21 @@ def saved_activations(plan: Plan) -> list[tuple[str, str, tuple[int, ...], bool]
 
 
 def memory_table(plan: Plan) -> list[MemRow]:
-    m, p, o, s = plan.model, plan.precision, plan.offload, plan.sharding
-    N, L = plan.num_gpus, m.num_layers
-    B, T = plan.batch.micro_batch, plan.batch.seq_len
-    BT, C, F, V = B * T, m.hidden_size, m.intermediate_size, m.vocab_size
-    fp8 = plan.fp8
+    """Every row of the plan, in table order: the model's state (weights, master copies, gradients, Adam
+    moments, their streaming buffers, the collectives' buffers), then what one micro-step needs
+    (activations, scratch, LM head, stats, tokens, workspaces). Each part is built from, and cached on,
+    only the inputs it reads: the solver's candidates share most parts."""
+    b = plan.batch
+    return [*_state_rows(plan.model, plan.precision, plan.offload, plan.sharding, plan.num_gpus,
+                         plan.collectives, plan.peer_copies),
+            *_step_rows(plan.model, plan.precision, b.micro_batch, b.seq_len, plan.recompute, plan.offload.residual,
+                        plan.num_gpus, plan.inventory.gpu, plan.lm_head_chunks, plan.attn_bwd_chunks)]
+
+
+@lru_cache(maxsize=4096)
+def _state_rows(m: ModelSpec, p: Precision, o: Offload, s: Sharding, N: int, collectives: str,
+                peer_copies: bool) -> tuple[MemRow, ...]:
+    L, fp8 = m.num_layers, p.matmul == "e4m3"
     t = _Table(N)
     P = dict(shard=False)           # a parameter-sized row (padded to equal shards with several GPUs)
     S_ = dict(shard=True)           # this GPU's shard of one
@@ -125,7 +138,7 @@ def memory_table(plan: Plan) -> list[MemRow]:
     # On one GPU, sharded weights = streamed from host, like offloaded quantized weights.
     stream_w = o.quantized_weights or (s.weights and N == 1)
     w_shard = s.weights and N > 1
-    tensors = param_tensors(plan)
+    tensors = _tensors(m)
     for name, shape, per_layer, is_matrix in tensors:
         wdt = "e4m3" if (fp8 and is_matrix) else "bf16"
         streamed = per_layer and stream_w
@@ -172,17 +185,26 @@ def memory_table(plan: Plan) -> list[MemRow]:
                     if off:
                         t.add(f"stage.{what}.{name}", dt, shape, lifetime="shared", count=2,
                               note="optimizer streaming double buffer", **opt)
-    if N > 1 and plan.collectives == "copy_engine":
-        piece = min(COMM_PIECE, max_piece_bytes(plan))
+    if N > 1 and collectives == "copy_engine":
+        piece = min(COMM_PIECE, max_piece_bytes(m, N))
         t.add("comm.recv", "uint8", (2 * (N - 1) * piece,), lifetime="shared", shard=None,
               note="reduce-scatter pieces from the other GPUs, double buffer")
-        if not plan.peer_copies:
+        if not peer_copies:
             t.add("comm.host", "uint8", (2 * (N - 1) * piece,), place="host", shard=None,
                   note="host-staged collectives: this GPU's outgoing pieces")
+    return tuple(t.rows)
+
+
+@lru_cache(maxsize=4096)
+def _step_rows(m: ModelSpec, p: Precision, B: int, T: int, r: Recompute, offload_residual: bool, N: int,
+               gpu: GpuSpec, lm_head_chunks: int, attn_bwd_chunks: int) -> tuple[MemRow, ...]:
+    L, fp8 = m.num_layers, p.matmul == "e4m3"
+    BT, C, F, V = B * T, m.hidden_size, m.intermediate_size, m.vocab_size
+    t = _Table(N)
 
     # Saved activations: per layer unless recomputed (then one shared instance).
-    for name, dt, shape, saved in saved_activations(plan):
-        if saved and name == "res" and o.residual:
+    for name, dt, shape, saved in saved_activations(m, r, B, T, p.matmul):
+        if saved and name == "res" and offload_residual:
             t.add("act.res", dt, shape, place="host", count=L, lifetime="per_layer")
             t.add("stage.res", dt, shape, lifetime="shared", count=2, note="residual D2H/H2D buffer")
         else:
@@ -211,51 +233,47 @@ def memory_table(plan: Plan) -> list[MemRow]:
     t.add("work.d_att", "bf16", (BT, QDIM), lifetime="shared")
     t.add("work.d_gu", "bf16", (BT, 2 * F), lifetime="shared")
     t.add("work.d_h", "bf16", (BT, F), lifetime="shared")
-    from ..codegen.scratch import scratch_needs   # the kernels' grids decide these sizes
-    needs = scratch_needs(plan)
-    if "dw_scratch_bytes" in needs:
-        t.add("work.norm_partials", "uint8", (needs["dw_scratch_bytes"],), lifetime="shared",
-              note="deterministic norm-weight gradient partials")
-    if "delta_bytes" in needs:
-        t.add("work.attn_delta", "uint8", (needs["delta_bytes"],), lifetime="shared",
+    # the kernels' grids on this GPU decide the scratch sizes
+    t.add("work.norm_partials", "uint8", (norm_partials_bytes(gpu.arch, gpu.sm_count, BT, C, m.num_heads,
+                                                              m.num_kv_heads, m.head_dim, m.qk_norm),),
+          lifetime="shared", note="deterministic norm-weight gradient partials")
+    if flash_unsupported(m.head_dim, T, m.num_heads, m.num_kv_heads, gpu.max_smem_per_block) is None:
+        t.add("work.attn_delta", "uint8", (attention_stats_bytes(B, m.num_heads, T),), lifetime="shared",
               note="flash-attention fallback: rowsum(dO*O)")
 
     # LM head: final norm, a chunk of logits overwritten by its gradient, per-token loss and LSE.
-    rows = -(-BT // plan.lm_head_chunks)
+    rows = -(-BT // lm_head_chunks)
     t.add("lmhead.x", "bf16", (BT, C), lifetime="shared", note="final residual")
     t.add("lmhead.ln", "bf16", (BT, C), lifetime="shared")
     t.add("lmhead.rstd", "fp32", (BT,), lifetime="shared")
-    t.add("lmhead.logits", "bf16", (rows, V), lifetime="shared", note=f"{plan.lm_head_chunks} chunk(s)")
+    t.add("lmhead.logits", "bf16", (rows, V), lifetime="shared", note=f"{lm_head_chunks} chunk(s)")
     t.add("lmhead.losses", "fp32", (BT,), lifetime="shared")
     t.add("lmhead.lse", "fp32", (BT,), lifetime="shared")
 
     # Small persistent state.
     if fp8:
-        from ..codegen.schedule import fp8_slot_count
-        t.add("stats.fp8", "uint8", (fp8_slot_count(L) * STATS_SLOT,), note="amax / descale slots")
-    t.add("stats.scalars", "fp32", (64,), note="loss, norm, clip scale, hyper-parameters")
+        t.add("stats.fp8", "uint8", (fp8_slot_count(L) * FP8_SLOT_BYTES,), note="amax / descale slots")
+    t.add("stats.scalars", "fp32", (SCALAR_COUNT,), note="loss, norm, clip scale, hyper-parameters")
     t.add("stats.gradnorm", "fp32", (GRADNORM_PARTIALS * N,), shard=None, note="one block of partials per GPU")
-    t.add("tokens.inputs", "int32", (BT,))
-    t.add("tokens.targets", "int32", (BT,))
-    t.add("tokens.sorted_pos", "int32", (BT,), note="embedding backward order")
-    t.add("tokens.segments", "int32", (BT + 2,), note="segment starts + unique count")
-    t.add("stage.tokens", "int32", (2, 4 * BT + 2), place="host", note="pinned staging, double buffer")
+    notes = {"tokens.sorted_pos": "embedding backward order", "tokens.segments": "segment starts + unique count"}
+    for name, n in token_rows(BT).items():
+        t.add(name, "int32", (n,), note=notes.get(name, ""))
+    t.add("stage.tokens", "int32", (2, staging_elems(BT)), place="host", note="pinned staging, double buffer")
     t.add("rope.table", "fp32", (T, m.head_dim // 2, 2), note="(cos, sin) pairs")
     t.add("ws.cublas", "uint8", (CUBLAS_WORKSPACE,))
-    t.add("ws.attention", "uint8", (attention_workspace(plan),), lifetime="shared",
+    t.add("ws.attention", "uint8", (attention_workspace(m, B, T, attn_bwd_chunks),), lifetime="shared",
           note="cuDNN SDPA deterministic backward (scratch of each attention operation)")
     t.add("reserve.context", "uint8", (CONTEXT_RESERVE,), lifetime="reserve",
           note="CUDA context, library handles")
-    return t.rows
+    return tuple(t.rows)
 
 
-def attention_workspace(plan: Plan) -> int:
+def attention_workspace(m: ModelSpec, B: int, T: int, chunks: int) -> int:
     """cuDNN SDPA's deterministic backward workspace, fitted to sizes measured on an H200 (cuDNN 9.19):
-    B*T*Hq*D*4 * (T/128 + 1) for D=64, (T/256 + 1) for D=128; split by attn_bwd_chunks."""
-    m, b = plan.model, plan.batch
+    B*T*Hq*D*4 * (T/128 + 1) for D=64, (T/256 + 1) for D=128; split by attn_bwd_chunks (`chunks`)."""
     per_tile = 128 if m.head_dim <= 64 else 256
-    ws = b.micro_batch * b.seq_len * m.num_heads * m.head_dim * 4 * (b.seq_len // per_tile + 1)
-    return ATTN_WORKSPACE_MIN + -(-ws // plan.attn_bwd_chunks)
+    ws = B * T * m.num_heads * m.head_dim * 4 * (T // per_tile + 1)
+    return ATTN_WORKSPACE_MIN + -(-ws // chunks)
 
 
 def device_bytes(rows: list[MemRow]) -> int:
@@ -278,10 +296,9 @@ def host_bytes(rows: list[MemRow], gpus_per_machine: int) -> int:
     return gpus_per_machine * sum(r.total for r in rows if r.place == "host")
 
 
-def max_piece_bytes(plan: Plan) -> int:
-    """The largest shard a collective moves: a bigger piece buffer would never fill."""
-    N = plan.num_gpus
-    return max(shard_elems(prod(shape), N) * 4 for _, shape, _, _ in param_tensors(plan))
+def max_piece_bytes(m: ModelSpec, N: int) -> int:
+    """The largest shard a collective moves over N GPUs: a bigger piece buffer would never fill."""
+    return max(shard_elems(prod(shape), N) * 4 for _, shape, _, _ in _tensors(m))
 
 
 def group_totals(rows: list[MemRow], place: str) -> dict[str, int]:

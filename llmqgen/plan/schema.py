@@ -13,7 +13,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..hardware.spec import GpuSpec
+from ..hardware.spec import Inventory
 from ..models.spec import ModelSpec
 
 SCHEMA_VERSION = 1
@@ -25,18 +25,6 @@ StateDtype = Literal["bf16", "fp32"]
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Inventory(_Frozen):
-    gpu: GpuSpec
-    count: int = Field(ge=1)           # GPUs per machine
-    host_mem_bytes: int = Field(ge=0)  # per machine
-    host_mem_source: Literal["detected", "user", "assumed"] = "assumed"
-    nodes: int = Field(default=1, ge=1)   # machines, joined by NCCL
-
-    @property
-    def label(self) -> str:
-        return (f"{self.nodes}x" if self.nodes > 1 else "") + f"{self.count}x{self.gpu.name}"
 
 
 class Precision(_Frozen):

@@ -14,12 +14,13 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import ValidationError
 
+from ..hardware.spec import Inventory
 from ..models.spec import ModelSpec
 from . import calibration as K
 from .cost import StepCost, step_cost
 from .lifetimes import TRANSIENT, arena_offsets, live_spans, packed_table
 from .memory import memory_table
-from .schema import (Batch, Candidate, Estimate, Inventory, MemRow, Offload, Plan, Precision, Recompute, Sharding,
+from .schema import (Batch, Candidate, Estimate, MemRow, Offload, Plan, Precision, Recompute, Sharding,
                      check_plan_name, validation_summary)
 
 RECOMPUTE_LADDER = [

@@ -3,9 +3,9 @@
 Each row is `count` contiguous instances of `bytes`. Device rows carry the offsets the planner packed
 (plan/lifetimes.py: rows whose lifetimes in the schedule never overlap share bytes) and the arena is
 exactly the packed peak; rows without offsets (host rows, an unpacked table) are laid out back to back
-in table order. The planner rounds every row's `bytes` up to ARENA_ALIGN and packs at multiples of it,
-so each instance (not only each row) starts on a 256-byte boundary: the planner's numbers are the
-allocation. Rows with lifetime "reserve" (CUDA context, library handles)
+in table order. The planner rounds every row's `bytes` up to layout.ARENA_ALIGN and packs at multiples
+of it, so each instance (not only each row) starts on an ARENA_ALIGN boundary: the planner's numbers are
+the allocation. Rows with lifetime "reserve" (CUDA context, library handles)
 are counted by the planner but allocated by nobody here.
 """
 from __future__ import annotations
@@ -15,10 +15,9 @@ from typing import Iterable
 
 import numpy as np
 
+from ..layout import ARENA_ALIGN
 from ..plan.schema import MemRow
 from . import driver
-
-ALIGN = 256  # cuBLASLt/cuDNN assume 256-byte aligned operands; equals plan.calibration.ARENA_ALIGN
 
 
 @dataclass(frozen=True)
@@ -44,14 +43,14 @@ def layout(rows: Iterable[MemRow], place: str) -> dict[str, Slot]:
     for row in mine:
         if row.name in slots:
             raise ValueError(f"memory table has two rows named {row.name!r}: row names must be unique")
-        if row.bytes % ALIGN:
-            raise ValueError(f"row {row.name!r} has {row.bytes} bytes, not a multiple of {ALIGN}: "
+        if row.bytes % ARENA_ALIGN:
+            raise ValueError(f"row {row.name!r} has {row.bytes} bytes, not a multiple of {ARENA_ALIGN}: "
                              f"the planner must round every row up to the arena alignment")
         if row.count < 1:
             raise ValueError(f"row {row.name!r} has count {row.count}: every row needs at least one instance")
         if planned:
-            if row.offset % ALIGN:
-                raise ValueError(f"row {row.name!r} is planned at offset {row.offset}, not a multiple of {ALIGN}")
+            if row.offset % ARENA_ALIGN:
+                raise ValueError(f"row {row.name!r} is planned at offset {row.offset}, not a multiple of {ARENA_ALIGN}")
             slots[row.name] = Slot(row.offset, row.bytes, row.count)
         else:
             slots[row.name] = Slot(offset, row.bytes, row.count)
@@ -74,8 +73,8 @@ class Arena:
         self.slots = layout(rows, place)
         self.nbytes = arena_bytes(self.slots)
         self.base = driver.alloc(self.nbytes) if place == "device" else driver.host_alloc(self.nbytes)
-        if self.base % ALIGN:  # the driver gives 256-byte (device) and page (host) alignment
-            raise RuntimeError(f"{place} allocation at {self.base:#x} is not {ALIGN}-byte aligned")
+        if self.base % ARENA_ALIGN:  # the driver gives 256-byte (device) and page (host) alignment
+            raise RuntimeError(f"{place} allocation at {self.base:#x} is not {ARENA_ALIGN}-byte aligned")
         # where kernels, GEMMs and copies address the rows: pinned host rows are mapped (zero-copy)
         self.device_base = driver.host_device_pointer(self.base) if place == "host" else self.base
 

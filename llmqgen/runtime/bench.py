@@ -1,6 +1,7 @@
 """`llmqgen bench`: N optimizer steps of a plan on synthetic tokens, timed, written to bench/results."""
 from __future__ import annotations
 
+import logging
 import time
 from math import prod
 from pathlib import Path
@@ -47,23 +48,23 @@ def bench_params(spec) -> dict[str, np.ndarray]:
 
 
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
+logger = logging.getLogger(__name__)
 
 
 def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path("bench/results"),
-              echo=print, devices: list[int] | None = None, profile: bool = False) -> Path | None:
+              devices: list[int] | None = None, profile: bool = False) -> Path | None:
     """devices: the GPU of each rank (default one per rank); several ranks on one GPU test the
     collectives' code paths and host-staged transfer rates, not multi-GPU speed (the file says so).
     profile: then one more step, eager, timed per operation (runtime/profile.py; the record's `profile`).
-    Under a launcher only rank 0 prints and writes the result (returns None on the others)."""
+    Each step and the summary are logged (the command line prints rank 0's); under a launcher only rank 0
+    writes the result (returns None on the others)."""
     main = is_rank_zero()
-    if not main:
-        echo = lambda *_: None      # noqa: E731
     mem = DeviceMemory()            # before the Trainer: the baseline of its fallback
     tr = Trainer(plan, devices=devices)
     try:
         running = RunningOn.of(plan, tr.dev)
         for line in running.lines():
-            echo(line)
+            logger.info(line)
         mem.watch(tr.dev)
         tr.load_params(bench_params(plan.model))
         data = synthetic_batches(plan)
@@ -81,9 +82,9 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
             if events is not None:
                 comm_ms.append(events.take_ms())
                 moved.append(tr.comm.moved - before)
-            echo(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
-                 + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
-                 + (" (warm-up)" if step < warmup else ""))
+            logger.info(f"step {step + 1}/{warmup + steps}: {times[-1]:.1f} ms, loss {tr.loss():.4f}, norm {norm:.3f}"
+                        + (f", collectives {comm_ms[-1]:.1f} ms ({moved[-1] / 2**20:.0f} MiB moved)" if comm_ms else "")
+                        + (" (warm-up)" if step < warmup else ""))
         device = {"name": tr.dev.name, "driver": _driver_version(), "compute_capability": tr.dev.arch,
                   "sm_count": tr.dev.sm_count, "total_memory": tr.dev.total_memory,
                   "rank_devices": devices or list(range(len(tr.ranks)))}
@@ -100,11 +101,11 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
                 "note": ("several ranks share one GPU: step times are not multi-GPU speed"
                          if devices and len(set(devices)) < len(devices) else "")}
         if profile:
-            echo(format_profile(record["profile"], record["step_ms_median"]))
+            logger.info(format_profile(record["profile"], record["step_ms_median"]))
         if not main:
             return None
         path = write_bench(record, out_root)
-        echo(bench_summary(record, path))
+        logger.info(bench_summary(record, path))
         return path
     finally:
         mem.close()

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..plan.refs import at
 from . import driver
 from .rank import Rank
-from .refs import at
 
 EVENT_RING = 16       # done events are reused after this many collectives (a few are ever pending)
 VEC = 32              # piece sizes are multiples of this many bytes (16 bf16, the kernels' grain)

@@ -19,19 +19,19 @@ import numpy as np
 
 from ..codegen.families import adamw as adamw_family
 from ..codegen.families import gradnorm as gradnorm_family
-from ..codegen.schedule import SCALARS, fp8_slot_index
+from ..layout import (FP8_AMAX_OFFSET, FP8_DESCALE_OFFSET, FP8_SLOT_BYTES, SCALARS, fp8_slot_index, num_unique_index,
+                      staging_elems, token_staging)
 from ..plan.lifetimes import packed_table
 from ..plan.memory import DTYPE_BYTES, param_tensors, shard_elems
+from ..plan.refs import at, parse_ref, resolve_tag, split_index
 from ..plan.schema import Plan
 from . import driver
 from .arena import Arena
 from .attention import Attention, AttnShape
 from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
-from .refs import at, parse_ref, resolve_tag, split_index
 
 NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
              "e5m2": ml_dtypes.float8_e5m2, "int32": np.int32, "uint8": np.uint8}
-TOKEN_ROWS = ("tokens.inputs", "tokens.targets", "tokens.sorted_pos", "tokens.segments")
 
 Item = tuple
 
@@ -94,8 +94,8 @@ class Rank:
         if ref.startswith("fp8:"):
             body, _, part = ref[4:].partition("/")
             name, idx = split_index(body, layer)
-            base = self.mem.ptr("stats.fp8") + 32 * fp8_slot_index(name, idx or 0, self.L)
-            return base + (16 if part == "descale" else 0)
+            base = self.mem.ptr("stats.fp8") + FP8_SLOT_BYTES * fp8_slot_index(name, idx or 0, self.L)
+            return base + (FP8_DESCALE_OFFSET if part == "descale" else FP8_AMAX_OFFSET)
         if ref.startswith("scalar:"):
             return self.mem.ptr("stats.scalars") + 4 * SCALARS[ref[7:]]
         name, idx, off, shard = parse_ref(ref, layer)
@@ -385,15 +385,15 @@ class Rank:
         slot = self.fed % 2
         self.fed += 1
         driver.event_synchronize(self.feed_done[slot])
-        stage = self.host.view("stage.tokens", 0, np.int32)[slot * (4 * BT + 2):(slot + 1) * (4 * BT + 2)]
-        stage[0:BT] = np.asarray(batch.inputs, np.int32).reshape(-1)
-        stage[BT:2 * BT] = np.asarray(batch.targets, np.int32).reshape(-1)
-        stage[2 * BT:3 * BT] = np.asarray(batch.sorted_positions, np.int32).reshape(-1)
-        stage[3 * BT:4 * BT + 1] = np.asarray(batch.segment_starts[:BT + 1], np.int32)
-        stage[4 * BT + 1] = batch.num_unique
+        n = staging_elems(BT)
+        stage = self.host.view("stage.tokens", 0, np.int32)[slot * n:(slot + 1) * n]
+        values = {"tokens.inputs": batch.inputs, "tokens.targets": batch.targets,
+                  "tokens.sorted_pos": batch.sorted_positions,
+                  "tokens.segments": np.append(batch.segment_starts[:num_unique_index(BT)], batch.num_unique)}
         src = stage.ctypes.data
-        for row, (lo, hi) in zip(TOKEN_ROWS, ((0, BT), (BT, 2 * BT), (2 * BT, 3 * BT), (3 * BT, 4 * BT + 2))):
-            driver.memcpy_htod(self.mem.ptr(row), src + 4 * lo, 4 * (hi - lo), self.stream)
+        for row, lo, count in token_staging(BT):
+            stage[lo:lo + count] = np.asarray(values[row], np.int32).reshape(-1)
+            driver.memcpy_htod(self.mem.ptr(row), src + 4 * lo, 4 * count, self.stream)
         driver.event_record(self.feed_done[slot], self.stream)
 
     # --- parameters (this GPU's part) --------------------------------------------------------------

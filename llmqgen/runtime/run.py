@@ -10,6 +10,7 @@ checkpoint and export.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -39,6 +40,7 @@ DEFAULTS = {"steps": 300, "lr": 3e-4, "warmup": 20, "schedule": "cosine", "final
             "weight_decay": 0.1, "max_norm": 1.0, "seed": 0}
 CHANGEABLE = ("steps", "lr", "warmup", "schedule", "final_fraction", "weight_decay", "max_norm")
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -149,28 +151,25 @@ def settle(cfg: RunConfig, ck: TrainingCheckpoint | None) -> tuple[dict, list[st
     return s, lines, changes
 
 
-def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
+def train(plan: Plan, cfg: RunConfig) -> Path:
     """Run the configured optimizer steps; returns the exported model directory. Under a launcher every
-    process (torchrun, mpirun, srun) runs this; rank 0 alone prints (header, step lines, messages through
-    `echo`), logs, checkpoints and exports. Once the GPU is open the header says whether it stands in for
-    the plan's (runtime/standin.py); at the end the measured peak device memory is printed and logged next
-    to the plan's (runtime/devmem.py)."""
+    process (torchrun, mpirun, srun) runs this; rank 0 alone prints the step lines, logs, checkpoints and
+    exports (the header and messages are logged; the command line prints rank 0's). Once the GPU is open
+    the header says whether it stands in for the plan's (runtime/standin.py); at the end the measured peak
+    device memory is logged next to the plan's (runtime/devmem.py)."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     dist = dist_env() if plan.collectives == "nccl" else None
     main = dist.rank == 0 if dist is not None else is_rank_zero()
-    if not main:
-        echo = lambda *_: None      # noqa: E731
     # everything that can be checked is checked before the Trainer opens a GPU
     ck = None
     if cfg.resume:
         which = int(cfg.resume) if cfg.resume.isdigit() else cfg.resume
-        ck = read_checkpoint(cfg.out / "checkpoints", which, expect=plan.model,
-                             warn=lambda m: echo(f"warning: {m}"))
+        ck = read_checkpoint(cfg.out / "checkpoints", which, expect=plan.model)
         state = ck.state_tensors()
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
     for line in run_header(plan, s["steps"], cfg.out):
-        echo(line)
+        logger.info(line)
     sched = LRSchedule(peak=s["lr"], warmup_steps=min(s["warmup"], s["schedule_steps"]),
                        total_steps=s["schedule_steps"], kind=s["schedule"], final_fraction=s["final_fraction"])
     mem = DeviceMemory()            # before the Trainer: the baseline of its fallback
@@ -182,13 +181,13 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
     try:
         running = RunningOn.of(plan, tr.dev)
         for line in running.lines():
-            echo(line)
+            logger.info(line)
         mem.watch(tr.dev)
         start, cursor = 0, None
         if ck is not None:
             tr.load_state_tensors(state, ck.step)
             start, cursor = ck.step, ck.state["loader"]
-            echo(f"resumed from step {start} ({ck.path})")
+            logger.info(f"resumed from step {start} ({ck.path})")
         elif cfg.init_from:
             from ..checkpoint.hf import import_hf
             tr.load_params(import_hf(cfg.init_from, plan.model))
@@ -199,7 +198,7 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
         bad: list[tuple[float, float]] = []                # (loss, norm) of the non-finite steps in a row
         with StepLogger(cfg.out / "log.jsonl" if main else None, s["steps"], stream=quiet or sys.stderr) as log:
             for line in lines:
-                echo(line)
+                logger.info(line)
             if changes:
                 log.event("config_change", step=start, changes=changes)
             step = start
@@ -233,7 +232,7 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
                 what = ", ".join(f"loss {lo:g} norm {n:g}" for lo, n in bad)
                 log.event("stopped_nonfinite", step=step, attempts=[[lo, n] for lo, n in bad])
             memory = mem.report(plan, ranks_on_first_gpu(cfg.devices))
-            echo(memory.line())
+            logger.info(memory.line())
             log.event("device_memory", step=step, **memory.fields())
         if quiet:
             quiet.close()
@@ -244,13 +243,13 @@ def train(plan: Plan, cfg: RunConfig, echo=print) -> Path:
                 f"batches): stopped, with the weights from before them saved in {path}; lower --lr (resume "
                 f"with --change lr), raise --warmup, or check the data")
         if stop["now"]:
-            echo(f"stopped at step {step}: saving")
+            logger.info(f"stopped at step {step}: saving")
         _checkpoint(tr, plan, cfg, s, step, loader, main)
         out = cfg.out / "model"
         params = tr.params()            # every process takes part in gathering the shards
         if main:
             export_hf(params, plan.model, out)
-        echo(f"model exported to {out} (Hugging Face safetensors + config.json)")
+        logger.info(f"model exported to {out} (Hugging Face safetensors + config.json)")
         return out
     finally:
         for sig, h in previous.items():

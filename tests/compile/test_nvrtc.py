@@ -13,9 +13,9 @@ except nvrtc.NvrtcUnavailable as e:  # only when the library itself cannot be lo
 from llmqgen.codegen import render as R  # noqa: E402
 from llmqgen.compile import cache  # noqa: E402
 from llmqgen.compile.ptxas import parse_ptxas, spilling  # noqa: E402
-from llmqgen.hardware.spec import GpuSpec  # noqa: E402
+from llmqgen.hardware.spec import GpuSpec, Inventory  # noqa: E402
 from llmqgen.models.spec import ModelSpec  # noqa: E402
-from llmqgen.plan.schema import Batch, Inventory, Plan  # noqa: E402
+from llmqgen.plan.schema import Batch, Plan  # noqa: E402
 
 SMALL = """#include <cuda_bf16.h>
 #include <cuda_fp8.h>

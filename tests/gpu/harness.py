@@ -15,8 +15,9 @@ from pathlib import Path
 
 from llmqgen.codegen.kernel import Kernel, kernel_from_json
 from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
 from llmqgen.models.spec import ModelSpec, RopeScaling
-from llmqgen.plan.schema import Batch, Inventory, Plan, Precision
+from llmqgen.plan.schema import Batch, Plan, Precision
 from llmqgen.runtime import driver
 
 SMEM_DEFAULT_MAX = 48 * 1024  # above this a kernel must opt in to dynamic shared memory

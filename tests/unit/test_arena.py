@@ -3,8 +3,9 @@ import random
 
 import pytest
 
+from llmqgen.layout import ARENA_ALIGN
 from llmqgen.plan.schema import MemRow
-from llmqgen.runtime.arena import ALIGN, Slot, arena_bytes, layout
+from llmqgen.runtime.arena import Slot, arena_bytes, layout
 
 
 def row(name, nbytes, count=1, place="device", lifetime="persistent"):
@@ -26,7 +27,7 @@ def test_rows_in_order_back_to_back():
 def test_random_tables_align_and_sum_exactly():
     rng = random.Random(0)
     for _ in range(50):
-        rows = [row(f"r{i}", ALIGN * rng.randint(0, 4000), count=rng.randint(1, 80),
+        rows = [row(f"r{i}", ARENA_ALIGN * rng.randint(0, 4000), count=rng.randint(1, 80),
                     place=rng.choice(["device", "host"])) for i in range(rng.randint(1, 40))]
         for place in ("device", "host"):
             slots = layout(rows, place)
@@ -35,7 +36,7 @@ def test_random_tables_align_and_sum_exactly():
             end = 0
             for r in mine:  # contiguous, in table order, every instance aligned
                 s = slots[r.name]
-                assert s.offset == end and s.offset % ALIGN == 0 and s.bytes % ALIGN == 0
+                assert s.offset == end and s.offset % ARENA_ALIGN == 0 and s.bytes % ARENA_ALIGN == 0
                 end = s.offset + s.total
 
 

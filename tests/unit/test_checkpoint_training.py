@@ -2,6 +2,7 @@
 checkpoints as `llmqgen run` writes them, read by resume and `llmqgen export` through one reader; damaged
 checkpoints; the run's saved settings on resume; non-finite steps skipped; SIGTERM; eval forward-only."""
 import json
+import logging
 import os
 import signal
 import sys
@@ -14,16 +15,19 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_trainer import FakeTrainer, TINY, tiny_data, tiny_plan  # noqa: E402
 
-from llmqgen.checkpoint.cli import export  # noqa: E402
 from llmqgen.checkpoint.safetensors import read_dir, read_header  # noqa: E402
 from llmqgen.checkpoint.store import CheckpointError, read_checkpoint  # noqa: E402
+from llmqgen.cli import main  # noqa: E402
 from llmqgen.runtime.log import read_log  # noqa: E402
 
-quiet = lambda *a, **k: None      # noqa: E731
+
+def train(run, data, out, **kw):
+    return run.train(tiny_plan(), run.RunConfig(data=data, out=out, **kw))
 
 
-def train(run, data, out, echo=quiet, **kw):
-    return run.train(tiny_plan(), run.RunConfig(data=data, out=out, **kw), echo=echo)
+def logged(caplog, level=logging.INFO) -> list[str]:
+    """The messages llmqgen logged at `level` (what the command line prints)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("llmqgen") and r.levelno == level]
 
 
 def same_dir(a: Path, b: Path) -> bool:
@@ -49,7 +53,7 @@ def test_export_equals_the_runs_own_export(run, data, tmp_path, which):
     out = tmp_path / "r"
     train(run, data, out, steps=3, warmup=1, checkpoint_every=1)
     src = {"run": out, "checkpoints": out / "checkpoints", "step": out / "checkpoints" / "step-000003"}[which]
-    res = CliRunner().invoke(export, [str(src), str(tmp_path / "hf")])
+    res = CliRunner().invoke(main, ["export", str(src), str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
     assert "tiny-qwen2 at step 3" in res.output
     assert same_dir(tmp_path / "hf", out / "model")         # bit for bit
@@ -59,7 +63,7 @@ def test_export_equals_the_runs_own_export(run, data, tmp_path, which):
 def test_export_older_step_and_resume_read_the_same_state(run, data, tmp_path):
     out = tmp_path / "r"
     train(run, data, out, steps=2, warmup=1, checkpoint_every=1)
-    res = CliRunner().invoke(export, [str(out), str(tmp_path / "hf1"), "--step", "1"])
+    res = CliRunner().invoke(main, ["export", str(out), str(tmp_path / "hf1"), "--step", "1"])
     assert res.exit_code == 0, res.output
     ck = read_checkpoint(out / "checkpoints", 1)
     params = ck.params()
@@ -72,16 +76,16 @@ def test_export_of_a_damaged_latest_uses_the_newest_intact(run, data, tmp_path):
     out = tmp_path / "r"
     train(run, data, out, steps=3, warmup=1, checkpoint_every=1)
     (out / "checkpoints" / "step-000003" / "tensors.safetensors").unlink()
-    res = CliRunner().invoke(export, [str(out), str(tmp_path / "hf")])
+    res = CliRunner().invoke(main, ["export", str(out), str(tmp_path / "hf")])
     assert res.exit_code == 0, res.output
-    assert "step-000003 is damaged (tensors.safetensors is missing); using step-000002" in res.output
+    assert "warning: checkpoint step-000003 is damaged (tensors.safetensors is missing); using step-000002" in res.output
     assert "at step 2" in res.output
 
 
 # --- damaged checkpoints on resume (issue 14.10) ------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
-def test_resume_latest_passes_over_a_damaged_newest(run, data, tmp_path, damage):
+def test_resume_latest_passes_over_a_damaged_newest(run, data, tmp_path, damage, caplog):
     out = tmp_path / "r"
     train(run, data, out, steps=3, warmup=1, checkpoint_every=1)
     t = out / "checkpoints" / "step-000003" / "tensors.safetensors"
@@ -92,11 +96,11 @@ def test_resume_latest_passes_over_a_damaged_newest(run, data, tmp_path, damage)
         t.unlink()
     with pytest.raises(CheckpointError, match="step-000003 is damaged.*newest intact checkpoint is step-000002"):
         train(run, data, out, resume="3")                # named explicitly: refused
-    lines = []
-    train(run, data, out, resume="latest", echo=lines.append)
-    warn = [x for x in lines if x.startswith("warning:")]
+    caplog.set_level(logging.INFO, logger="llmqgen")
+    train(run, data, out, resume="latest")
+    warn = logged(caplog, logging.WARNING)
     assert len(warn) == 1 and "step-000003 is damaged" in warn[0] and "using step-000002" in warn[0]
-    assert any(x.startswith("resumed from step 2") for x in lines)
+    assert any(x.startswith("resumed from step 2") for x in logged(caplog))
     assert read_checkpoint(out / "checkpoints", 3).step == 3          # step 3 done again, intact
 
 
@@ -120,13 +124,13 @@ def test_resume_keeps_saved_settings_and_refuses_silent_changes(run, data, tmp_p
     assert [r["step"] for r in read_log(out / "log.jsonl")] == list(range(6))
 
 
-def test_resume_with_an_explicit_change_applies_and_logs_it(run, data, tmp_path):
+def test_resume_with_an_explicit_change_applies_and_logs_it(run, data, tmp_path, caplog):
     out = tmp_path / "r"
     train(run, data, out, steps=6, warmup=1, lr=1e-3, schedule="constant", stop_after=3)
-    lines = []
     FakeTrainer.reset()
-    train(run, data, out, resume="latest", lr=5e-4, change=("lr",), echo=lines.append)
-    assert "changing lr 0.001 -> 0.0005 from step 3 (--change lr)" in lines
+    caplog.set_level(logging.INFO, logger="llmqgen")
+    train(run, data, out, resume="latest", lr=5e-4, change=("lr",))
+    assert "changing lr 0.001 -> 0.0005 from step 3 (--change lr)" in logged(caplog)
     assert [lr for _, lr in FakeTrainer.lrs] == [5e-4] * 3
     events = [r for r in read_log(out / "log.jsonl", events=True) if r.get("event", "device_memory") != "device_memory"]
     assert events == [{"event": "config_change", "step": 3, "changes": {"lr": [1e-3, 5e-4]}}]
@@ -136,13 +140,13 @@ def test_resume_with_an_explicit_change_applies_and_logs_it(run, data, tmp_path)
         train(run, data, out, resume="latest", change=("seed",))
 
 
-def test_steps_extend_a_finished_run_at_its_final_lr(run, data, tmp_path):
+def test_steps_extend_a_finished_run_at_its_final_lr(run, data, tmp_path, caplog):
     out = tmp_path / "r"
     train(run, data, out, steps=4, warmup=1, lr=1e-3)
-    lines = []
     FakeTrainer.reset()
-    train(run, data, out, resume="latest", steps=6, echo=lines.append)
-    assert any(x.startswith("extending the finished run from 4 to 6 steps") for x in lines)
+    caplog.set_level(logging.INFO, logger="llmqgen")
+    train(run, data, out, resume="latest", steps=6)
+    assert any(x.startswith("extending the finished run from 4 to 6 steps") for x in logged(caplog))
     assert [s for s, _ in FakeTrainer.lrs] == [4, 5]
     assert all(lr == pytest.approx(1e-4) for _, lr in FakeTrainer.lrs)     # final_fraction 0.1 of peak
     with pytest.raises(ValueError, match="at step 6; --steps 5 leaves nothing"):
@@ -188,7 +192,7 @@ def test_max_bad_steps_is_configurable(run, data, tmp_path):
         train(run, data, tmp_path / "r", steps=3, warmup=1, max_bad_steps=1)
 
 
-def test_sigterm_checkpoints_like_ctrl_c(run, data, tmp_path, monkeypatch):
+def test_sigterm_checkpoints_like_ctrl_c(run, data, tmp_path, monkeypatch, caplog):
     real = FakeTrainer.accumulate
 
     def accumulate(self, batches):
@@ -196,10 +200,10 @@ def test_sigterm_checkpoints_like_ctrl_c(run, data, tmp_path, monkeypatch):
         if self.step_count == 1:
             os.kill(os.getpid(), signal.SIGTERM)
     monkeypatch.setattr(FakeTrainer, "accumulate", accumulate)
-    lines = []
+    caplog.set_level(logging.INFO, logger="llmqgen")
     before = signal.getsignal(signal.SIGTERM)
-    train(run, data, tmp_path / "r", steps=5, warmup=1, echo=lines.append)
-    assert "stopped at step 2: saving" in lines
+    train(run, data, tmp_path / "r", steps=5, warmup=1)
+    assert "stopped at step 2: saving" in logged(caplog)
     assert read_checkpoint(tmp_path / "r" / "checkpoints").step == 2 and (tmp_path / "r" / "model").is_dir()
     assert signal.getsignal(signal.SIGTERM) == before
 
@@ -258,7 +262,6 @@ def test_schedule_eval_head_is_forward_only_and_gradnorm_comes_before_any_update
 
 
 def test_cli_resume_keeps_saved_settings_unless_changed(run, data, tmp_path):
-    from llmqgen.cli import main
     plan = tmp_path / "p.json"
     plan.write_text(tiny_plan().to_json())
     base = ["run", "--plan", str(plan), "--data", str(data), "--out", str(tmp_path / "r")]

@@ -1,9 +1,11 @@
-"""The CLI through click's runner: plan writes a file and prints the tables; errors are clear."""
+"""The CLI through click's runner: plan writes a file and prints the tables; errors are clear; the
+library's log records printed plainly, once per job."""
 import json
+import logging
 
 from click.testing import CliRunner
 
-from llmqgen.cli import main
+from llmqgen.cli import main, terminal_logging
 
 
 def run(*args):
@@ -50,3 +52,27 @@ def test_catalog_commands():
     assert r.exit_code == 0 and "qwen2.5-32b" in r.output and "llama3.1-70b" in r.output
     r = run("gpus")
     assert r.exit_code == 0 and "4090" in r.output and "330" in r.output
+
+
+def test_library_records_print_plainly_on_rank_zero_only(capsys, monkeypatch):
+    """INFO on stdout as the bare message, warnings on stderr as "warning: ..."; DEBUG nowhere; on a
+    launcher's other ranks errors only; the handler is gone after the block (and after a command)."""
+    log = logging.getLogger("llmqgen.test")
+    with terminal_logging():
+        log.debug("hidden")
+        log.info("header line")
+        log.warning("checkpoint step-3 is damaged")
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("header line\n", "warning: checkpoint step-3 is damaged\n")
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(k, v)
+    with terminal_logging():
+        log.info("header line")
+        log.warning("careful")
+        log.error("broken")
+    out = capsys.readouterr()
+    assert (out.out, out.err) == ("", "error: broken\n")
+    handlers = list(logging.getLogger("llmqgen").handlers)
+    assert run("models").exit_code == 0
+    assert logging.getLogger("llmqgen").handlers == handlers

@@ -1,9 +1,10 @@
 """Cost model sanity: SOL/MFU definitions, FP8 faster than BF16, recompute and offload cost time."""
 from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
 from llmqgen.metrics import sol_seconds_per_token, training_flops_per_token
 from llmqgen.models.catalog import resolve_model
 from llmqgen.plan.cost import step_cost
-from llmqgen.plan.schema import Batch, Inventory, Offload, Plan, Precision, Recompute
+from llmqgen.plan.schema import Batch, Offload, Plan, Precision, Recompute
 
 
 def plan(**kw):

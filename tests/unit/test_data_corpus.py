@@ -1,4 +1,5 @@
 """The default corpus: stdlib sources, prepared once into the cache, then reused."""
+import logging
 import time
 
 import numpy as np
@@ -17,12 +18,13 @@ def test_stdlib_sources_exclude_tests():
     assert any(f.name == "textwrap.py" for f in files)
 
 
-def test_default_corpus_prepared_once(tmp_path, monkeypatch, capsys):
+def test_default_corpus_prepared_once(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LLMQGEN_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(corpus, "MAX_TOKENS", 400_000)        # keeps the test quick
+    caplog.set_level(logging.INFO, logger="llmqgen")
     out = corpus.default_corpus(progress=True, workers=2)
     assert out.parent == tmp_path / "corpus"
-    assert "standard library" in capsys.readouterr().err
+    assert "standard library" in caplog.messages[0] and caplog.messages[-1].endswith(f"-> {out}")
     m = read_manifest(out)
     tok = load_tokenizer("qwen2.5")
     assert m.tokenizer_id == tok.identity and m.tokens("eval") > 0

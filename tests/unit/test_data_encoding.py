@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from llmqgen.data.cli import data
+from llmqgen.cli import main
 from llmqgen.data.prepare import PrepareError, prepare
 from llmqgen.data.shards import open_split
 from llmqgen.data.tokenizer import load_tokenizer
@@ -27,7 +27,8 @@ def files(tmp_path):
 
 
 def _run(*args):
-    return CliRunner().invoke(data, ["prepare", *map(str, args), "--eval-fraction", "0",
+    """`llmqgen data prepare`, through the command line that prints the library's warnings."""
+    return CliRunner().invoke(main, ["data", "prepare", *map(str, args), "--eval-fraction", "0",
                                      "--workers", "1", "--quiet"])
 
 

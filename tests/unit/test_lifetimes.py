@@ -16,7 +16,7 @@ from llmqgen.plan.memory import arena_peak, device_bytes, memory_table
 from llmqgen.plan.schema import Plan
 from llmqgen.plan.solver import solve
 from llmqgen.runtime.arena import arena_bytes, layout
-from llmqgen.runtime.refs import resolve_tag
+from llmqgen.plan.refs import resolve_tag
 
 
 def _plan(model, gpus, pins=None, host="256G", **kw) -> Plan:

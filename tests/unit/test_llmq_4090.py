@@ -4,8 +4,8 @@ are fitted to these rows). Host RAM: 256 GiB, enough for every row (14B BF16 pin
 import pytest
 
 from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
 from llmqgen.models.catalog import resolve_model
-from llmqgen.plan.schema import Inventory
 from llmqgen.plan.solver import solve, usable_device, usable_host
 
 GiB = 2**30

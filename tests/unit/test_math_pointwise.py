@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pointwise_support as S  # noqa: E402
 
 from llmqgen.codegen.families import embedding, quantize, rmsnorm, rope  # noqa: E402
+from llmqgen.layout import row_threads  # noqa: E402
 
 rng = np.random.default_rng(0)
 EPS = 1e-6
@@ -112,7 +113,7 @@ def test_quantize_sites_deduplicate():
 
 def test_row_threads_cover_the_row():
     for nvec in (8, 32, 112, 128, 640, 1024, 1040):
-        threads, vpt = rmsnorm.row_threads(nvec)
+        threads, vpt = row_threads(nvec)
         assert threads % 32 == 0 and threads <= 512 and threads * vpt >= nvec > threads * (vpt - 1)
 
 

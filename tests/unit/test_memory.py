@@ -2,9 +2,10 @@
 import pytest
 
 from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
 from llmqgen.models.catalog import resolve_model
 from llmqgen.plan.memory import device_bytes, group_totals, host_bytes, memory_table
-from llmqgen.plan.schema import Batch, Inventory, Offload, Plan, Recompute, Sharding
+from llmqgen.plan.schema import Batch, Offload, Plan, Recompute, Sharding
 
 MiB = 2**20
 

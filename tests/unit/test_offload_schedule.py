@@ -14,7 +14,7 @@ from llmqgen.codegen.render import render  # noqa: E402
 from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops, runtime_unsupported  # noqa: E402
 from llmqgen.plan.memory import memory_table  # noqa: E402
 from llmqgen.plan.schema import Offload, Recompute, Sharding  # noqa: E402
-from llmqgen.runtime.refs import parse_ref  # noqa: E402
+from llmqgen.plan.refs import parse_ref  # noqa: E402
 
 OPTIONS = {
     "master": dict(offload=Offload(master=True)),

@@ -1,7 +1,7 @@
 """Schedule references and index expressions, as the runtime resolves them (no GPU needed)."""
 import pytest
 
-from llmqgen.runtime import refs
+from llmqgen.plan import refs
 
 
 @pytest.mark.parametrize("ref,layer,want", [

@@ -11,9 +11,9 @@ import pytest
 from llmqgen.codegen import families, render as R, uri
 from llmqgen.codegen.context import build_context, check_arch, parse_arch
 from llmqgen.codegen.kernel import Kernel
-from llmqgen.hardware.spec import GpuSpec
+from llmqgen.hardware.spec import GpuSpec, Inventory
 from llmqgen.models.spec import ModelSpec
-from llmqgen.plan.schema import Batch, Inventory, Plan
+from llmqgen.plan.schema import Batch, Plan
 
 H200 = GpuSpec(name="h200", display_name="NVIDIA H200", compute_capability=(9, 0), sm_count=132,
                memory_bytes=150_000_000_000, bf16_tflops=989.0, fp8_tflops=1979.0, mem_bandwidth_gbs=4800.0,
@@ -173,24 +173,25 @@ def test_c_literal_filters(tmp_path):
 
 def test_uri(tiny):
     plan = make_plan()
-    u = uri.plan_uri(plan, "sm_90")
+    u = uri.plan_uri(plan, "sm_90", (13, 0))
     assert re.fullmatch(r"tiny-qwen_e4m3_1xh200_sm90_[0-9a-f]{12}", u)
-    assert uri.plan_uri(plan, "sm_90a") != u
-    assert uri.plan_uri(make_plan(lm_head_chunks=2), "sm_90") != u
+    assert uri.plan_uri(plan, "sm_90a", (13, 0)) != u
+    assert uri.plan_uri(plan, "sm_90", (13, 1)) != u
+    assert uri.plan_uri(make_plan(lm_head_chunks=2), "sm_90", (13, 0)) != u
     (tiny.dir / "_tiny.cu.j2").write_text(TINY + "// changed\n")
-    assert uri.plan_uri(plan, "sm_90") != u
+    assert uri.plan_uri(plan, "sm_90", (13, 0)) != u
 
 
 def test_write_build_writes_only_what_changed(tiny, tmp_path):
     plan = make_plan()
-    out = R.write_build(plan, "sm_90", tmp_path / "build", extra_files={"schedule.json": "[]\n"})
+    out = R.write_build(plan, "sm_90", (13, 0), tmp_path / "build", extra_files={"schedule.json": "[]\n"})
     names = {"program.cu", "kernels.json", "plan.json", "schedule.json"}
     assert names <= {p.name for p in out.iterdir()}
     assert json.loads((out / "kernels.json").read_text())[0]["name"] == "llmq_tiny_scale"
     assert Plan.from_json((out / "plan.json").read_text()) == plan
     for name in names:
         os.utime(out / name, ns=(10**18, 10**18))
-    R.write_build(plan, "sm_90", tmp_path / "build", extra_files={"schedule.json": "[1]\n"})
+    R.write_build(plan, "sm_90", (13, 0), tmp_path / "build", extra_files={"schedule.json": "[1]\n"})
     changed = {n for n in names if (out / n).stat().st_mtime_ns != 10**18}
     assert changed == {"schedule.json"} and (out / "schedule.json").read_text() == "[1]\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -8,7 +8,7 @@ from llmqgen.codegen.render import render
 from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops
 from llmqgen.plan.memory import memory_table
 from llmqgen.plan.schema import Plan, Recompute
-from llmqgen.runtime.refs import parse_ref
+from llmqgen.plan.refs import parse_ref
 
 PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.json"))
 

@@ -7,10 +7,11 @@ import pytest
 from llmqgen.codegen.schedule import build_schedule, iter_ops
 from llmqgen.hardware.catalog import resolve_gpu
 from llmqgen.hardware.inventory import parse_inventory
+from llmqgen.hardware.spec import Inventory
 from llmqgen.models.catalog import resolve_model
 from llmqgen.plan.cost import step_cost
 from llmqgen.plan.memory import memory_table, param_tensors, shard_elems
-from llmqgen.plan.schema import Batch, Inventory, Plan, Sharding
+from llmqgen.plan.schema import Batch, Plan, Sharding
 from llmqgen.plan.solver import solve
 
 

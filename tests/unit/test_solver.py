@@ -4,8 +4,9 @@ import json
 import pytest
 
 from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
 from llmqgen.models.catalog import resolve_model
-from llmqgen.plan.schema import Inventory, Plan
+from llmqgen.plan.schema import Plan
 from llmqgen.plan.solver import NoFitError, solve, usable_device, usable_host
 
 GiB = 2**30

@@ -3,6 +3,7 @@ issue 10 item 5): the same numbers from all three for a 2-GPU plan, tokens/s in 
 MFU per GPU; under a launcher (torchrun, mpirun, srun) only rank 0 prints and writes logs."""
 import io
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fake_trainer import TINY, FakeTrainer, tiny_plan  # noqa: E402
 
+from llmqgen.cli import terminal_logging  # noqa: E402
 from llmqgen.hardware.inventory import parse_inventory  # noqa: E402
 from llmqgen.metrics import (format_throughput, mfu, plan_throughput, sol_seconds_per_token,  # noqa: E402
                              training_flops_per_token)
@@ -86,7 +88,7 @@ def test_the_line_says_per_gpu_on_several_gpus_only():
 
 # --- the same numbers from show, bench and run for a 2-GPU plan -----------------------------------------
 
-def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeypatch, capsys, no_launcher):
+def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeypatch, capsys, caplog, no_launcher):
     plan = two_gpu_plan()
     assert plan.num_gpus == 2
     step_s = plan.estimate.step_ms / 1e3
@@ -109,8 +111,9 @@ def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeyp
     monkeypatch.setattr(bench_mod, "Trainer", FakeTrainer)
     monkeypatch.setattr(bench_mod, "_clock", Clock(step_s))
     monkeypatch.setattr(bench_mod, "_driver_version", lambda: "test")
-    said: list[str] = []
-    path = bench_mod.run_bench(plan, steps=2, warmup=1, out_root=tmp_path / "bench", echo=said.append)
+    caplog.set_level(logging.INFO, logger="llmqgen")
+    path = bench_mod.run_bench(plan, steps=2, warmup=1, out_root=tmp_path / "bench")
+    said = [r.getMessage() for r in caplog.records if r.name == bench_mod.__name__]
     written = json.loads(path.read_text())
     assert said[-1] == bench_summary(written, path) and line.replace(" | ", ", ") in said[-1]
     assert written["tokens_per_s_per_gpu"] == pytest.approx(written["tokens_per_s"] / 2, rel=1e-12)
@@ -118,8 +121,9 @@ def test_show_bench_and_run_report_the_same_numbers(run, data, tmp_path, monkeyp
     # run: the header's prediction and every step line, the log's fields
     clock = Clock(step_s)
     monkeypatch.setattr(run, "_clock", clock)
-    echoed: list[str] = []
-    run.train(plan, run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1), echo=echoed.append)
+    caplog.clear()
+    run.train(plan, run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1))
+    echoed = [r.getMessage() for r in caplog.records if r.name == run.__name__]
     assert echoed[0].startswith(f"run {plan.name}: 2 steps of 1,024 tokens on 2 x ")
     assert echoed[1].endswith(line)
     steps = [s for s in capsys.readouterr().err.splitlines() if s.startswith("step ")]
@@ -142,12 +146,13 @@ def test_rank_zero_from_the_launchers_variables():
 
 
 def test_a_nonzero_rank_prints_and_logs_nothing(run, data, tmp_path, monkeypatch, capsys):
+    """Rank 1 writes no file and, through the command line's handler (terminal_logging), prints nothing."""
     for k, v in LAUNCHED.items():
         monkeypatch.setenv(k, v)
-    echoed: list[str] = []
-    run.train(tiny_plan(), run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1), echo=echoed.append)
+    with terminal_logging():
+        run.train(tiny_plan(), run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1))
     out = capsys.readouterr()
-    assert echoed == [] and out.out == "" and out.err == ""
+    assert out.out == "" and out.err == ""
     assert not (tmp_path / "r" / "log.jsonl").exists() and not (tmp_path / "r" / "model").exists()
 
     # the command line: no header, no step line, no result file from rank 1
@@ -163,18 +168,19 @@ def test_a_nonzero_rank_prints_and_logs_nothing(run, data, tmp_path, monkeypatch
 
     monkeypatch.setattr(bench_mod, "Trainer", FakeTrainer)
     monkeypatch.setattr(bench_mod, "_driver_version", lambda: "test")
-    said: list[str] = []
-    assert bench_mod.run_bench(tiny_plan(), steps=1, warmup=0, out_root=tmp_path / "bench", echo=said.append) is None
-    assert said == [] and not (tmp_path / "bench").exists()
+    with terminal_logging():
+        assert bench_mod.run_bench(tiny_plan(), steps=1, warmup=0, out_root=tmp_path / "bench") is None
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == "" and not (tmp_path / "bench").exists()
 
 
-def test_rank_zero_prints_the_header_and_steps_once(run, data, tmp_path, monkeypatch):
+def test_rank_zero_prints_the_header_and_steps_once(run, data, tmp_path, monkeypatch, capsys):
     for k, v in {**LAUNCHED, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(k, v)
-    echoed: list[str] = []
     stream = io.StringIO()
     monkeypatch.setattr(sys, "stderr", stream)
-    run.train(tiny_plan(), run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1), echo=echoed.append)
-    assert sum(e.startswith("run ") for e in echoed) == 1
+    with terminal_logging():
+        run.train(tiny_plan(), run.RunConfig(data=data, out=tmp_path / "r", steps=2, warmup=1))
+    assert sum(e.startswith("run ") for e in capsys.readouterr().out.splitlines()) == 1
     assert [s.split(" | ")[0] for s in stream.getvalue().splitlines()] == ["step 1/2", "step 2/2"]
     assert len(read_log(tmp_path / "r" / "log.jsonl")) == 2

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...layout import grid_stride_blocks, row_threads
 from ..kernel import Kernel
-from .rmsnorm import row_threads
-from .swiglu import grid_stride_blocks
 
 TEMPLATE = "_embedding.cu.j2"
 FWD_THREADS = 256
@@ -25,8 +24,9 @@ def context(ctx: dict) -> dict:
 def kernels(ctx: dict) -> list[Kernel]:
     BT, C = ctx["BT"], ctx["C"]
     bwd_threads, _ = row_threads(C // 8)
+    fwd_blocks = grid_stride_blocks(ctx["GPU_ARCH"], ctx["SM_COUNT"], BT * C // 8, FWD_THREADS)
     return [
-        Kernel("llmq_embedding_forward", (grid_stride_blocks(ctx, BT * C // 8, FWD_THREADS), 1, 1),
+        Kernel("llmq_embedding_forward", (fwd_blocks, 1, 1),
                (FWD_THREADS, 1, 1), (("x", "bf16*"), ("tokens", "const int*"), ("wte", "const bf16*")),
                doc="x[i] = wte[tokens[i]]; traps on a token id outside [0, V)"),
         Kernel("llmq_embedding_backward", (BT, 1, 1), (bwd_threads, 1, 1),

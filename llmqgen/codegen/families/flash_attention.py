@@ -14,35 +14,23 @@ from __future__ import annotations
 
 import math
 
+from ...layout import FLASH_BLOCK as BLOCK     # query rows = key rows of a tile; 4 warps x 16 rows
+from ...layout import attention_stats_bytes, flash_smem, flash_unsupported
 from ..kernel import Kernel, cdiv
 
 TEMPLATE = "_flash_attention.cu.j2"
 
-BLOCK = 64            # query rows = key rows of a tile; 4 warps x 16 rows
 SUB = 32              # columns per inner step of the backward: keeps dK+dV (2*HD/8 fp32 x 4) in registers
 THREADS = 128
 DOT_THREADS = 256
 DEFAULT_SMEM = 48 * 1024  # above this a kernel needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-HEAD_DIMS = (64, 128)
 
 BF16_PTR, F32_PTR = "__nv_bfloat16*", "float*"
 
 
 def unsupported_reason(ctx: dict) -> str | None:
     """Why this plan cannot use the generated attention (then it needs cuDNN), or None."""
-    hd, t = ctx["HD"], ctx["T"]
-    if hd not in HEAD_DIMS:
-        return f"flash attention supports head_dim {HEAD_DIMS}, the model has {hd}: use cuDNN attention"
-    if t % BLOCK:
-        return (f"flash attention needs the sequence length to be a multiple of {BLOCK}, got {t}: "
-                f"pick --seq-len {cdiv(t, BLOCK) * BLOCK} or use cuDNN attention")
-    if ctx["HQ"] % ctx["HKV"]:
-        return f"query heads ({ctx['HQ']}) must be a multiple of key/value heads ({ctx['HKV']})"
-    need = _smem(ctx)["backward"]
-    if need > ctx["MAX_SMEM"]:
-        return (f"flash attention backward needs {need} bytes of shared memory per block, "
-                f"the GPU allows {ctx['MAX_SMEM']}: use cuDNN attention")
-    return None
+    return flash_unsupported(ctx["HD"], ctx["T"], ctx["HQ"], ctx["HKV"], ctx["MAX_SMEM"])
 
 
 def enabled(ctx: dict) -> bool:
@@ -53,11 +41,6 @@ def _check(ctx: dict) -> None:
     reason = unsupported_reason(ctx)
     if reason:
         raise ValueError(reason)
-
-
-def _smem(ctx: dict) -> dict:
-    tile = BLOCK * (ctx["HD"] + 8) * 2  # bf16 rows padded by 16 bytes: conflict-free fragment loads
-    return {"forward": 2 * tile, "backward": 4 * tile + 2 * BLOCK * 4}
 
 
 def context(ctx: dict) -> dict:
@@ -78,8 +61,8 @@ def kernels(ctx: dict) -> list[Kernel]:
     _check(ctx)
     b, t, hq, hkv, hd = ctx["B"], ctx["T"], ctx["HQ"], ctx["HKV"], ctx["HD"]
     nt = t // BLOCK
-    smem = _smem(ctx)
-    stats_bytes = b * hq * t * 4
+    smem = flash_smem(hd)
+    stats_bytes = attention_stats_bytes(b, hq, t)
     dkv_ctas, dq_ctas = b * hkv * nt, b * hq * nt
     # Causal tile pairs each CTA kind visits: the backward's work is 2x the forward's plus the group loop.
     pairs = b * hq * nt * (nt + 1) // 2

@@ -10,8 +10,8 @@ below FMAX * FLT_MIN is raised to it, so that the scale stays finite (the torcha
 amax likewise; without it a bf16-subnormal amax gives scale +inf and 0 * inf = NaN bytes)."""
 from __future__ import annotations
 
+from ...layout import grid_stride_blocks
 from ..kernel import Kernel, cdiv
-from .swiglu import grid_stride_blocks
 
 TEMPLATE = "_quantize.cu.j2"
 TILE = 64            # transposing kernels: 64x64 tiles, 256 threads
@@ -78,16 +78,17 @@ def context(ctx: dict) -> dict:
 
 def kernels(ctx: dict) -> list[Kernel]:
     out = []
+    flat = lambda items: (grid_stride_blocks(ctx["GPU_ARCH"], ctx["SM_COUNT"], items, FLAT_THREADS), 1, 1)  # noqa: E731
     for s in quant_sites(ctx):
         R, K, name = s["R"], s["K"], s["name"]
         src = "const float*" if s["src"] == "float" else "const bf16*"
         meta = dict(sites=s["sites"], rows=R, cols=K, src=s["src"], dst=s["dst"], fmax=FMAX[s["dst"]])
         tiles = (cdiv(K, TILE), cdiv(R, TILE), 1)
         out += [
-            Kernel(f"llmq_amax_{name}", (grid_stride_blocks(ctx, R * K // 8, FLAT_THREADS), 1, 1),
+            Kernel(f"llmq_amax_{name}", flat(R * K // 8),
                    (FLAT_THREADS, 1, 1), (("in", src), ("stats", "float*")),
                    doc="stats[0] = max(stats[0], amax(in)) for a tensor no kernel of ours produced", meta=meta),
-            Kernel(f"llmq_quantize_{name}", (grid_stride_blocks(ctx, R * K // 16, FLAT_THREADS), 1, 1),
+            Kernel(f"llmq_quantize_{name}", flat(R * K // 16),
                    (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
                    doc=f"out = sat_{s['dst']}(in * FMAX/amax) [R,K]; stats[4] = amax/FMAX", meta=meta),
             Kernel(f"llmq_quantize_t_{name}", tiles, (TILE_THREADS, 1, 1),
@@ -101,10 +102,10 @@ def kernels(ctx: dict) -> list[Kernel]:
         src = "const float*" if s["src"] == "float" else "const bf16*"
         meta = dict(shard_elems=s["n"], src=s["src"], dst="e4m3", fmax=FMAX["e4m3"])
         out += [
-            Kernel(f"llmq_amax_shard_{s['name']}", (grid_stride_blocks(ctx, s["n"] // 8, FLAT_THREADS), 1, 1),
+            Kernel(f"llmq_amax_shard_{s['name']}", flat(s["n"] // 8),
                    (FLAT_THREADS, 1, 1), (("in", src), ("stats", "float*")),
                    doc="stats[0] = max(stats[0], amax(in)) over this GPU's master shard", meta=meta),
-            Kernel(f"llmq_quantize_shard_{s['name']}", (grid_stride_blocks(ctx, s["n"] // 16, FLAT_THREADS), 1, 1),
+            Kernel(f"llmq_quantize_shard_{s['name']}", flat(s["n"] // 16),
                    (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
                    doc="out = sat_e4m3(in * FMAX/amax) over this GPU's shard; stats[4] = amax/FMAX", meta=meta),
         ]

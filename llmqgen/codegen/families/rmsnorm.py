@@ -5,17 +5,11 @@ Sites: ln1 (block input; `ln1_first` has no residual add, layer 0 reads the embe
 ln2 (after attention), final (before the LM head: its y feeds no FP8 matmul, so no amax)."""
 from __future__ import annotations
 
+from ...layout import norm_backward_blocks, row_threads
 from ..kernel import Kernel, cdiv
-from .swiglu import resident_blocks
 
 TEMPLATE = "_rmsnorm.cu.j2"
 DWEIGHT_THREADS = 256
-
-
-def row_threads(n_vec: int) -> tuple[int, int]:
-    """(threads, vectors per thread) for one block per row of `n_vec` 16-byte vectors."""
-    threads = min(512, cdiv(n_vec, 32) * 32)
-    return threads, cdiv(n_vec, threads)
 
 
 def _sites(ctx: dict) -> dict:
@@ -33,8 +27,7 @@ def _sites(ctx: dict) -> dict:
 
 
 def _bwd_blocks(ctx: dict) -> int:
-    threads, _ = row_threads(ctx["C"] // 8)
-    return min(ctx["BT"], resident_blocks(ctx, threads))
+    return norm_backward_blocks(ctx["GPU_ARCH"], ctx["SM_COUNT"], ctx["BT"], ctx["C"])
 
 
 def context(ctx: dict) -> dict:

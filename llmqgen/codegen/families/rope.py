@@ -12,11 +12,11 @@ import math
 
 import numpy as np
 
+from ...layout import ROPE_THREADS as THREADS
+from ...layout import grid_stride_blocks, rope_backward_blocks, rope_backward_heads, rope_lanes
 from ..kernel import Kernel
-from .swiglu import grid_stride_blocks
 
 TEMPLATE = "_rope.cu.j2"
-THREADS = 256
 
 
 def inv_freq(ctx: dict) -> np.ndarray:
@@ -35,14 +35,8 @@ def inv_freq(ctx: dict) -> np.ndarray:
     return f.astype(np.float32)
 
 
-def _lanes(ctx: dict) -> int:
-    """Threads per head: each owns 8 rotation pairs (i, i + HD/2), two 16-byte vectors."""
-    return ctx["HD"] // 16
-
-
 def _bwd_heads(ctx: dict) -> int:
-    # v heads are visited in backward only to copy them (q/k-norm) or to take their amax (FP8).
-    return ctx["HQ"] + (2 if ctx["FP8"] or ctx["QK_NORM"] else 1) * ctx["HKV"]
+    return rope_backward_heads(ctx["HQ"], ctx["HKV"], ctx["FP8"], ctx["QK_NORM"])
 
 
 def _fwd_heads(ctx: dict) -> int:
@@ -50,10 +44,10 @@ def _fwd_heads(ctx: dict) -> int:
 
 
 def _grids(ctx: dict) -> tuple[int, int, int]:
-    g, bt = _lanes(ctx), ctx["BT"]
-    return (grid_stride_blocks(ctx, ctx["T"] * ctx["HD"] // 2, THREADS),
-            grid_stride_blocks(ctx, bt * _fwd_heads(ctx) * g, THREADS),
-            grid_stride_blocks(ctx, bt * _bwd_heads(ctx) * g, THREADS))
+    arch, sms, bt, hd = ctx["GPU_ARCH"], ctx["SM_COUNT"], ctx["BT"], ctx["HD"]
+    return (grid_stride_blocks(arch, sms, ctx["T"] * hd // 2, THREADS),
+            grid_stride_blocks(arch, sms, bt * _fwd_heads(ctx) * rope_lanes(hd), THREADS),
+            rope_backward_blocks(arch, sms, bt, _bwd_heads(ctx), hd))
 
 
 def context(ctx: dict) -> dict:
@@ -61,7 +55,7 @@ def context(ctx: dict) -> dict:
     if hd % 16 or (hd // 16) & (hd // 16 - 1) or hd > 512:
         raise ValueError(f"RoPE kernels need head_dim = 16 * 2^k <= 512 (64, 128, 256...), got {hd}")
     _, _, bwd_blocks = _grids(ctx)
-    return dict(ROPE_INV_FREQ=[f"{x:.9e}f" for x in inv_freq(ctx)], ROPE_THREADS=THREADS, ROPE_LANES=_lanes(ctx),
+    return dict(ROPE_INV_FREQ=[f"{x:.9e}f" for x in inv_freq(ctx)], ROPE_THREADS=THREADS, ROPE_LANES=rope_lanes(hd),
                 ROPE_FWD_HEADS=_fwd_heads(ctx), ROPE_BWD_HEADS=_bwd_heads(ctx), ROPE_BWD_BLOCKS=bwd_blocks)
 
 

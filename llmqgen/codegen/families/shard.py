@@ -11,8 +11,8 @@ All sizes are runtime arguments (pieces and shards differ per tensor); grids are
 """
 from __future__ import annotations
 
+from ...layout import grid_stride_blocks
 from ..kernel import Kernel
-from .swiglu import grid_stride_blocks
 
 TEMPLATE = "_shard.cu.j2"
 THREADS = 256
@@ -29,7 +29,7 @@ def context(ctx: dict) -> dict:
 
 
 def kernels(ctx: dict) -> list[Kernel]:
-    grid = (grid_stride_blocks(ctx, WAVE_ITEMS, THREADS), 1, 1)
+    grid = (grid_stride_blocks(ctx["GPU_ARCH"], ctx["SM_COUNT"], WAVE_ITEMS, THREADS), 1, 1)
     block = (THREADS, 1, 1)
     out = []
     if ctx["NUM_GPUS"] > 1:

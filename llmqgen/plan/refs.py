@@ -1,5 +1,6 @@
-"""Schedule references as the runtime reads them: row, instance (an index expression of the layer),
-byte offset and shard marker; and the tags of overlapped collectives. Pure Python (no GPU)."""
+"""Schedule references, as the runtime binds them and the planner's lifetimes read them: row, instance
+(an index expression of the layer), byte offset and shard marker; and the tags of overlapped
+collectives. Pure Python (no GPU)."""
 from __future__ import annotations
 
 
