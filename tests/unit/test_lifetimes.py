@@ -29,6 +29,8 @@ PLANS = {
                                                                   "batch.micro_batch": 16}, host="128G"),
     "0.5b-fp8-2gpu-zero3": lambda: _plan("qwen2.5-0.5b", "2xH200", {"sharding.weights": True}),
     "1.5b-fp8-2x4090-zero2": lambda: _plan("qwen2.5-1.5b", "2x4090", {"sharding.gradients": True}, host="128G"),
+    "7b-fp8-1x4090-mb16-offload": lambda: _plan("qwen2.5-7b", "1x4090", {"batch.micro_batch": 16}, host="128G"),
+    "7b-fp8-1x4060ti-offload": lambda: _plan("qwen2.5-7b", "1x4060ti", host="128G"),
     "qwen3-0.6b-bf16-recompute": lambda: _plan("qwen3-0.6b", "1x4090", {"recompute.ffn": True, "lm_head_chunks": 4,
                                                                         "recompute.attention": True},
                                                host="64G", dtype="bf16"),
@@ -53,14 +55,17 @@ def _replay(plan: Plan, rows) -> int:
     micro = [o for o in ops if o[0] in MICRO]
     optim = [o for o in ops if o[0] in OPTIM]
     valid = set(span)                 # loaded / zeroed at start: every row holds its value
-    flight: list[tuple[str, set[str]]] = []      # (tag, rows) of overlapped collectives not yet awaited
+    flight: list[tuple[str, set[str]]] = []      # (tag, rows) of overlapped collectives and copies in flight
     checked = 0
     for seq in (micro, micro, optim, micro):
         for sec, layer, op in seq:
-            if op["op"] == "await":
+            if op["op"] in ("await", "copy_wait"):
                 tag = resolve_tag(op["tag"], layer)
                 flight = [(t, rs) for t, rs in flight if t != tag]
                 continue
+            if op["op"] == "copy" and op.get("after"):      # those copies have landed before this one starts
+                done = {resolve_tag(t, layer) for t in op["after"]}
+                flight = [(t, rs) for t, rs in flight if t not in done]
             touched = {n: k for n, k in op_touches(op).items() if n in span}
             for a in touched:          # one operation's rows: read while others are written
                 for b in touched:
@@ -76,11 +81,10 @@ def _replay(plan: Plan, rows) -> int:
             for name in touched:
                 valid.add(name)
                 valid -= {o for o in valid if clash(o, name)}
-            if op["op"] == "collective" and op.get("overlap"):
+            if op.get("overlap") or (op["op"] == "copy" and "stream" in op):
                 flight.append((resolve_tag(op["tag"], layer), set(touched)))
             checked += 1
-        if seq is micro:
-            flight = []               # the trainer drains what is left after a micro-step
+        flight = []                   # a run ends with its copies; the trainer drains the collectives
     return checked
 
 
