@@ -17,8 +17,24 @@ from llmqgen.codegen.kernel import Kernel, kernel_from_json
 from llmqgen.hardware.catalog import resolve_gpu
 from llmqgen.hardware.spec import Inventory
 from llmqgen.models.spec import ModelSpec, RopeScaling
-from llmqgen.plan.schema import Batch, Plan, Precision
+from llmqgen.plan.schema import Batch, Offload, Plan, Precision, Recompute, Sharding
 from llmqgen.runtime import driver
+
+# Each offload/streaming choice alone and the combinations the offload tests (CPU and GPU) run, as
+# small_plan overrides: "streaming" is sharded weights on one GPU, fetched from host memory.
+OFFLOAD_OPTIONS = {
+    "master": dict(offload=Offload(master=True)),
+    "adam_m": dict(offload=Offload(adam_m=True)),
+    "adam_v": dict(offload=Offload(adam_v=True)),
+    "residual": dict(offload=Offload(residual=True)),
+    "quantized_weights": dict(offload=Offload(quantized_weights=True)),
+    "gradients": dict(offload=Offload(gradients=True)),
+    "recompute.block": dict(recompute=Recompute(block=True)),
+    "streaming": dict(sharding=Sharding.from_zero(3)),
+    "block+residual": dict(recompute=Recompute(block=True), offload=Offload(residual=True)),
+    "master+adam_m+adam_v": dict(offload=Offload(master=True, adam_m=True, adam_v=True)),
+    "streaming+quantized_weights": dict(sharding=Sharding.from_zero(3), offload=Offload(quantized_weights=True)),
+}
 
 SMEM_DEFAULT_MAX = 48 * 1024  # above this a kernel must opt in to dynamic shared memory
 

@@ -14,31 +14,19 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("nvmath", reason="the runtime's GEMMs need nvmath-python: pip install 'llmqgen[gpu]'")
 pytest.importorskip("cudnn", reason="the runtime's attention needs nvidia-cudnn-frontend")
 
-from harness import small_plan  # noqa: E402
+from harness import OFFLOAD_OPTIONS, small_plan  # noqa: E402
 from reference import init_params  # noqa: E402
 from test_trainer import batches  # noqa: E402
 
 from llmqgen.plan.lifetimes import packed_table  # noqa: E402
 from llmqgen.plan.memory import arena_peak, memory_table  # noqa: E402
-from llmqgen.plan.schema import Offload, Recompute, Sharding  # noqa: E402
+from llmqgen.plan.schema import Offload, Sharding  # noqa: E402
 from llmqgen.runtime import driver  # noqa: E402
 from llmqgen.runtime.arena import Arena  # noqa: E402
 from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
 STEPS = 10
-OPTIONS = {
-    "master": dict(offload=Offload(master=True)),
-    "adam_m": dict(offload=Offload(adam_m=True)),
-    "adam_v": dict(offload=Offload(adam_v=True)),
-    "residual": dict(offload=Offload(residual=True)),
-    "quantized_weights": dict(offload=Offload(quantized_weights=True)),
-    "gradients": dict(offload=Offload(gradients=True)),
-    "recompute.block": dict(recompute=Recompute(block=True)),
-    "streaming": dict(sharding=Sharding.from_zero(3)),           # sharded weights on one GPU: from host
-    "block+residual": dict(recompute=Recompute(block=True), offload=Offload(residual=True)),
-    "master+adam_m+adam_v": dict(offload=Offload(master=True, adam_m=True, adam_v=True)),
-    "streaming+quantized_weights": dict(sharding=Sharding.from_zero(3), offload=Offload(quantized_weights=True)),
-}
+OPTIONS = OFFLOAD_OPTIONS
 
 
 def _plan(fp8, **extra):

@@ -8,29 +8,18 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
-from harness import small_plan  # noqa: E402
+from harness import OFFLOAD_OPTIONS, small_plan  # noqa: E402
 
 from llmqgen.codegen.render import render  # noqa: E402
 from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops, runtime_unsupported  # noqa: E402
 from llmqgen.plan.memory import memory_table  # noqa: E402
-from llmqgen.plan.schema import Offload, Recompute, Sharding  # noqa: E402
+from llmqgen.plan.schema import Offload, Sharding  # noqa: E402
 from llmqgen.plan.refs import parse_ref  # noqa: E402
 
-OPTIONS = {
-    "master": dict(offload=Offload(master=True)),
-    "adam_m": dict(offload=Offload(adam_m=True)),
-    "adam_v": dict(offload=Offload(adam_v=True)),
-    "residual": dict(offload=Offload(residual=True)),
-    "quantized_weights": dict(offload=Offload(quantized_weights=True)),
-    "gradients": dict(offload=Offload(gradients=True)),
-    "streaming": dict(sharding=Sharding.from_zero(3)),
-    "block+residual": dict(recompute=Recompute(block=True), offload=Offload(residual=True)),
-    "optimizer states": dict(offload=Offload(master=True, adam_m=True, adam_v=True)),
-    "streaming+quantized": dict(sharding=Sharding.from_zero(3), offload=Offload(quantized_weights=True)),
-    "everything": dict(offload=Offload(master=True, adam_m=True, adam_v=True, residual=True,
-                                       quantized_weights=True, gradients=True), sharding=Sharding.from_zero(3),
-                       grad_accum=2),
-}
+OPTIONS = {**OFFLOAD_OPTIONS,
+           "everything": dict(offload=Offload(master=True, adam_m=True, adam_v=True, residual=True,
+                                              quantized_weights=True, gradients=True),
+                              sharding=Sharding.from_zero(3), grad_accum=2)}
 CASES = [(arch, fp8, name) for arch, fp8 in (("qwen2", True), ("qwen3", False), ("llama", True))
          for name in OPTIONS]
 
