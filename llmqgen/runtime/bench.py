@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from math import prod
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from ..models.hf_names import param_shapes
 from ..plan.schema import Plan
 from .benchfile import bench_record, bench_summary, collect_versions, write_bench
 from .devmem import DeviceMemory, ranks_on_first_gpu
-from .dist import is_rank_zero
+from .dist import dist_env, is_rank_zero
 from .profile import format_profile, profile_step
 from .standin import RunningOn
 from .trainer import Trainer
@@ -32,19 +33,28 @@ def synthetic_batches(plan: Plan, seed: int = 0) -> list[TokenBatch]:
     return out
 
 
-def bench_params(spec) -> dict[str, np.ndarray]:
-    """Weights for timing only: N(0, 0.02) values cut from one shared random pool (norms one), so a
-    7B model's weights take seconds, not the minutes a fresh draw of every value would."""
-    pool = np.random.default_rng(0).normal(0.0, 0.02, 1 << 24).astype(np.float32)
-    out = {}
-    for name, shape in param_shapes(spec).items():
+class BenchParams(Mapping):
+    """Weights for timing only, made when read: N(0, 0.02) values cut from one shared random pool (norms
+    one), so a 14B model's weights take seconds, and host memory holds one tensor at a time (the whole
+    model in float32 would sit beside the offloaded state: 56 GB more for 14B)."""
+
+    def __init__(self, spec):
+        self.shapes = param_shapes(spec)
+        self.pool = np.random.default_rng(0).normal(0.0, 0.02, 1 << 24).astype(np.float32)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        shape = self.shapes[name]
         n = prod(shape)
         if name.rsplit(".", 1)[-1] in ("ln1", "ln2", "q_norm", "k_norm", "final_norm"):
-            out[name] = np.ones(shape, np.float32)
-        else:
-            reps = -(-n // pool.size)
-            out[name] = np.tile(pool, reps)[:n].reshape(shape) if reps > 1 else pool[:n].reshape(shape)
-    return out
+            return np.ones(shape, np.float32)
+        reps = -(-n // self.pool.size)
+        return (np.tile(self.pool, reps)[:n] if reps > 1 else self.pool[:n]).reshape(shape)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
@@ -60,13 +70,14 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
     writes the result (returns None on the others)."""
     main = is_rank_zero()
     mem = DeviceMemory()            # before the Trainer: the baseline of its fallback
-    tr = Trainer(plan, devices=devices)
+    dist = dist_env() if plan.collectives == "nccl" else None   # one process per GPU under torchrun
+    tr = Trainer(plan, devices=devices, dist=dist)
     try:
         running = RunningOn.of(plan, tr.dev)
         for line in running.lines():
             logger.info(line)
         mem.watch(tr.dev)
-        tr.load_params(bench_params(plan.model))
+        tr.load_params(BenchParams(plan.model))
         data = synthetic_batches(plan)
         times, comm_ms, moved = [], [], []
         events = tr.comm.events if tr.comm else None

@@ -19,7 +19,7 @@ from harness import small_plan  # noqa: E402
 from test_trainer import batches  # noqa: E402
 
 from llmqgen.plan.schema import Offload, Recompute  # noqa: E402
-from llmqgen.runtime.bench import bench_params  # noqa: E402
+from llmqgen.runtime.bench import BenchParams  # noqa: E402
 from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
 STEPS = 3
@@ -40,7 +40,7 @@ def _run(plan):
     data = [batches(plan, 2, seed=s, motif=True) for s in range(STEPS)]
     tr = Trainer(plan, out_root=tempfile.mkdtemp())
     try:
-        tr.load_params(bench_params(plan.model))
+        tr.load_params(BenchParams(plan.model))
         out = []
         for step in range(STEPS):
             tr.accumulate(data[step])

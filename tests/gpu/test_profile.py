@@ -15,7 +15,7 @@ from harness import small_plan  # noqa: E402
 
 from llmqgen.plan.schema import Sharding  # noqa: E402
 from llmqgen.runtime import bench as bench_mod  # noqa: E402
-from llmqgen.runtime.bench import bench_params, synthetic_batches  # noqa: E402
+from llmqgen.runtime.bench import BenchParams, synthetic_batches  # noqa: E402
 from llmqgen.runtime.profile import FAMILIES, PHASES, Profiler, format_profile  # noqa: E402
 from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
@@ -48,7 +48,7 @@ def test_one_profiled_step(arch, fp8, attention, preroll):
     plan = small_plan(arch, fp8, grad_accum=2)
     tr = Trainer(plan, out_root=tempfile.mkdtemp(), attention=attention)
     try:
-        tr.load_params(bench_params(plan.model))
+        tr.load_params(BenchParams(plan.model))
         data = synthetic_batches(plan)
         tr.accumulate(data)                  # a graphed step first: graphs captured, libraries warm
         tr.optimizer_step(lr=1e-4)
@@ -75,7 +75,7 @@ def test_two_ranks_on_one_gpu_time_their_collectives():
         update={"sharding": Sharding.from_zero(2), "peer_copies": False, "name": "tiny-2gpu-z2-profile"})
     tr = Trainer(plan, out_root=tempfile.mkdtemp(), devices=[0, 0])
     try:
-        tr.load_params(bench_params(plan.model))
+        tr.load_params(BenchParams(plan.model))
         data = synthetic_batches(plan)
         tr.accumulate(data)
         tr.optimizer_step(lr=1e-4)
