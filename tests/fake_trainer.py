@@ -94,11 +94,8 @@ class FakeRank:
     def load_program(self):
         return []
 
-    def norm_program(self):
-        return [("norm",)]
-
-    def optimizer_program(self, step):
-        return [("update", step)]
+    norm_program = [("norm",)]
+    optimizer_program = [("update",)]
 
     def ptr(self, ref, layer):
         return ref
@@ -146,8 +143,8 @@ class FakeTrainer(Trainer):
                 self._norm = float("nan") if FakeTrainer.attempts in FakeTrainer.poison else 1.0
                 FakeTrainer.attempts += 1
             elif item[0] == "update":
-                lr = self.ranks[0].scalars["hyper"][0]
-                FakeTrainer.lrs.append((item[1] - 1, lr))
+                lr, step = self.ranks[0].scalars["hyper"][0], self.ranks[0].scalars["hyper"][-1]
+                FakeTrainer.lrs.append((int(step) - 1, lr))
                 for what in ("params", "adam_m", "adam_v"):
                     for key_, row, i, shape, dtype in self._instances(what):
                         a = self.ranks[0]._arr(row, i)

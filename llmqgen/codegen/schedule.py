@@ -428,7 +428,7 @@ def build_schedule(plan: Plan) -> dict:
             rows.update({what: f"stage.{what}.{n}[l%2]" for what in streamed(n)})
         o.kernel(adam, "optimizer", param=rows["master"], grad=rows["grads"], m=rows["adam_m"],
                  v=rows["adam_v"], hyper="scalar:hyper", clip_scale="scalar:clip_scale",
-                 amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n=elems(shape), step="step",
+                 amax=f"fp8:w_{n}[l]" if (fp8 and is_matrix) else 0, n=elems(shape),
                  seed=f"seed:{n}", apply_weight_decay=int(is_matrix or n in ("embedding", "lm_head")), zero_grad=1)
 
     def publish(n, shape, idx, is_matrix):

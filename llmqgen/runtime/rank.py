@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+from functools import cached_property
 from math import prod
 from typing import Callable
 
@@ -280,6 +281,7 @@ class Rank:
     def program(self, sections, extra=None) -> list[Item]:
         """Bind sections [(ops, layers)] into items; a collective ends the run of operations before it.
         An ("ops", closures, op dicts) item keeps each closure's schedule operation (runtime/profile.py)."""
+        self.dev.make_current()     # binding creates events and GEMM plans: in this rank's context
         items, run, run_ops = [], [], []
         for ops, layers in sections:
             for layer in layers:
@@ -313,16 +315,18 @@ class Rank:
         return self.program([(s["init"], [None]), (s["layer_init"], L), (o["publish"], [None]),
                              (o["layer_publish"], L), (o["gather"], [None])])
 
+    @cached_property
     def norm_program(self) -> list[Item]:
         """The gradient sums over GPUs and the global norm (scalar:norm): read before any update."""
         return self.program([(self.sched["optimizer_step"]["gradnorm"], [None])])
 
-    def optimizer_program(self, step: int) -> list[Item]:
-        """The update after norm_program: AdamW, the new work copies and their gather."""
+    @cached_property
+    def optimizer_program(self) -> list[Item]:
+        """The update after norm_program: AdamW, the new work copies and their gather. The same every step
+        (learning rate and step number are read from scalar:hyper), so it replays as CUDA graphs."""
         o, L = self.sched["optimizer_step"], list(range(self.L))
-        extra = {"step": lambda v, layer: step, "seed": self._seed}
         return self.program([(o["optimizer"], [None]), (o["layer_optimizer"], L), (o["publish"], [None]),
-                             (o["layer_publish"], L), (o["gather"], [None])], extra)
+                             (o["layer_publish"], L), (o["gather"], [None])], {"seed": self._seed})
 
     def run_ops(self, fns, key: tuple | None) -> None:
         """A run of operations: eagerly, or as a CUDA graph captured on first use under `key`."""

@@ -6,8 +6,8 @@ drives all GPUs of a machine (copy-engine collectives); under NCCL a process dri
 its peers are other processes (torchrun, mpirun, srun). Each step the same program runs on every
 rank: runs of operations (a CUDA graph each where it repeats) are issued rank after rank, so the
 GPUs work together, and a `collective` item is handed to the collectives for all ranks at once.
-The optimizer step runs eagerly: its step counter and stochastic-rounding seeds change every step.
-It computes the global gradient norm first and reads it back before launching any update: a step whose
+The optimizer step replays CUDA graphs too: learning rate, bias corrections and step number sit in
+a device array (scalar:hyper) that each step rewrites. It computes the global gradient norm first and reads it back before launching any update: a step whose
 norm (or loss) is not finite is skipped — gradients dropped; weights, Adam moments, FP8 weight scales and
 the step counter untouched. Evaluation replays the forward sections and the loss only (schedule `eval`).
 """
@@ -292,14 +292,14 @@ class Trainer:
         for rk in self.ranks:
             rk.dev.make_current()
             rk.set_scalar("hyper", hyper)
-        self._execute([rk.norm_program() for rk in self.ranks])
+        self._execute([rk.norm_program for rk in self.ranks], key="norm")
         rk = self.ranks[0]
         norm = float(rk.download(rk.ptr("scalar:norm", None), np.float32, (4,))[0])
         if self.any_rank(not (apply and math.isfinite(norm))):
             self.zero_gradients()
             return norm if apply else float("nan")
         self.step_count = t
-        self._execute([rk.optimizer_program(t) for rk in self.ranks])
+        self._execute([rk.optimizer_program for rk in self.ranks], key="optimizer")
         return norm
 
     def eval_loss(self, batches) -> float:

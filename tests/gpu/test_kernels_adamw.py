@@ -38,7 +38,7 @@ def launch(prog, ctx, p, grad, m, v, lr=LR, wd=WD, clip=CLIP, amax=None, step=ST
     hyper = torch.tensor(adamw.hyper_values(lr, B1, B2, EPS, wd, step, 1.0), device="cuda")
     clip_t = torch.tensor([clip], device="cuda")
     prog.launch(adamw.kernel_name(ctx), p, grad, m, v, hyper, clip_t, 0 if amax is None else amax, p.numel(),
-                step, seed, apply_wd, zero_grad, grid=grid or adamw.grid(p.numel(), ctx["SM_COUNT"]))
+                seed, apply_wd, zero_grad, grid=grid or adamw.grid(p.numel(), ctx["SM_COUNT"]))
 
 
 @pytest.fixture(scope="module")

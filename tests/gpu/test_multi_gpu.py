@@ -55,6 +55,10 @@ CASES = [  # fp8, zero, peer, extra
     (True, 1, False, {"gpus": 3}), (True, 3, False, {"gpus": 3}), (False, 2, True, {"gpus": 4}),
     (True, 3, True, {"offload": Offload(quantized_weights=True)}),     # e4m3 shards in pinned host memory
     (True, 3, False, {"offload": Offload(quantized_weights=True)}),
+    # the choices of a 4x4090 plan (issue 11 e): every state in pinned host memory, the optimizer streamed
+    (True, 3, False, {"offload": Offload(master=True, adam_m=True, adam_v=True, residual=True,
+                                         quantized_weights=True, gradients=True)}),
+    (True, 2, False, {"offload": Offload(master=True, adam_m=True, adam_v=True, gradients=True)}),
 ]
 
 

@@ -24,7 +24,7 @@ def executed(tr, micro_steps: int, step: int) -> int:
     """Closures and collective/await items one step runs on a rank: one timing each."""
     rk = tr.ranks[0]
     count = lambda prog: sum(len(it[1]) if it[0] == "ops" else 1 for it in prog)   # noqa: E731
-    return count(rk.micro) * micro_steps + count(rk.norm_program()) + count(rk.optimizer_program(step))
+    return count(rk.micro) * micro_steps + count(rk.norm_program) + count(rk.optimizer_program)
 
 
 def check(prof, rep, tr, micro_steps):

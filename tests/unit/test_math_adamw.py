@@ -28,7 +28,7 @@ def bf16_stochastic(x: np.ndarray, rnd: np.ndarray) -> np.ndarray:
 def kernel_step(p, g, m, v, hyper, clip, apply_wd):
     """The kernel's per-element update, float32 throughout (see update() in _adamw.cu.j2)."""
     f = np.float32
-    lr, b1, b2, eps, wd, bc1, bc2, _ = (f(h) for h in hyper)
+    lr, b1, b2, eps, wd, bc1, bc2, _, _ = (f(h) for h in hyper)
     g = g * f(clip)
     m = b1 * m + (f(1) - b1) * g
     v = b2 * v + (f(1) - b2) * g * g
@@ -89,12 +89,16 @@ def test_stochastic_rounding_is_unbiased_and_between_neighbours():
 
 def test_hyper_values_and_grid():
     h = adamw.hyper_values(1e-3, 0.9, 0.95, 1e-8, 0.1, 2, max_norm=1.0)
-    assert len(h) == len(adamw.HYPER) == 8
+    assert len(h) == len(adamw.HYPER) == 9
+    assert h[adamw.HYPER.index("step")] == 2.0
     assert h[adamw.HYPER.index("bias_corr1")] == pytest.approx(1 - 0.81)
     assert h[adamw.HYPER.index("bias_corr2")] == pytest.approx(1 - 0.95 ** 2)
     assert h[adamw.HYPER.index("max_norm")] == 1.0
     with pytest.raises(ValueError, match="count from 1"):
         adamw.hyper_values(1e-3, 0.9, 0.95, 1e-8, 0.1, 0, max_norm=1.0)
+    assert adamw.hyper_values(1e-3, 0.9, 0.95, 1e-8, 0.1, adamw.MAX_STEP, 1.0)[-1] == adamw.MAX_STEP
+    with pytest.raises(ValueError, match="exactly"):
+        adamw.hyper_values(1e-3, 0.9, 0.95, 1e-8, 0.1, adamw.MAX_STEP + 1, max_norm=1.0)
     assert adamw.grid(1, 132) == (1, 1, 1)
     assert adamw.grid(adamw.THREADS * adamw.ELEMS_PER_THREAD + 1, 132) == (2, 1, 1)
     assert adamw.grid(10 ** 9, 132) == (132 * adamw.BLOCKS_PER_SM, 1, 1)

@@ -245,8 +245,8 @@ class FakeTrainer:
     def step(self, micro_steps):
         for _ in range(micro_steps):
             self._execute([rk.micro for rk in self.ranks], key="micro")
-        self._execute([rk.norm_program() for rk in self.ranks])
-        self._execute([rk.optimizer_program(1) for rk in self.ranks])
+        self._execute([rk.norm_program for rk in self.ranks])
+        self._execute([rk.optimizer_program for rk in self.ranks])
 
 
 def expected(tr, micro_steps):
@@ -254,7 +254,7 @@ def expected(tr, micro_steps):
     rk = tr.ranks[0]
     labels = schedule_labels(tr.sched, flash=rk.attn is None)
     out = []
-    for prog, times in ((rk.micro, micro_steps), (rk.norm_program(), 1), (rk.optimizer_program(1), 1)):
+    for prog, times in ((rk.micro, micro_steps), (rk.norm_program, 1), (rk.optimizer_program, 1)):
         for _ in range(times):
             for item in prog:
                 for op in (item[2] if item[0] == "ops" else [item[1]]):
@@ -304,7 +304,7 @@ def test_the_preroll_queues_each_run_behind_a_spin_outside_every_row(monkeypatch
     tr = FakeTrainer(small_plan("qwen3", False), fake)
     with Profiler(tr, 1) as prof:
         tr.step(1)
-    runs = [len(it[1]) for prog in (tr.ranks[0].micro, tr.ranks[0].norm_program(), tr.ranks[0].optimizer_program(1))
+    runs = [len(it[1]) for prog in (tr.ranks[0].micro, tr.ranks[0].norm_program, tr.ranks[0].optimizer_program)
             for it in prog if it[0] == "ops"]
     assert len(fake.spins) == sum(-(-n // 16) for n in runs)
     assert max(fake.spins) == 1000 * 16 * profile.PREROLL_US_PER_OP

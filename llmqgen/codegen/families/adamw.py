@@ -1,7 +1,7 @@
 """AdamW (decoupled weight decay) over one tensor per launch, in the plan's master/m/v dtypes.
 
 Hyper-parameters live in a device float array (HYPER order) so that a captured CUDA graph replays
-with the new learning rate and bias corrections of each step; the clip scale comes from gradnorm's
+with the new learning rate, bias corrections and step number of each step; the clip scale comes from gradnorm's
 output slot. bf16 states round stochastically (hash of seed, step and element index: no RNG state).
 """
 from __future__ import annotations
@@ -10,9 +10,11 @@ from ..kernel import Kernel, cdiv
 
 TEMPLATE = "_adamw.cu.j2"
 
-# Slots of the device hyper-parameter array, float32[8]; bias_corr1 = 1 - beta1**t, bias_corr2 = 1 - beta2**t.
-# max_norm (slot 7) is read by llmq_gradnorm_finalize.
-HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_corr1", "bias_corr2", "max_norm")
+# Slots of the device hyper-parameter array, float32[9]; bias_corr1 = 1 - beta1**t, bias_corr2 = 1 - beta2**t.
+# max_norm (slot 7) is read by llmq_gradnorm_finalize. step (t, a float: exact up to 2**24 steps) seeds the
+# stochastic rounding; in the array rather than a launch argument, the optimizer replays as a CUDA graph.
+HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "bias_corr1", "bias_corr2", "max_norm", "step")
+MAX_STEP = 1 << 24
 
 THREADS = 256
 ELEMS_PER_THREAD = 8          # one 16-byte bf16 gradient vector per thread and iteration
@@ -40,9 +42,10 @@ def grid(n: int, sm_count: int) -> tuple[int, int, int]:
 def hyper_values(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
                  max_norm: float) -> list[float]:
     """The hyper array for optimizer step `step` (1-based), in HYPER order."""
-    if step < 1:
-        raise ValueError(f"AdamW steps count from 1 (bias corrections 1 - beta**t vanish at t=0), got {step}")
-    return [lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step, max_norm]
+    if not 1 <= step <= MAX_STEP:
+        raise ValueError(f"AdamW steps count from 1 (bias corrections 1 - beta**t vanish at t=0) to {MAX_STEP} "
+                         f"(a float32 slot holds the step exactly that far), got {step}")
+    return [lr, beta1, beta2, eps, weight_decay, 1.0 - beta1 ** step, 1.0 - beta2 ** step, max_norm, float(step)]
 
 
 def context(ctx: dict) -> dict:
@@ -67,7 +70,7 @@ def kernels(ctx: dict) -> list[Kernel]:
         block=(THREADS, 1, 1),
         args=(("param", f"{ct[p]}*"), ("grad", "__nv_bfloat16*"), ("m", f"{ct[m]}*"), ("v", f"{ct[v]}*"),
               ("hyper", "const float*"), ("clip_scale", "const float*"), ("amax", "float*"), ("n", "int64_t"),
-              ("step", "int"), ("seed", "int"), ("apply_weight_decay", "int"), ("zero_grad", "int")),
+              ("seed", "int"), ("apply_weight_decay", "int"), ("zero_grad", "int")),
         doc="AdamW: g*=clip; m,v moments; p = p*(1-lr*wd) - lr/bc1*m/(sqrt(v/bc2)+eps); amax(|p|); grad=0 if asked",
         meta={"runtime_size": True, "elems_per_block": THREADS * ELEMS_PER_THREAD, "hyper": list(HYPER),
               "dtypes": {"master": p, "m": m, "v": v}, "grid_for": "adamw.grid(n, SM_COUNT)"},
