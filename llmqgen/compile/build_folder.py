@@ -101,7 +101,7 @@ def load(path: str | Path, plan: Plan | None = None, compiled: bool = True) -> B
                                f"{SCHEMA}: rebuild it")
     rows = [MemRow.model_validate(r) for r in layout["rows"]]
     return BuildFolder(
-        path=path, plan=inside, arch=manifest["arch"], rows={r.name: r for r in rows},
+        path=path, plan=inside, arch=manifest.get("arch", ""), rows={r.name: r for r in rows},
         shard_elems=layout["shard_elems"],
         kernels={d["name"]: kernel_from_json(d) for d in _read_json(path / "kernels.json", "the kernel table")},
         schedule=_read_json(path / "schedule.json", "the schedule"),

@@ -3,9 +3,10 @@
 A Rank allocates the build folder's memory layout on its GPU (device and pinned-host arenas, every row
 at its planned offset), loads the folder's CUBIN into its context and binds every operation of its
 schedule.json to closures over its own pointers, once; kernels the schedule does not name (flash
-attention, the gradient norm) are the kernel table's of the operation's role. Sections become *programs*: lists of items, either ("ops", closures, ops) — a run of
-operations on the rank's compute stream, captured as one CUDA graph where the program is replayed —
-or ("collective", op, layer), which the Trainer hands to the collectives of all ranks at once.
+attention, the gradient norm) are the kernel table's of the operation's role. Sections become
+*programs*: lists of items, either ("ops", closures, ops) — a run of operations on the rank's compute
+stream, captured as one CUDA graph where the program is replayed — or ("collective", op, layer), which
+the Trainer hands to the collectives of all ranks at once.
 Values the graphs read (loss scale, LR, ...) live in device memory (stats.scalars), written per step.
 """
 from __future__ import annotations

@@ -80,9 +80,12 @@ class Trainer:
                                f"{driver.device_count()}: plan for the GPUs you have (--gpus auto)")
         first = driver.open_device(devices[0])
         check_runs_on(plan, first)      # any GPU with the plan's memory and features: compiled for it below
-        self.build = build or open_build(plan, first.arch, out_root)
-        if self.build.plan.inputs() != plan.inputs():
-            raise ValueError(f"build {self.build.path} holds plan {self.build.plan.name}, not {plan.name}")
+        if build is None:
+            build = open_build(plan, first.arch, out_root)
+        elif build.plan.inputs() != plan.inputs():
+            raise ValueError(f"build {build.path} holds plan {build.plan.name}, not plan {plan.name}: pass the "
+                             f"folder of this plan, or none (the Trainer then opens it)")
+        self.build = build
         if attention == "auto":
             attention = "cudnn" if _has_cudnn() else "flash"
         if attention == "flash" and not self.build.by_role("attention_forward"):

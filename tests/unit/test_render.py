@@ -1,5 +1,4 @@
 """Render framework: context, source map, validation, URI and write-if-different (CPU, no NVRTC compile)."""
-import json
 import os
 import re
 import shutil

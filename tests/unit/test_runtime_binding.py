@@ -176,3 +176,11 @@ def test_launches_copies_and_pointers_of_a_whole_step(run):
     assert {k.name for role in roles for k in folder.by_role(role)} <= launched
     scheduled = {op["kernel"] for _, _, op in step_order(folder.schedule) if op["op"] == "kernel"}
     assert scheduled <= launched
+
+
+def test_a_trainer_refuses_the_folder_of_another_plan(monkeypatch):
+    standin_driver.install(monkeypatch)
+    folder = load(GOLDEN, golden_plan(), compiled=False)
+    other = golden_plan().model_copy(update={"name": "another"})
+    with pytest.raises(ValueError, match="holds plan tiny-qwen2-fp8, not plan another: pass the folder of this plan"):
+        Trainer(other, build=folder, devices=[0, 1], attention="flash")
