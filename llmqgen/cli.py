@@ -292,7 +292,7 @@ def _newest_plan() -> Path:
               show_default=True)
 def build(plan_path, model_name, gpus, arch, out_root):
     """Render the plan's CUDA program and compile it with NVRTC into build/<uri>/."""
-    from .compile.cache import build as build_program
+    from .compile.build_folder import build_locked
     from .compile.nvrtc import CompileError, NvrtcUnavailable
 
     if model_name or gpus:
@@ -320,7 +320,7 @@ def build(plan_path, model_name, gpus, arch, out_root):
         except ValueError as e:
             click.echo(f"note: {e} (compiling anyway, as a check)", err=True)
     try:
-        r = build_program(p, arch, out_root=out_root)
+        r = build_locked(p, arch, out_root=out_root)
     except (CompileError, NvrtcUnavailable, ValueError) as e:
         _fail(str(e))
     except OSError as e:

@@ -22,16 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-# nvmath (cuBLASLt bindings, the [gpu] extra) is imported by runtime/blas.py at import time only.
-for _mod in ("nvmath", "nvmath.bindings", "nvmath.bindings.cublas", "nvmath.bindings.cublasLt"):
-    sys.modules.setdefault(_mod, types.ModuleType(_mod))
-sys.modules["nvmath"].bindings = sys.modules["nvmath.bindings"]
-sys.modules["nvmath.bindings"].cublas = sys.modules["nvmath.bindings.cublas"]
-sys.modules["nvmath.bindings"].cublasLt = sys.modules["nvmath.bindings.cublasLt"]
-for _attr in ("MatmulDescAttribute", "MatmulPreferenceAttribute"):
-    if not hasattr(sys.modules["nvmath.bindings.cublasLt"], _attr):
-        setattr(sys.modules["nvmath.bindings.cublasLt"], _attr, types.SimpleNamespace())
-
+import standin_driver  # noqa: F401,E402  (stubs nvmath, which runtime/blas.py imports)
 from llmqgen.data.shards import Manifest, ShardEntry, write_manifest, write_shard  # noqa: E402
 from llmqgen.hardware.inventory import parse_inventory  # noqa: E402
 from llmqgen.models.spec import ModelSpec  # noqa: E402

@@ -1,4 +1,4 @@
-"""Render a plan into one program.cu (+ kernels.json, plan.json) with a line-exact source map.
+"""Render a plan into one program.cu (and its kernels' launch rows) with a line-exact source map.
 
 The source map: the template loader puts an invisible marker naming template and line before the
 first character of each text line of every template; after rendering, the markers are cut out of
@@ -9,7 +9,6 @@ that start with a tag, or from a multi-line value) take the nearest one above (O
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import sys
@@ -250,20 +249,3 @@ def write_if_different(path: Path, data: str | bytes) -> bool:
         os.unlink(tmp)
         raise
     return True
-
-
-def write_build(plan: Plan, arch: str, nvrtc: tuple[int, int], out_root: str | Path = "build",
-                extra_files: dict[str, str] | None = None, rendered: Rendered | None = None) -> Path:
-    """Write build/<uri>/{program.cu, kernels.json, plan.json, *extra_files}; returns the folder.
-
-    `nvrtc`: the (major, minor) version that will compile it (part of the URI); `extra_files`
-    (name -> text) is how schedule.json gets in; `rendered` reuses a render."""
-    rendered = rendered or render(plan, arch)
-    out = Path(out_root) / uri.plan_uri(plan, arch, nvrtc)
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"program.cu": rendered.source,
-             "kernels.json": json.dumps([k.to_json() for k in rendered.kernels], indent=2) + "\n",
-             "plan.json": plan.to_json(), **(extra_files or {})}
-    for name, text in files.items():
-        write_if_different(out / name, text)
-    return out

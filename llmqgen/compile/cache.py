@@ -1,5 +1,8 @@
 """Content-addressed CUBIN cache and `build`: plan -> build/<uri>/ with a compiled program.cubin.
 
+`build` writes the folder (codegen/folder.py: program, plan, layout, kernels, schedule), compiles through
+the cache, puts the CUBIN beside the source and writes the manifest last.
+
 An entry is <cache>/cubin/<key[:2]>/<key>/{program.cubin, meta.json}, key = sha256 of the source,
 the NVRTC options, the arch and the NVRTC version. meta.json is written last (after the CUBIN), so
 an entry with meta.json is complete. Compile + write run under a file lock per key: two processes
@@ -15,8 +18,8 @@ from typing import Sequence
 
 from filelock import FileLock
 
-from ..codegen.render import render, write_build, write_if_different
-from ..codegen.schedule import build_schedule, check_schedule
+from ..codegen.folder import CUBIN, write_build, write_manifest
+from ..codegen.render import render, write_if_different
 from ..plan.schema import Plan
 from .nvrtc import CompileError, cache_root, compile_options, compile_program, nvrtc_version
 from .ptxas import spilling
@@ -71,21 +74,20 @@ def compile_cached(source: str, arch: str, source_map=None, root: Path | None = 
 
 
 def build(plan: Plan, arch: str | None = None, out_root: str | Path = "build") -> BuildResult:
-    """Render the plan, write build/<uri>/ (program.cu, kernels.json, schedule.json, plan.json),
-    compile through the cache and put the CUBIN beside the source."""
+    """Render the plan into build/<uri>/, compile through the cache, put the CUBIN beside the source and
+    write the manifest (build.json) last. Not locked: compile/build_folder.py's `build_locked` is."""
     arch = arch or plan.inventory.gpu.arch
     rendered = render(plan, arch)
-    schedule = build_schedule(plan)
-    check_schedule(schedule, rendered.kernels)
-    extra = {"schedule.json": json.dumps(schedule, indent=1) + "\n"}
-    out = write_build(plan, arch, nvrtc_version(), out_root, extra_files=extra, rendered=rendered)
+    nvrtc = nvrtc_version()
+    out = write_build(plan, arch, nvrtc, out_root, rendered=rendered)
     try:
         entry = compile_cached(rendered.source, arch, rendered.source_map)
     except CompileError as e:
         raise CompileError(f"{e}\n  rendered program: {out / PROGRAM_NAME}", e.log, e.errors) from None
     cubin = entry.cubin_path.read_bytes()
-    write_if_different(out / "program.cubin", cubin)
+    write_if_different(out / CUBIN, cubin)
     write_if_different(out / "meta.json", json.dumps(entry.meta, indent=2, sort_keys=True) + "\n")
-    return BuildResult(path=out, cubin_path=out / "program.cubin", cubin_bytes=len(cubin),
+    write_manifest(out, arch, nvrtc, compiled=True)
+    return BuildResult(path=out, cubin_path=out / CUBIN, cubin_bytes=len(cubin),
                        compile_seconds=entry.meta["compile_seconds"], cache_hit=entry.hit,
                        spills=spilling(entry.meta["ptxas"]))

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 
 from ..codegen.schedule import build_schedule, op_touches   # against the layers: tests/unit/test_import_order.py
-from .memory import memory_table
+from .memory import device_bytes, memory_table
 from .refs import resolve_tag
 from .schema import MemRow, Plan
 
@@ -205,6 +205,11 @@ def packed_table(plan: Plan, rows: list[MemRow] | None = None) -> list[MemRow]:
     rows = memory_table(plan) if rows is None else rows
     offsets, _ = arena_offsets(plan, rows)
     return [r.model_copy(update={"offset": offsets[r.name]}) if r.name in offsets else r for r in rows]
+
+
+def packed_device_bytes(plan: Plan) -> int:
+    """One GPU's planned total: the packed arena plus the reserve (what `llmqgen plan` prints per GPU)."""
+    return device_bytes(packed_table(plan))
 
 
 def live_spans(plan: Plan, rows: list[MemRow]) -> list[MemRow]:

@@ -15,8 +15,10 @@ reduce-scatter, ZeRO-3's per-layer all-gather) — where the schedule awaits its
 CopyEngine moves bytes with cuMemcpyAsync (no SMs): peer copies, or — where the GPUs cannot reach
 each other's memory (GeForce cards) — staged through pinned host memory: the sender copies a piece
 to its host buffer, the receiver copies it in (an all-gather piece leaves its GPU once for all).
-Reductions run on the receiving GPU (llmq_reduce_bf16 over the pieces in comm.recv, in rank order:
-deterministic). Nccl issues the same kinds to NCCL on the communication stream.
+Reductions run on the receiving GPU (the kernel table's `reduce_scatter` kernel over the pieces in
+comm.recv, in rank order: deterministic; `all_reduce_max` for the amaxes). Nccl issues the same kinds to
+NCCL on the communication stream (and adds a reduced shard into a ZeRO-2 gradient shard with the
+`reduce_scatter_add` kernel).
 """
 from __future__ import annotations
 
@@ -227,8 +229,9 @@ class CopyEngine(_Collectives):
             for r, b in enumerate(per_rank):
                 rr = self.ranks[r]
                 recv = self._stage(r, [src.full + r * part + off for src in per_rank], n, k)
-                reduce = rr.launcher("llmq_reduce_bf16", rr.comm_stream)
-                reduce(rr.kernels["llmq_reduce_bf16"].grid, b.mine + off, b.full + r * part + off, recv,
+                kern = rr.build.kernel("reduce_scatter")
+                reduce = rr.launcher(kern, rr.comm_stream)
+                reduce(kern.grid, b.mine + off, b.full + r * part + off, recv,
                        self.piece // 2, n // 2, r, int(b.separate))
 
     def _all_gather(self, per_rank: list[Buffer]) -> None:
@@ -263,8 +266,9 @@ class CopyEngine(_Collectives):
         for r, b in enumerate(per_rank):
             rr = self.ranks[r]
             recv = self._stage(r, [src.full for src in per_rank], nbytes, k)
-            reduce = rr.launcher("llmq_reduce_max_f32", rr.comm_stream)
-            reduce(rr.kernels["llmq_reduce_max_f32"].grid, b.full, recv, self.piece // 4, nbytes // 4)
+            kern = rr.build.kernel("all_reduce_max")
+            reduce = rr.launcher(kern, rr.comm_stream)
+            reduce(kern.grid, b.full, recv, self.piece // 4, nbytes // 4)
 
     def close(self) -> None:
         self.events.close()
@@ -302,9 +306,10 @@ class Nccl(_Collectives):
         if kind == "reduce_scatter" and op.get("into"):     # ZeRO-2: add the reduced shard to the gradients
             for rk, rank_bufs in zip(self.ranks, bufs):
                 rk.dev.make_current()
-                add = rk.launcher("llmq_add_bf16", rk.comm_stream)
+                k = rk.build.kernel("reduce_scatter_add")
+                add = rk.launcher(k, rk.comm_stream)
                 for b in rank_bufs:
-                    add(rk.kernels["llmq_add_bf16"].grid, b.mine, b.full + rk.rank * b.part, b.part // 2)
+                    add(k.grid, b.mine, b.full + rk.rank * b.part, b.part // 2)
         return self.events.finish()
 
     def gather_part(self, rank: Rank, ptr: int, part: int) -> bytes:

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..plan.lifetimes import packed_table
-from ..plan.memory import device_bytes
+from ..plan.lifetimes import packed_device_bytes
 from ..plan.schema import Plan
 
 GiB = 1 << 30
@@ -27,7 +26,7 @@ METHODS = {"process": "NVML, this process",
 
 def planned_device_bytes(plan: Plan, ranks_on_gpu: int = 1) -> int:
     """The plan's device memory on one GPU: packed arena + reserve, times the ranks sharing that GPU."""
-    return ranks_on_gpu * device_bytes(packed_table(plan))
+    return ranks_on_gpu * packed_device_bytes(plan)
 
 
 def ranks_on_first_gpu(devices: list[int] | None) -> int:

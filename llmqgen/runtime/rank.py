@@ -1,10 +1,12 @@
 """One GPU's share of a training run: its arenas, the schedule bound to its pointers, its CUDA graphs.
 
-A Rank allocates the plan's memory table on its GPU (device and pinned-host arenas), loads the
-compiled program into its context and binds every operation of schedule.json to closures over its
-own pointers, once. Sections become *programs*: lists of items, either ("ops", closures, ops) — a run of
-operations on the rank's compute stream, captured as one CUDA graph where the program is replayed —
-or ("collective", op, layer), which the Trainer hands to the collectives of all ranks at once.
+A Rank allocates the build folder's memory layout on its GPU (device and pinned-host arenas, every row
+at its planned offset), loads the folder's CUBIN into its context and binds every operation of its
+schedule.json to closures over its own pointers, once; kernels the schedule does not name (flash
+attention, the gradient norm) are the kernel table's of the operation's role. Sections become
+*programs*: lists of items, either ("ops", closures, ops) — a run of operations on the rank's compute
+stream, captured as one CUDA graph where the program is replayed — or ("collective", op, layer), which
+the Trainer hands to the collectives of all ranks at once.
 Values the graphs read (loss scale, LR, ...) live in device memory (stats.scalars), written per step.
 """
 from __future__ import annotations
@@ -22,10 +24,10 @@ from ..codegen.families import adamw as adamw_family
 from ..codegen.families import gradnorm as gradnorm_family
 from ..layout import (FP8_AMAX_OFFSET, FP8_DESCALE_OFFSET, FP8_SLOT_BYTES, SCALARS, fp8_slot_index, num_unique_index,
                       staging_elems, token_staging)
-from ..plan.lifetimes import packed_table
-from ..plan.memory import DTYPE_BYTES, param_tensors, shard_elems
+from ..codegen.kernel import Kernel
+from ..compile.build_folder import BuildFolder
+from ..plan.memory import DTYPE_BYTES
 from ..plan.refs import at, parse_ref, resolve_tag, split_index
-from ..plan.schema import Plan
 from . import driver
 from .arena import Arena
 from .attention import Attention, AttnShape
@@ -38,17 +40,16 @@ Item = tuple
 
 
 class Rank:
-    def __init__(self, plan: Plan, sched: dict, kernels: dict, cubin: bytes, *, rank: int, device: int,
-                 attention: str, graphs: bool, seed: int, own_context: bool = False):
-        self.plan, self.sched, self.kernels, self.rank, self.seed = plan, sched, kernels, rank, seed
-        self.world = plan.num_gpus
+    def __init__(self, build: BuildFolder, *, rank: int, device: int, attention: str, graphs: bool, seed: int,
+                 own_context: bool = False):
+        plan = build.plan
+        self.build, self.plan, self.sched, self.kernels = build, plan, build.schedule, build.kernels
+        self.rank, self.seed, self.world = rank, seed, plan.num_gpus
         self.dev = driver.open_device(device, own_context)
-        self.module = driver.module_load(cubin)
+        self.module = driver.module_load(build.cubin)
         self.funcs: dict[str, int] = {}
-        # the table of this llmqgen, from the inputs, with the packed device offsets the planner totalled
-        self.rows = {r.name: r for r in packed_table(plan)}
-        # elements of one GPU's shard of each parameter (S of memory.shard_elems), by parameter name
-        self.shard_of = {n: shard_elems(prod(shape), self.world) for n, shape, _, _ in param_tensors(plan)}
+        self.rows = build.rows              # the packed table: device rows at the offsets the planner totalled
+        self.shard_of = build.shard_elems   # elements of one GPU's shard of each parameter, by parameter name
         self.mem = Arena(self.rows.values(), "device")
         self.host = Arena(self.rows.values(), "host")
         self.stream = driver.stream_create()
@@ -121,10 +122,9 @@ class Rank:
             self.funcs[name] = f
         return self.funcs[name]
 
-    def launcher(self, name: str, stream: int) -> Callable[..., None]:
-        """A kernel of the program as a function of its argument values (the collectives use these)."""
-        k = self.kernels[name]
-        func, types = self._func(name), [t for _, t in k.args]
+    def launcher(self, k: Kernel, stream: int) -> Callable[..., None]:
+        """A kernel of the program as a function of its grid and argument values (collectives, gradient norm)."""
+        func, types = self._func(k.name), [t for _, t in k.args]
         return lambda grid, *values: driver.launch(func, grid, k.block, k.smem, stream, list(values), types)
 
     def _bind(self, op: dict, layer: int | None, extra=None) -> Callable[[], None]:
@@ -137,14 +137,14 @@ class Rank:
             func = self._func(k.name)
             values = [self._value(op["args"][a], layer, extra) for a, _ in k.args]
             grid = op.get("grid", k.grid)
-            if k.name.startswith("llmq_adamw"):         # its grid is one wave of this GPU
+            if k.role == "adamw":                       # its grid is one wave of this GPU
                 grid = adamw_family.grid(op["args"]["n"], self.dev.sm_count)
             types = [t for _, t in k.args]
             return lambda: driver.launch(func, grid, k.block, k.smem, s, values, types)
         if kind == "linear":
             return self._bind_linear(op, layer)
         if kind.startswith("attention_") and self.attn is None:
-            return self._bind_flash_attention(op, layer)
+            return self._bind_role_kernels(op, layer)
         if kind == "attention_forward":
             p = {k: self.ptr(op[k], layer) for k in ("qkv", "out", "lse")}
             ws = self.ptr(op["workspace"], layer)
@@ -173,11 +173,11 @@ class Rank:
         if kind == "gradnorm_partials":
             return self._bind_gradnorm_partials(op)
         if kind == "gradnorm_finalize":
-            fin = self.launcher("llmq_gradnorm_finalize", s)
-            grid = self.kernels["llmq_gradnorm_finalize"].grid
+            k = self.build.kernel(kind)
+            fin = self.launcher(k, s)
             args = (self.ptr(op["partials"], None), op["count"], self.ptr(op["hyper"], None),
                     self.ptr(op["out"], None))
-            return lambda: fin(grid, *args)
+            return lambda: fin(k.grid, *args)
         raise ValueError(f"schedule operation {kind!r} is unknown to this runtime")
 
     def _tag(self, tag: str, layer: int | None) -> str | None:
@@ -224,21 +224,20 @@ class Rank:
                 for ref, per_layer in op["tensors"] for i in range(self.L if per_layer else 1)]
         grids, offsets, _ = gradnorm_family.partials_layout(op["sizes"])
         base = self.rank * op["rank_offset"]
-        partial = self.launcher("llmq_gradnorm_partial", self.stream)
+        partial = self.launcher(self.build.kernel(op["op"]), self.stream)
         parts = self.ptr(op["partials"], None)
         calls = [((g, 1, 1), p, n, parts, base + off) for p, n, g, off in zip(ptrs, op["sizes"], grids, offsets)]
         return lambda: [partial(*c) for c in calls] and None
 
-    def _bind_flash_attention(self, op: dict, layer: int | None) -> Callable[[], None]:
-        """The generated kernels: forward writes out and lse; backward = rowsum(dO*O) pre-pass + backward."""
-        if op["op"] == "attention_forward":
-            names = [("llmq_attention_forward", [op["qkv"], op["out"], op["lse"]])]
-        else:
-            names = [("llmq_attention_bwd_dot", [op["out"], op["dout"], op["delta"]]),
-                     ("llmq_attention_backward", [op["qkv"], op["dout"], op["lse"], op["delta"], op["dqkv"]])]
-        fns = [self._bind({"op": "kernel", "kernel": k, "args": {a: v for (a, _), v in
-                                                                  zip(self.kernels[k].args, refs)}}, layer)
-               for k, refs in names]
+    def _bind_role_kernels(self, op: dict, layer: int | None) -> Callable[[], None]:
+        """An operation the program's own kernels carry out (flash attention: forward; backward = rowsum(dO*O)
+        pre-pass + backward): the kernel table's kernels of its role, in order, each argument the operation's
+        field of that name."""
+        kernels = self.build.by_role(op["op"])
+        if not kernels:
+            raise ValueError(f"the program has no kernels for {op['op']!r} (kernels.json role): rebuild it")
+        fns = [self._bind({"op": "kernel", "kernel": k.name, "args": {a: op[a] for a, _ in k.args}}, layer)
+               for k in kernels]
         return lambda: [f() for f in fns] and None
 
     def _gemm(self, key, make) -> Gemm:

@@ -1,7 +1,9 @@
 """The Trainer: executes a plan's schedule.json on every GPU of the run, in lockstep.
 
-Load: build (or reuse) the program, make one Rank per GPU this process drives (its arenas from the
-memory table, the schedule bound to its pointers) and the collectives between them. One process
+Load: open the plan's build folder, build/<uri>/ (compile/build_folder.py: loaded, or built under its lock
+and loaded; its plan, memory layout, kernel table, schedule and CUBIN are all the runtime reads), make one
+Rank per GPU this process drives (its arenas from the folder's layout, the folder's schedule bound to its
+pointers) and the collectives between them. One process
 drives all GPUs of a machine (copy-engine collectives); under NCCL a process drives one GPU and
 its peers are other processes (torchrun, mpirun, srun). Each step the same program runs on every
 rank: runs of operations (a CUDA graph each where it repeats) are issued rank after rank, so the
@@ -14,7 +16,6 @@ the step counter untouched. Evaluation replays the forward sections and the loss
 from __future__ import annotations
 
 import ctypes
-import json
 import math
 from dataclasses import dataclass
 from math import prod
@@ -23,9 +24,8 @@ import numpy as np
 
 from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.families import adamw as adamw_family
-from ..codegen.kernel import kernel_from_json
-from ..codegen.schedule import build_schedule, runtime_unsupported
-from ..compile.cache import build
+from ..codegen.schedule import runtime_unsupported
+from ..compile.build_folder import BuildFolder, open_build
 from ..plan.schema import Plan
 from . import driver
 from .collectives import CopyEngine, Nccl
@@ -46,8 +46,10 @@ class AdamW:
 class Trainer:
     def __init__(self, plan: Plan, *, seed: int = 0, optim: AdamW | None = None, out_root: str = "build",
                  graphs: bool = True, attention: str = "auto", devices: list[int] | None = None,
-                 dist: DistEnv | None = None):
-        """attention: "cudnn" (cuDNN SDPA), "flash" (the program's own flash-attention kernels) or
+                 dist: DistEnv | None = None, build: BuildFolder | None = None):
+        """Runs the build folder of `plan` for the GPU it opens (out_root/<uri>/, built here unless
+        LLMQGEN_NO_COMPILE is set), or `build`, a folder already loaded for this plan.
+        attention: "cudnn" (cuDNN SDPA), "flash" (the program's own flash-attention kernels) or
         "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels).
         devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
         one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
@@ -78,20 +80,23 @@ class Trainer:
                                f"{driver.device_count()}: plan for the GPUs you have (--gpus auto)")
         first = driver.open_device(devices[0])
         check_runs_on(plan, first)      # any GPU with the plan's memory and features: compiled for it below
-        self.build = build(plan, first.arch, out_root=out_root)
-        kernels = {d["name"]: kernel_from_json(d) for d in json.loads((self.build.path / "kernels.json").read_text())}
+        if build is None:
+            build = open_build(plan, first.arch, out_root)
+        elif build.plan.inputs() != plan.inputs():
+            raise ValueError(f"build {build.path} holds plan {build.plan.name}, not plan {plan.name}: pass the "
+                             f"folder of this plan, or none (the Trainer then opens it)")
+        self.build = build
         if attention == "auto":
             attention = "cudnn" if _has_cudnn() else "flash"
-        if attention == "flash" and "llmq_attention_forward" not in kernels:
+        if attention == "flash" and not self.build.by_role("attention_forward"):
             m = plan.model
             raise RuntimeError(f"no cuDNN attention and the program has no flash-attention kernels for this "
                                f"shape (head_dim {m.head_dim}, seq_len {plan.batch.seq_len}): install "
                                f"nvidia-cudnn-frontend, or use head_dim 64/128 and a seq_len multiple of 64")
-        self.sched = build_schedule(plan)
-        cubin = self.build.cubin_path.read_bytes()
+        self.sched = self.build.schedule
         shared = len(set(devices)) < len(devices)      # ranks sharing a GPU get a context each, like separate GPUs
-        self.ranks = [Rank(plan, self.sched, kernels, cubin, rank=r, device=d, attention=attention,
-                           graphs=graphs, seed=seed, own_context=shared) for r, d in zip(ranks, devices)]
+        self.ranks = [Rank(self.build, rank=r, device=d, attention=attention, graphs=graphs, seed=seed,
+                           own_context=shared) for r, d in zip(ranks, devices)]
         self.dev = self.ranks[0].dev
         self.comm = None
         if N > 1:

@@ -2,6 +2,7 @@
 losses, gradient norms and parameters must be bit-identical over micro-steps and optimizer steps. With
 `poison`, every packed row is filled with 0xFF (NaN in bf16/fp32) before training: an operation that
 reads a packed row before the schedule wrote it would spread NaN."""
+import dataclasses
 import tempfile
 
 import numpy as np
@@ -16,7 +17,7 @@ from harness import small_plan  # noqa: E402
 from reference import init_params  # noqa: E402
 from test_trainer import batches  # noqa: E402
 
-import llmqgen.runtime.rank as rank_module  # noqa: E402
+import llmqgen.runtime.trainer as trainer_module  # noqa: E402
 from llmqgen.plan.lifetimes import packed_table, plan_interference  # noqa: E402
 from llmqgen.plan.memory import arena_peak, memory_table  # noqa: E402
 from llmqgen.plan.schema import Recompute, Sharding  # noqa: E402
@@ -50,8 +51,11 @@ def _run(plan, data, *, devices=None, attention="cudnn", poison=False, steps=2):
 
 
 def _unpacked(monkeypatch):
-    """Ranks allocate the table row after row (the layout before packing)."""
-    monkeypatch.setattr(rank_module, "packed_table", lambda plan: memory_table(plan))
+    """Ranks allocate the table row after row (the layout before packing): the build folder's layout
+    replaced by the unpacked table once loaded."""
+    opened = trainer_module.open_build
+    monkeypatch.setattr(trainer_module, "open_build", lambda plan, arch, out_root: dataclasses.replace(
+        opened(plan, arch, out_root), rows={r.name: r for r in memory_table(plan)}))
 
 
 CASES = [  # arch, fp8, gpus, zero, extra

@@ -1,5 +1,4 @@
 """Render framework: context, source map, validation, URI and write-if-different (CPU, no NVRTC compile)."""
-import json
 import os
 import re
 import shutil
@@ -8,7 +7,7 @@ import types
 
 import pytest
 
-from llmqgen.codegen import families, render as R, uri
+from llmqgen.codegen import families, folder, render as R, uri
 from llmqgen.codegen.context import build_context, check_arch, parse_arch
 from llmqgen.codegen.kernel import Kernel
 from llmqgen.hardware.spec import GpuSpec, Inventory
@@ -182,17 +181,14 @@ def test_uri(tiny):
     assert uri.plan_uri(plan, "sm_90", (13, 0)) != u
 
 
-def test_write_build_writes_only_what_changed(tiny, tmp_path):
-    plan = make_plan()
-    out = R.write_build(plan, "sm_90", (13, 0), tmp_path / "build", extra_files={"schedule.json": "[]\n"})
-    names = {"program.cu", "kernels.json", "plan.json", "schedule.json"}
-    assert names <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "kernels.json").read_text())[0]["name"] == "llmq_tiny_scale"
-    assert Plan.from_json((out / "plan.json").read_text()) == plan
-    for name in names:
+def test_build_files_are_written_only_when_changed(tmp_path):
+    out = tmp_path / "build" / "uri"
+    files = {"program.cu": "// program\n", "schedule.json": "[]\n", "program.cubin": b"\x7fELF"}
+    folder.write_files(out, files)
+    for name in files:
         os.utime(out / name, ns=(10**18, 10**18))
-    R.write_build(plan, "sm_90", (13, 0), tmp_path / "build", extra_files={"schedule.json": "[1]\n"})
-    changed = {n for n in names if (out / n).stat().st_mtime_ns != 10**18}
+    folder.write_files(out, {**files, "schedule.json": "[1]\n"})
+    changed = {n for n in files if (out / n).stat().st_mtime_ns != 10**18}
     assert changed == {"schedule.json"} and (out / "schedule.json").read_text() == "[1]\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 

@@ -74,4 +74,5 @@ def kernels(ctx: dict) -> list[Kernel]:
         doc="AdamW: g*=clip; m,v moments; p = p*(1-lr*wd) - lr/bc1*m/(sqrt(v/bc2)+eps); amax(|p|); grad=0 if asked",
         meta={"runtime_size": True, "elems_per_block": THREADS * ELEMS_PER_THREAD, "hyper": list(HYPER),
               "dtypes": {"master": p, "m": m, "v": v}, "grid_for": "adamw.grid(n, SM_COUNT)"},
+        role="adamw",
     )]

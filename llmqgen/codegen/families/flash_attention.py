@@ -1,6 +1,7 @@
 """Flash attention (causal, GQA) on packed QKV: the generated fallback where cuDNN is unavailable.
 
-Kernels, in the order a step runs them:
+Kernels, in the order a step runs them (the runtime runs the kernels of an operation's role in table order,
+binding each argument to the operation's field of the same name):
   llmq_attention_forward   qkv [BT, QKV] -> out [BT, QDIM] bf16, lse [B, HQ, T] fp32 (natural log)
   llmq_attention_bwd_dot   out, dout [BT, QDIM] -> delta [B, HQ, T] fp32 = rowsum(dout * out)
   llmq_attention_backward  qkv, dout, lse, delta -> dqkv [BT, QKV] bf16 (every element written once)
@@ -75,6 +76,7 @@ def kernels(ctx: dict) -> list[Kernel]:
             doc="out = softmax(q k^T / sqrt(HD), causal, GQA) v; lse = logsumexp of the scaled scores",
             meta={"tile": BLOCK, "lse_bytes": stats_bytes, "tile_pairs": pairs,
                   "smem_optin": smem["forward"] > DEFAULT_SMEM},
+            role="attention_forward",
         ),
         Kernel(
             name="llmq_attention_bwd_dot",
@@ -82,6 +84,7 @@ def kernels(ctx: dict) -> list[Kernel]:
             args=(("out", "const " + BF16_PTR), ("dout", "const " + BF16_PTR), ("delta", F32_PTR)),
             doc="delta[b, h, t] = sum_d dout * out over head h (the softmax backward's row term)",
             meta={"delta_bytes": stats_bytes},
+            role="attention_backward",
         ),
         Kernel(
             name="llmq_attention_backward",
@@ -93,5 +96,6 @@ def kernels(ctx: dict) -> list[Kernel]:
             meta={"tile": BLOCK, "sub": SUB, "dkv_ctas": dkv_ctas, "dq_ctas": dq_ctas,
                   "scratch_bytes": 0, "deterministic": True, "ignores_attn_bwd_chunks": True,
                   "smem_optin": smem["backward"] > DEFAULT_SMEM},
+            role="attention_backward",
         ),
     ]

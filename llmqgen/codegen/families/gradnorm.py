@@ -54,6 +54,7 @@ def kernels(ctx: dict) -> list[Kernel]:
             doc="partials[slot_offset + block] = sum(grad^2) over the block's grid-stride share",
             meta={"runtime_size": True, "elems_per_block": THREADS * 8,
                   "grid_for": "gradnorm.partials_layout(sizes)"},
+            role="gradnorm_partials",
         ),
         Kernel(
             name="llmq_gradnorm_finalize",
@@ -63,5 +64,6 @@ def kernels(ctx: dict) -> list[Kernel]:
                   ("out", "float*")),
             doc="out = {norm = sqrt(sum partials), clip = min(1, max_norm/norm) (0 if non-finite), nonfinite, sum}",
             meta={"slot": list(SLOT), "max_norm_slot": HYPER.index("max_norm")},
+            role="gradnorm_finalize",
         ),
     ]

@@ -38,12 +38,14 @@ def kernels(ctx: dict) -> list[Kernel]:
                    (("dst", "bf16*"), ("own", "const bf16*"), ("staged", "const bf16*"), ("stride", "int64_t"),
                     ("n", "int64_t"), ("self_rank", "int"), ("accumulate", "int")),
                    doc="dst = [dst +] sum_r (r == self ? own : staged[slot(r)]) in rank order, fp32",
-                   meta={"runtime_size": True, "world": ctx["NUM_GPUS"]}),
+                   meta={"runtime_size": True, "world": ctx["NUM_GPUS"]}, role="reduce_scatter"),
             Kernel("llmq_reduce_max_f32", grid, block,
                    (("dst", "float*"), ("staged", "const float*"), ("stride", "int64_t"), ("n", "int64_t")),
-                   doc="dst = max(dst, staged[0..N-2]) elementwise", meta={"runtime_size": True}),
+                   doc="dst = max(dst, staged[0..N-2]) elementwise", meta={"runtime_size": True},
+                   role="all_reduce_max"),
             Kernel("llmq_add_bf16", grid, block, (("dst", "bf16*"), ("src", "const bf16*"), ("n", "int64_t")),
-                   doc="dst += src, fp32 add rounded to nearest", meta={"runtime_size": True}),
+                   doc="dst += src, fp32 add rounded to nearest", meta={"runtime_size": True},
+                   role="reduce_scatter_add"),
         ]
     if ctx["MASTER_FP32"]:
         out.append(Kernel("llmq_cast_f32_bf16", grid, block,
