@@ -107,8 +107,8 @@ def test_every_operation_binds_and_the_arenas_are_the_folders_layout(run):
         assert rk.mem.nbytes == max(r.offset + r.total for r in folder.rows.values() if r.offset is not None)
         gradnorm = folder.schedule["optimizer_step"]["gradnorm"]
         for program, want in ((rk.micro, [branch.get(id(op), op) for sec, _, op in order if sec in MICRO]),
-                              (rk.optimizer_program(1), [op for sec, _, op in order if sec in OPTIM]),
-                              (rk.norm_program(), gradnorm)):
+                              (rk.optimizer_program, [op for sec, _, op in order if sec in OPTIM]),
+                              (rk.norm_program, gradnorm)):
             bound = [op for item in program for op in (item[2] if item[0] == "ops" else [item[1]])]
             assert [id(op) for op in bound] == [id(op) for op in want] and want
         rk.eval_program(), rk.load_program()
