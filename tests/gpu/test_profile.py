@@ -3,6 +3,7 @@ runtime/driver.py, no PyTorch): every operation has a non-negative time, familie
 total, the floor share lies in (0, 1); with two ranks on one GPU the collectives are timed too; run_bench
 writes the profile into its result file."""
 import json
+import logging
 import tempfile
 
 import pytest
@@ -92,12 +93,12 @@ def test_two_ranks_on_one_gpu_time_their_collectives():
         tr.close()
 
 
-def test_bench_writes_the_profile(tmp_path, monkeypatch):
+def test_bench_writes_the_profile(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)              # run_bench builds under ./build
     plan = small_plan("qwen2", True)
-    said = []
-    path = bench_mod.run_bench(plan, steps=1, warmup=1, out_root=tmp_path / "results", echo=said.append,
-                              profile=True)
+    with caplog.at_level(logging.INFO, logger=bench_mod.__name__):
+        path = bench_mod.run_bench(plan, steps=1, warmup=1, out_root=tmp_path / "results", profile=True)
+    said = [r.getMessage() for r in caplog.records]
     rec = json.loads(path.read_text())
     prof = rec["profile"]
     assert 0 < prof["floor_share"] < 1 and prof["gpu_ms"] > 0
