@@ -16,7 +16,7 @@ from typing import Sequence
 from filelock import FileLock
 
 from ..codegen.render import render, write_build, write_if_different
-from ..codegen.schedule import build_schedule, check_schedule
+from ..plan.schedule import build_schedule, check_schedule
 from ..plan.schema import Plan
 from .nvrtc import CompileError, cache_root, compile_options, compile_program, nvrtc_version
 from .ptxas import spilling

@@ -2,18 +2,9 @@
 
 One list of MemRow drives both the planner and the runtime: plan/lifetimes.py gives every device row
 its offset in the arena (rows whose lifetimes in the schedule never overlap share bytes), the planner
-totals the packed peak and the runtime allocates exactly that, every row at its offset. The per-layer activations follow the block's op
-sequence (DESIGN.md):
-
-    res  = res_prev + delta            ln1 = rmsnorm(res)            [FP8: ln1 -> e4m3]
-    qkv  = ln1 @ Wqkv^T (+bias), rope  att = sdpa(qkv), lse
-    res2 = res + att @ Wo^T            ln2 = rmsnorm(res2)           [FP8: ln2 -> e4m3]
-    gu   = ln2 @ Wgu^T                 h = swiglu(gu)                [FP8: h -> e4m3]
-    delta = h @ Wd^T
-
-Backward needs, per layer: res, rstd1, ln1 (the matmul operand: e4m3 in FP8 plans), qkv (post-RoPE),
-att (bf16: cuDNN's backward reads O; its e4m3 transpose is made from it), lse, res2, rstd2, ln2, gu, h.
-A recompute flag moves the rows it names from per-layer to shared (one layer's worth of scratch).
+totals the packed peak and the runtime allocates exactly that, every row at its offset. The per-layer
+activations are the block table's (plan/block.py): a recompute flag moves the rows it drops from per-layer
+to shared (one layer's worth of scratch).
 """
 from __future__ import annotations
 
@@ -22,6 +13,7 @@ from math import prod
 
 from ..layout import (FP8_SLOT_BYTES, SCALAR_COUNT, align, attention_stats_bytes, flash_unsupported, fp8_slot_count,
                       norm_partials_bytes, staging_elems, token_rows)
+from .block import activation_shape, saved_values
 from .calibration import ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE, GRADNORM_PARTIALS
 from ..hardware.spec import GpuSpec
 from ..models.spec import ModelSpec
@@ -88,29 +80,11 @@ def _tensors(m: ModelSpec) -> tuple[tuple[str, tuple[int, ...], bool, bool], ...
 
 def saved_activations(m: ModelSpec, r: Recompute, B: int, T: int, op: str
                       ) -> list[tuple[str, str, tuple[int, ...], bool]]:
-    """(name, dtype, shape, saved_per_layer) of the block activations backward reads, for micro-batches
-    of B sequences of T tokens; op: the dtype a matmul operand is kept in (the plan's matmul dtype)."""
-    BT = B * T
-    C, F = m.hidden_size, m.intermediate_size
-    acts = [
-        ("res", "bf16", (BT, C), True),                      # the block input: always kept
-        ("rstd1", "fp32", (BT,), not r.block),
-        ("ln1", op, (BT, C), not r.norm),
-        ("qkv", "bf16", (BT, m.qkv_dim), not r.qkv),
-    ]
-    if m.qk_norm:                                            # pre-norm q/k and their per-head rstd
-        acts += [("qkv_pre", "bf16", (BT, m.qkv_dim), not r.qkv),
-                 ("qk_rstd", "fp32", (BT, m.num_heads + m.num_kv_heads), not r.qkv)]
-    acts += [
-        ("att", "bf16", (BT, m.q_dim), not r.attention),
-        ("lse", "fp32", (B, m.num_heads, T), not r.attention),
-        ("res2", "bf16", (BT, C), not r.block),
-        ("rstd2", "fp32", (BT,), not r.block),
-        ("ln2", op, (BT, C), not r.norm),
-        ("gu", "bf16", (BT, 2 * F), not r.ffn),
-        ("h", op, (BT, F), not r.swiglu),
-    ]
-    return acts
+    """(name, dtype, shape, saved_per_layer) of the block activations backward reads (plan/block.py's SAVED),
+    for micro-batches of B sequences of T tokens; op: the dtype a matmul operand is kept in (the plan's matmul
+    dtype)."""
+    return [(s.name, op if s.dtype == "op" else s.dtype, activation_shape(s.name, m, B, T), saved)
+            for s, saved in saved_values(m, r)]
 
 
 def memory_table(plan: Plan) -> list[MemRow]:

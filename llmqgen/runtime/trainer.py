@@ -24,7 +24,7 @@ import numpy as np
 from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.families import adamw as adamw_family
 from ..codegen.kernel import kernel_from_json
-from ..codegen.schedule import build_schedule, runtime_unsupported
+from ..plan.schedule import build_schedule, runtime_unsupported
 from ..compile.cache import build
 from ..plan.schema import Plan
 from . import driver

@@ -7,32 +7,18 @@ per block; `llmq_gradnorm_finalize` sums all partials in a fixed order and write
 """
 from __future__ import annotations
 
-from ..kernel import Kernel, cdiv
+from ...layout import GRADNORM_MAX_BLOCKS as MAX_BLOCKS  # noqa: F401 - the family's names (rank.py, tests)
+from ...layout import GRADNORM_MIN_ELEMS as MIN_ELEMS_PER_BLOCK  # noqa: F401
+from ...layout import gradnorm_blocks as blocks_for  # noqa: F401
+from ...layout import gradnorm_partials as partials_layout  # noqa: F401
+from ..kernel import Kernel
 from .adamw import HYPER
 
 TEMPLATE = "_gradnorm.cu.j2"
 
 THREADS = 256
 FINAL_THREADS = 1024
-MIN_ELEMS_PER_BLOCK = THREADS * 8 * 4     # at least four 16-byte loads per thread
-MAX_BLOCKS = 512                          # per tensor: ~4 blocks per SM on the largest GPUs
 SLOT = ("norm", "clip_scale", "nonfinite", "sum_sq")   # float[4] written by the finalize
-
-
-def blocks_for(n: int) -> int:
-    if n < 1:
-        raise ValueError(f"gradient tensor of {n} elements: every gradient tensor must be non-empty")
-    return min(MAX_BLOCKS, cdiv(n, MIN_ELEMS_PER_BLOCK))
-
-
-def partials_layout(sizes: list[int]) -> tuple[list[int], list[int], int]:
-    """Per gradient tensor (in schedule order): its grid, its first partial's index; and the partial count."""
-    grids = [blocks_for(n) for n in sizes]
-    offsets, total = [], 0
-    for g in grids:
-        offsets.append(total)
-        total += g
-    return grids, offsets, total
 
 
 def context(ctx: dict) -> dict:
