@@ -1,16 +1,14 @@
 """Deterministic global gradient L2 norm and clip scale.
 
-`llmq_gradnorm_partial` runs once per gradient tensor with a grid fixed by `partials_layout` (never by
+`llmq_gradnorm_partial` runs once per gradient tensor with a grid fixed by `layout.gradnorm_partials` (never by
 the GPU model, so the norm is bit-identical across GPUs and runs) and writes one fp32 sum of squares
 per block; `llmq_gradnorm_finalize` sums all partials in a fixed order and writes the norm slot
 {norm, clip_scale, nonfinite, sum_sq}. AdamW reads clip_scale (slot + 1) and skips the step when it is 0.
 """
 from __future__ import annotations
 
-from ...layout import GRADNORM_MAX_BLOCKS as MAX_BLOCKS  # noqa: F401 - the family's names (rank.py, tests)
-from ...layout import GRADNORM_MIN_ELEMS as MIN_ELEMS_PER_BLOCK  # noqa: F401
-from ...layout import gradnorm_blocks as blocks_for  # noqa: F401
-from ...layout import gradnorm_partials as partials_layout  # noqa: F401
+from ...layout import GRADNORM_MAX_BLOCKS
+from ...layout import gradnorm_partials as partials_layout  # noqa: F401 - runtime/rank.py grids its launches by it
 from ..kernel import Kernel
 from .adamw import HYPER
 
@@ -33,7 +31,7 @@ def kernels(ctx: dict) -> list[Kernel]:
     return [
         Kernel(
             name="llmq_gradnorm_partial",
-            grid=(MAX_BLOCKS, 1, 1),
+            grid=(GRADNORM_MAX_BLOCKS, 1, 1),
             block=(THREADS, 1, 1),
             args=(("grad", "const __nv_bfloat16*"), ("n", "int64_t"), ("partials", "float*"),
                   ("slot_offset", "int")),
