@@ -14,7 +14,7 @@ from math import prod
 from ..hardware.spec import GpuSpec
 from ..metrics import mfu, sol_seconds_per_token, training_flops_per_token
 from . import calibration as K
-from .block import Gemm, head_gemms, layer_gemms
+from .block import Gemm, head_gemms, layer_gemms, recomputed
 from .memory import DTYPE_BYTES, param_tensors
 from .schema import Plan
 
@@ -50,9 +50,10 @@ def gemm_runs(gemms: list[Gemm]) -> Counter:
 def step_cost(plan: Plan) -> StepCost:
     """Predict one optimizer step of `plan` on its inventory, from the plan alone (no GPU needed).
 
-    Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs (forward, dgrad, wgrad,
-    plus the recomputed ones) at the matmul dtype's dense TFLOP/s times a size-dependent efficiency,
-    the LM head in `lm_head_chunks` BF16 GEMMs, causal attention, elementwise kernels as bytes over
+    Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs the schedule runs (forward,
+    dgrad, wgrad, and those backward recomputes: plan/block.py's layer_gemms) at the matmul dtype's dense
+    TFLOP/s times a size-dependent efficiency, the LM head in `lm_head_chunks` BF16 GEMMs, causal attention
+    (its forward twice when recomputed), elementwise kernels as bytes over
     memory bandwidth, and kernel launches; offload over PCIe and per-layer collectives overlap with
     compute up to `calibration.OFFLOAD_OVERLAP`, the rest is exposed. Per step: `grad_accum` micro-steps,
     then the optimizer (state bytes over bandwidth, offloaded state over PCIe) and the step's collectives.
@@ -85,7 +86,8 @@ def step_cost(plan: Plan) -> StepCost:
     f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
     t_att_f = f_att / (gpu.bf16_tflops * 1e12 * attn_eff["fwd"])
     t_att_b = 2.5 * f_att / (gpu.bf16_tflops * 1e12 * attn_eff["bwd"])
-    t_att = L * (t_att_f * (2 if r.attention else 1) + t_att_b)
+    rerun = {x.op.name for x in recomputed(r, m.qk_norm)}          # what backward recomputes (plan/block.py)
+    t_att = L * (t_att_f * (2 if "attention" in rerun else 1) + t_att_b)
 
     # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,
     # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes).
