@@ -23,6 +23,7 @@ no kernel of ours produced. The quantize family compiles exactly these.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from functools import lru_cache
 
 from ..models.spec import ModelSpec
@@ -31,9 +32,11 @@ from .schema import Plan, Recompute
 
 @dataclass(frozen=True)
 class Saved:
-    """An activation backward reads. dtype "op": the matmul operand dtype (e4m3 in FP8 plans)."""
+    """An activation backward reads: one layer's instance has `shape(model, B, T)` for B sequences of T tokens;
+    dtype "op": the matmul operand dtype (e4m3 in FP8 plans)."""
     name: str
     dtype: str
+    shape: Callable[[ModelSpec, int, int], tuple[int, ...]]
     dropped_by: str | None          # the Recompute flag that drops it; None: always saved
     qk_norm: bool = False           # exists only for models with q/k norms
 
@@ -50,20 +53,31 @@ class Op:
     from_saved: tuple[str, ...] = ()
 
 
+def _tokens_by(width: Callable[[ModelSpec], int]) -> Callable[[ModelSpec, int, int], tuple[int, ...]]:
+    return lambda m, B, T: (B * T, width(m))
+
+
+def _per_token(m: ModelSpec, B: int, T: int) -> tuple[int, ...]:
+    return (B * T,)
+
+
+_C = _tokens_by(lambda m: m.hidden_size)
 SAVED = (
-    Saved("res", "bf16", None),              # the block input: always kept
-    Saved("rstd1", "fp32", "block"),
-    Saved("ln1", "op", "norm"),
-    Saved("qkv", "bf16", "qkv"),
-    Saved("qkv_pre", "bf16", "qkv", qk_norm=True),     # pre-norm q/k and their per-head rstd
-    Saved("qk_rstd", "fp32", "qkv", qk_norm=True),
-    Saved("att", "bf16", "attention"),       # bf16: cuDNN's backward reads O; its e4m3 transpose is made from it
-    Saved("lse", "fp32", "attention"),
-    Saved("res2", "bf16", "block"),
-    Saved("rstd2", "fp32", "block"),
-    Saved("ln2", "op", "norm"),
-    Saved("gu", "bf16", "ffn"),
-    Saved("h", "op", "swiglu"),
+    Saved("res", "bf16", _C, None),               # the block input: always kept
+    Saved("rstd1", "fp32", _per_token, "block"),
+    Saved("ln1", "op", _C, "norm"),
+    Saved("qkv", "bf16", _tokens_by(lambda m: m.qkv_dim), "qkv"),
+    # pre-norm q/k and their per-head rstd
+    Saved("qkv_pre", "bf16", _tokens_by(lambda m: m.qkv_dim), "qkv", qk_norm=True),
+    Saved("qk_rstd", "fp32", _tokens_by(lambda m: m.num_heads + m.num_kv_heads), "qkv", qk_norm=True),
+    # bf16: cuDNN's backward reads O; its e4m3 transpose is made from it
+    Saved("att", "bf16", _tokens_by(lambda m: m.q_dim), "attention"),
+    Saved("lse", "fp32", lambda m, B, T: (B, m.num_heads, T), "attention"),
+    Saved("res2", "bf16", _C, "block"),
+    Saved("rstd2", "fp32", _per_token, "block"),
+    Saved("ln2", "op", _C, "norm"),
+    Saved("gu", "bf16", _tokens_by(lambda m: 2 * m.intermediate_size), "ffn"),
+    Saved("h", "op", _tokens_by(lambda m: m.intermediate_size), "swiglu"),
 )
 
 OPS = (
@@ -133,14 +147,6 @@ def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: s
 def saved_values(m: ModelSpec, r: Recompute) -> list[tuple[Saved, bool]]:
     """(activation, saved per layer?) of the model's block, in memory-table order."""
     return [(s, s.dropped_by is None or not getattr(r, s.dropped_by)) for s in SAVED if m.qk_norm or not s.qk_norm]
-
-
-def activation_shape(name: str, m: ModelSpec, B: int, T: int) -> tuple[int, ...]:
-    """Shape of one layer's instance of a saved activation, for B sequences of T tokens."""
-    BT, C, F = B * T, m.hidden_size, m.intermediate_size
-    return {"res": (BT, C), "rstd1": (BT,), "ln1": (BT, C), "qkv": (BT, m.qkv_dim), "qkv_pre": (BT, m.qkv_dim),
-            "qk_rstd": (BT, m.num_heads + m.num_kv_heads), "att": (BT, m.q_dim), "lse": (B, m.num_heads, T),
-            "res2": (BT, C), "rstd2": (BT,), "ln2": (BT, C), "gu": (BT, 2 * F), "h": (BT, F)}[name]
 
 
 @lru_cache(maxsize=2)

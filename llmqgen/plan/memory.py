@@ -14,7 +14,7 @@ from math import prod
 
 from ..layout import (FP8_SLOT_BYTES, SCALAR_COUNT, align, attention_stats_bytes, flash_unsupported, fp8_slot_count,
                       norm_partials_bytes, staging_elems, token_rows)
-from .block import activation_shape, saved_values
+from .block import saved_values
 from .calibration import ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE, GRADNORM_PARTIALS
 from ..hardware.spec import GpuSpec
 from ..models.spec import ModelSpec
@@ -111,7 +111,7 @@ def saved_activations(m: ModelSpec, r: Recompute, B: int, T: int, op: str
     """(name, dtype, shape, saved_per_layer) of the block activations backward reads (plan/block.py's SAVED),
     for micro-batches of B sequences of T tokens; op: the dtype a matmul operand is kept in (the plan's matmul
     dtype)."""
-    return [(s.name, op if s.dtype == "op" else s.dtype, activation_shape(s.name, m, B, T), saved)
+    return [(s.name, op if s.dtype == "op" else s.dtype, s.shape(m, B, T), saved)
             for s, saved in saved_values(m, r)]
 
 
