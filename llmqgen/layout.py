@@ -169,3 +169,26 @@ def flash_unsupported(hd: int, t: int, hq: int, hkv: int, max_smem: int) -> str 
 def attention_stats_bytes(b: int, hq: int, t: int) -> int:
     """One fp32 per (sequence, query head, position): the LSE, and flash attention's delta = rowsum(dO*O)."""
     return b * hq * t * 4
+
+
+# --- the gradient norm's partials (stats.gradnorm): one fp32 sum of squares per block of each gradient
+# tensor's launch, a grid fixed by the tensor's size alone (never the GPU: the norm is bit-identical anywhere)
+GRADNORM_MIN_ELEMS = 256 * 8 * 4     # 256 threads, at least four 16-byte loads each
+GRADNORM_MAX_BLOCKS = 512            # per tensor: ~4 blocks per SM on the largest GPUs
+
+
+def gradnorm_blocks(n: int) -> int:
+    """Blocks (partials) of the gradient norm over a tensor of n elements."""
+    if n < 1:
+        raise ValueError(f"gradient tensor of {n} elements: every gradient tensor must be non-empty")
+    return min(GRADNORM_MAX_BLOCKS, -(-n // GRADNORM_MIN_ELEMS))
+
+
+def gradnorm_partials(sizes: list[int]) -> tuple[list[int], list[int], int]:
+    """Per gradient tensor (in schedule order): its grid, its first partial's index; and the partial count."""
+    grids = [gradnorm_blocks(n) for n in sizes]
+    offsets, total = [], 0
+    for g in grids:
+        offsets.append(total)
+        total += g
+    return grids, offsets, total

@@ -25,7 +25,7 @@ from ..plan.memory import param_tensors, shard_elems
 from ..plan.schema import Plan
 from . import uri
 from .render import Rendered, render, write_if_different
-from .schedule import build_schedule, check_schedule
+from ..plan.schedule import build_schedule, check_schedule
 
 SCHEMA = 1                  # of build.json and layout.json: a loader refuses folders of another
 MANIFEST = "build.json"

@@ -7,12 +7,14 @@ OFFLOAD_OVERLAP of it; the optimizer's own streaming is exposed. Constants live 
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from math import prod
 
 from ..hardware.spec import GpuSpec
 from ..metrics import mfu, sol_seconds_per_token, training_flops_per_token
 from . import calibration as K
+from .block import Gemm, head_gemms, layer_gemms, recomputed
 from .memory import DTYPE_BYTES, param_tensors
 from .schema import Plan
 
@@ -40,19 +42,18 @@ class StepCost:
     flops_per_token: float          # training FLOPs per token (6N + attention), BF16-equivalent
 
 
-def _layer_gemms(plan: Plan) -> list[tuple[str, int, int, int]]:
-    """(name, M, N, K) of one block's forward matmuls for one micro-batch."""
-    m = plan.model
-    BT = plan.batch.micro_batch * plan.batch.seq_len
-    return [(name, BT, out, inp) for name, (out, inp) in m.block_matrix_shapes().items()]
+def gemm_runs(gemms: list[Gemm]) -> Counter:
+    """How many times each (name, M, N, K, dtype) runs among `gemms` (forward, recompute, dgrad, wgrad)."""
+    return Counter((g.name, g.M, g.N, g.K, g.dtype) for g in gemms)
 
 
 def step_cost(plan: Plan) -> StepCost:
     """Predict one optimizer step of `plan` on its inventory, from the plan alone (no GPU needed).
 
-    Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs (forward, dgrad, wgrad,
-    plus the recomputed ones) at the matmul dtype's dense TFLOP/s times a size-dependent efficiency,
-    the LM head in `lm_head_chunks` BF16 GEMMs, causal attention, elementwise kernels as bytes over
+    Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs the schedule runs (forward,
+    dgrad, wgrad, and those backward recomputes: plan/block.py's layer_gemms) at the matmul dtype's dense
+    TFLOP/s times a size-dependent efficiency, the LM head in `lm_head_chunks` BF16 GEMMs, causal attention
+    (its forward twice when recomputed), elementwise kernels as bytes over
     memory bandwidth, and kernel launches; offload over PCIe and per-layer collectives overlap with
     compute up to `calibration.OFFLOAD_OVERLAP`, the rest is exposed. Per step: `grad_accum` micro-steps,
     then the optimizer (state bytes over bandwidth, offloaded state over PCIe) and the step's collectives.
@@ -76,21 +77,17 @@ def step_cost(plan: Plan) -> StepCost:
     attn_eff = K.CONSUMER_ATTN_EFF if gpu.consumer else K.ATTN_EFF
 
     # --- one micro-step ----------------------------------------------------------------------
-    recomputed = {"qkv": r.qkv, "attn_out": r.block, "gate_up": r.ffn, "down": r.block}
-    t_gemm = 0.0
-    for name, M, Nn, Kk in _layer_gemms(plan):
-        f = 2.0 * M * Nn * Kk
-        t_gemm += 3 * gemm_seconds(f, rate, mm, gpu.consumer)           # forward, dgrad, wgrad
-        if recomputed[name]:
-            t_gemm += gemm_seconds(f, rate, mm, gpu.consumer)
-    t_gemm *= L
-    f_head = 2.0 * BT * V * C
-    t_head = 3 * gemm_seconds(f_head / plan.lm_head_chunks, gpu.bf16_tflops, "bf16", gpu.consumer) * plan.lm_head_chunks
+    # the GEMMs the schedule runs (plan/block.py): a layer's times L, the LM head's chunks in BF16
+    t_gemm = L * sum(n * gemm_seconds(2.0 * M * Nn * Kk, rate, mm, gpu.consumer)
+                     for (_, M, Nn, Kk, _), n in gemm_runs(layer_gemms(plan)).items())
+    t_head = sum(n * gemm_seconds(2.0 * M * Nn * Kk, gpu.bf16_tflops, "bf16", gpu.consumer)
+                 for (_, M, Nn, Kk, _), n in gemm_runs(head_gemms(plan)).items())
 
     f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
     t_att_f = f_att / (gpu.bf16_tflops * 1e12 * attn_eff["fwd"])
     t_att_b = 2.5 * f_att / (gpu.bf16_tflops * 1e12 * attn_eff["bwd"])
-    t_att = L * (t_att_f * (2 if r.attention else 1) + t_att_b)
+    rerun = {x.op.name for x in recomputed(r, m.qk_norm)}          # what backward recomputes (plan/block.py)
+    t_att = L * (t_att_f * (2 if "attention" in rerun else 1) + t_att_b)
 
     # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,
     # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes).

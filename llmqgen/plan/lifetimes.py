@@ -6,7 +6,7 @@ layer_forward for l = 0..L-1, head, layer_backward for l = L-1..0, epilogue), th
 so a value that crosses the end of this order (gradients, weights, anything the host writes) lives
 for the whole step.
 
-Every operation touches rows (its references, schedule.op_touches): a *write* of a whole row that the
+Every operation touches rows (its references, touches.op_touches): a *write* of a whole row that the
 operation does not also read kills the row's old value; any other touch reads it. A transient row
 (lifetime shared or per_layer, on the device) is live in segments, each from a killing write to the
 last read before the next killing write; an overlapped collective or an asynchronous copy (other
@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import json
 
-from ..codegen.schedule import build_schedule, op_touches   # against the layers: tests/unit/test_import_order.py
 from .memory import device_bytes, memory_table
 from .refs import resolve_tag
+from .schedule import build_schedule
 from .schema import MemRow, Plan
+from .touches import op_touches
 
 MODEL_LAYERS = 6          # layers of the schedule whose interference stands for any number of layers
 MODEL_CHUNKS = 2          # LM-head chunks likewise

@@ -19,7 +19,7 @@ from ..models.spec import ModelSpec
 from . import calibration as K
 from .cost import StepCost, step_cost
 from .lifetimes import TRANSIENT, arena_offsets, live_spans, packed_table
-from .memory import memory_table
+from .memory import RowKind, memory_table, row_kind
 from .schema import (Batch, Candidate, Estimate, MemRow, Offload, Plan, Precision, Recompute, Sharding,
                      check_plan_name, validation_summary)
 
@@ -614,7 +614,7 @@ def _sharding_reason(best: Scored, fitting: list[Scored]) -> str:
 def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[str, str]:
     p = best.plan
     gpu = p.inventory.gpu
-    act = sum(r.total for r in best.rows if r.name.startswith("act.") and r.place == "device")
+    act = sum(r.total for r in best.rows if row_kind(r.name) is RowKind.ACT and r.place == "device")
     why = {
         "precision": (f"e4m3 matmuls: {gpu.fp8_tflops:.0f} vs {gpu.bf16_tflops:.0f} TFLOP/s BF16 on "
                       f"{gpu.display_name}" if p.fp8 else

@@ -24,8 +24,8 @@ import numpy as np
 
 from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.families import adamw as adamw_family
-from ..codegen.schedule import runtime_unsupported
 from ..compile.build_folder import BuildFolder, open_build
+from ..plan.schedule import runtime_unsupported
 from ..plan.schema import Plan
 from . import driver
 from .collectives import CopyEngine, Nccl

@@ -37,8 +37,10 @@ def test_variants_follow_the_plan():
     assert "llmq_rope_qknorm_dweight" in fp8 and "llmq_rope_qknorm_dweight" not in bf16
     assert any(n.startswith("llmq_quantize_") for n in fp8) and not any("quantize" in n for n in bf16)
     assert not any("recompute" in n for n in fp8)
-    rc = names(S.plan_ctx("qwen2", True, recompute=Recompute(block=True)))
+    rc = names(S.plan_ctx("qwen2", True, recompute=Recompute(norm=True)))
     assert {"llmq_rmsnorm_recompute_ln1", "llmq_rmsnorm_recompute_ln2"} <= rc
+    # block recompute reruns the norms' forward (rstd was dropped too): no recompute kernels
+    assert not any("recompute" in n for n in names(S.plan_ctx("qwen2", True, recompute=Recompute(block=True))))
 
 
 def test_scratch_sizes_in_meta():

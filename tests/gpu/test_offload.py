@@ -2,7 +2,7 @@
 3-layer model with each choice, alone and combined, give losses and gradient norms bit-identical to the plain
 plan's, in BF16 and FP8 — and the same final weights. Host rows live in mapped pinned memory; block weights,
 block gradients, residuals and the optimizer's block states stream through their device double buffers by
-asynchronous copies on the copy streams, beside the computation (codegen/schedule.py). Also: the device arena is exactly the plan's device rows,
+asynchronous copies on the copy streams, beside the computation (plan/schedule.py). Also: the device arena is exactly the plan's device rows,
 and the driver's free memory drops by exactly that much when it is allocated."""
 import tempfile
 

@@ -240,7 +240,7 @@ def test_tiny_spec_is_the_helpers():
 
 @pytest.mark.parametrize("zero", [0, 3])
 def test_schedule_eval_head_is_forward_only_and_gradnorm_comes_before_any_update(zero):
-    from llmqgen.codegen.schedule import build_schedule
+    from llmqgen.plan.schedule import build_schedule
     from llmqgen.hardware.inventory import parse_inventory
     from llmqgen.plan.solver import solve
     p = tiny_plan() if zero == 0 else solve(TINY, parse_inventory("2xH200", "256G"), seq_len=64,

@@ -32,11 +32,7 @@ LAYERS = [{"llmqgen"}, {"models", "hardware", "layout", "data"}, {"metrics"}, {"
 COMMAND_LINE = {"cli", "cachecmd", "__main__"}
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 # Known exceptions (importer, imported): the only ones allowed, each with the reason it is not yet fixed.
-KNOWN = {
-    ("llmqgen.plan.lifetimes", "llmqgen.codegen.schedule"):
-        "the planner packs the arena by the schedule's operations (build_schedule, op_touches); the schedule "
-        "builder moves into plan/ with issue 10's single table of the block's operations",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: Path) -> str:

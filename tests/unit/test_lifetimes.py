@@ -6,7 +6,8 @@ and fails if an operation reads a row whose bytes another row touched since this
 names two rows that share bytes, or touches bytes an overlapped collective still has in flight."""
 import pytest
 
-from llmqgen.codegen.schedule import build_schedule, op_touches
+from llmqgen.plan.schedule import build_schedule
+from llmqgen.plan.touches import op_touches
 from llmqgen.hardware.inventory import parse_inventory
 from llmqgen.models.catalog import resolve_model
 from llmqgen.plan import lifetimes
@@ -162,7 +163,7 @@ def test_written_kernel_arguments_are_not_const():
     from llmqgen.codegen.context import build_context
     from llmqgen.codegen import families as family_names
     from llmqgen.codegen.families import load_families
-    from llmqgen.codegen.schedule import KERNEL_WRITES
+    from llmqgen.plan.touches import KERNEL_WRITES
     for key in ("0.5b-fp8-1gpu", "qwen3-0.6b-bf16-recompute"):
         plan = PLANS[key]()
         ctx = build_context(plan, plan.inventory.gpu.arch)

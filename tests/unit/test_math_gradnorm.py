@@ -1,4 +1,4 @@
-"""Global grad norm on the CPU: partials_layout gives every tensor its own contiguous run of partials,
+"""Global grad norm on the CPU: layout.gradnorm_partials gives every tensor its own contiguous run of partials,
 the kernel's grid-stride loop (16-byte vectors, then a scalar tail) visits every element once, and
 the finalize finds max_norm where AdamW's hyper array keeps it."""
 import math
@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 
+from llmqgen import layout
 from llmqgen.codegen.families import gradnorm
 
 E = 8  # bf16 elements per 16-byte load
@@ -27,9 +28,9 @@ def visits(n: int, blocks: int, threads: int = gradnorm.THREADS) -> np.ndarray:
     return count, owner
 
 
-@pytest.mark.parametrize("n", [1, 7, 8, 2051, 3 * gradnorm.MIN_ELEMS_PER_BLOCK + 5])
+@pytest.mark.parametrize("n", [1, 7, 8, 2051, 3 * layout.GRADNORM_MIN_ELEMS + 5])
 def test_loop_visits_every_element_once(n):
-    blocks = gradnorm.blocks_for(n)
+    blocks = layout.gradnorm_blocks(n)
     count, owner = visits(n, blocks)
     assert np.all(count == 1)
     assert set(owner) == set(range(blocks))  # no idle block: its partial would be a wasted launch slot
@@ -37,8 +38,8 @@ def test_loop_visits_every_element_once(n):
 
 def test_norm_from_per_block_partials():
     rng = np.random.default_rng(0)
-    sizes = [5, 4096, 3 * gradnorm.MIN_ELEMS_PER_BLOCK + 3]
-    grids, offsets, total = gradnorm.partials_layout(sizes)
+    sizes = [5, 4096, 3 * layout.GRADNORM_MIN_ELEMS + 3]
+    grids, offsets, total = layout.gradnorm_partials(sizes)
     partials = np.full(total, np.nan)
     grads = [rng.normal(0, 1e-2, n) for n in sizes]
     for g, grid, off in zip(grads, grids, offsets):
@@ -50,12 +51,12 @@ def test_norm_from_per_block_partials():
 
 def test_partials_layout():
     n_big = 10 ** 9
-    grids, offsets, total = gradnorm.partials_layout([1, gradnorm.MIN_ELEMS_PER_BLOCK + 1, n_big])
-    assert grids == [1, 2, gradnorm.MAX_BLOCKS]
-    assert offsets == [0, 1, 3] and total == 3 + gradnorm.MAX_BLOCKS
-    assert gradnorm.partials_layout([]) == ([], [], 0)
+    grids, offsets, total = layout.gradnorm_partials([1, layout.GRADNORM_MIN_ELEMS + 1, n_big])
+    assert grids == [1, 2, layout.GRADNORM_MAX_BLOCKS]
+    assert offsets == [0, 1, 3] and total == 3 + layout.GRADNORM_MAX_BLOCKS
+    assert layout.gradnorm_partials([]) == ([], [], 0)
     with pytest.raises(ValueError, match="non-empty"):
-        gradnorm.partials_layout([0])
+        layout.gradnorm_partials([0])
 
 
 def test_finalize_reads_max_norm_from_hyper():

@@ -4,7 +4,7 @@ import pytest
 from llmqgen.hardware.catalog import resolve_gpu
 from llmqgen.hardware.spec import Inventory
 from llmqgen.models.catalog import resolve_model
-from llmqgen.plan.memory import device_bytes, group_totals, host_bytes, memory_table
+from llmqgen.plan.memory import RowKind, device_bytes, group_totals, host_bytes, memory_table, row_kind
 from llmqgen.plan.schema import Batch, Offload, Plan, Recompute, Sharding
 
 MiB = 2**20
@@ -91,3 +91,14 @@ def test_zero_levels_divide_by_gpu_count():
 def test_planned_total_is_the_sum_of_rows():
     rows = memory_table(make_plan())
     assert device_bytes(rows) == sum(r.bytes * r.count for r in rows if r.place == "device")
+
+
+def test_every_row_has_a_kind_and_staging_names_what_it_stages():
+    plan = make_plan("7b", count=2, sharding=Sharding.from_zero(3), recompute=Recompute(block=True),
+                     offload=Offload(residual=True, master=True, adam_m=True, adam_v=True, gradients=True))
+    names = {r.name for r in memory_table(plan)}
+    for name in names:
+        kind = row_kind(name)          # raises for a name of no kind
+        if kind is RowKind.STAGE and name != "stage.tokens":
+            staged = name.removeprefix("stage.")
+            assert staged in names or f"act.{staged}" in names, name

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
 from harness import OFFLOAD_OPTIONS, small_plan  # noqa: E402
 
 from llmqgen.codegen.render import render  # noqa: E402
-from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops, runtime_unsupported  # noqa: E402
+from llmqgen.plan.schedule import build_schedule, check_schedule, iter_ops, runtime_unsupported  # noqa: E402
 from llmqgen.plan.memory import memory_table  # noqa: E402
 from llmqgen.plan.schema import Offload, Sharding  # noqa: E402
 from llmqgen.plan.refs import parse_ref  # noqa: E402

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fake_trainer  # noqa: E402,F401  (stubs nvmath, which runtime.rank imports, as test_throughput_report does)
 from harness import small_plan  # noqa: E402
 
-from llmqgen.codegen.schedule import build_schedule  # noqa: E402
+from llmqgen.plan.schedule import build_schedule  # noqa: E402
 from llmqgen.plan.schema import Offload, Plan, Recompute, Sharding  # noqa: E402
 from llmqgen.runtime import profile  # noqa: E402
 from llmqgen.runtime.benchfile import bench_record, write_bench  # noqa: E402

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmqgen.codegen.render import render
-from llmqgen.codegen.schedule import build_schedule, check_schedule, iter_ops
+from llmqgen.plan.schedule import build_schedule, check_schedule, iter_ops
 from llmqgen.plan.memory import memory_table
 from llmqgen.plan.schema import Plan, Recompute
 from llmqgen.plan.refs import parse_ref

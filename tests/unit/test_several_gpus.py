@@ -4,7 +4,7 @@ from math import prod
 
 import pytest
 
-from llmqgen.codegen.schedule import build_schedule, iter_ops
+from llmqgen.plan.schedule import build_schedule, iter_ops
 from llmqgen.hardware.catalog import resolve_gpu
 from llmqgen.hardware.inventory import parse_inventory
 from llmqgen.hardware.spec import Inventory

@@ -6,6 +6,7 @@ output slot. bf16 states round stochastically (hash of seed, step and element in
 """
 from __future__ import annotations
 
+from ...plan.optimizer_step import adamw_kernel
 from ..kernel import Kernel, cdiv
 
 TEMPLATE = "_adamw.cu.j2"
@@ -30,8 +31,7 @@ def dtypes(ctx: dict) -> tuple[str, str, str]:
 
 
 def kernel_name(ctx: dict) -> str:
-    p, m, v = dtypes(ctx)
-    return f"llmq_adamw_p{p}_m{m}_v{v}"
+    return adamw_kernel(*dtypes(ctx))       # the name the schedule launches
 
 
 def grid(n: int, sm_count: int) -> tuple[int, int, int]:

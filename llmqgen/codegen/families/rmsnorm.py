@@ -6,6 +6,8 @@ ln2 (after attention), final (before the LM head: its y feeds no FP8 matmul, so 
 from __future__ import annotations
 
 from ...layout import norm_backward_blocks, row_threads
+from ...plan.block import recomputed
+from ...plan.schema import Recompute
 from ..kernel import Kernel, cdiv
 
 TEMPLATE = "_rmsnorm.cu.j2"
@@ -19,8 +21,9 @@ def _sites(ctx: dict) -> dict:
            dict(name="ln1", site="ln1", add=True, amax=fp8),
            dict(name="ln2", site="ln2", add=True, amax=fp8),
            dict(name="final", site="final", add=True, amax=False)]
-    rc = ctx["RECOMPUTE"]
-    recompute = [dict(name=s, site=s, amax=fp8) for s in ("ln1", "ln2") if rc["norm"] or rc["block"]]
+    # norms backward recomputes from their saved residual and rstd (plan/block.py)
+    reruns = recomputed(Recompute(**ctx["RECOMPUTE"]), ctx["QK_NORM"])
+    recompute = [dict(name=x.op.name, site=x.op.name, amax=fp8) for x in reruns if x.from_saved]
     # dx of every site feeds an FP8 backward matmul (att-out, down); the final norm has no residual grad.
     bwd = [dict(name=s, site=s, dres=s != "final", amax=fp8) for s in ("ln1", "ln2", "final")]
     return dict(RMSNORM_FWD=fwd, RMSNORM_RECOMPUTE=recompute, RMSNORM_BWD=bwd)
