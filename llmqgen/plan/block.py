@@ -217,11 +217,14 @@ def _layer_gemms(m: ModelSpec, BT: int, r: Recompute, dt: str) -> tuple[Gemm, ..
 
 def head_gemms(plan: Plan) -> list[Gemm]:
     """The LM head's BF16 GEMMs of a micro-step: forward, dgrad and wgrad of each chunk of token rows."""
-    m, BT = plan.model, plan.batch.micro_batch * plan.batch.seq_len
-    rows = BT // plan.lm_head_chunks
-    return [Gemm(phase, p, "lm_head", rows, m.vocab_size, m.hidden_size, "bf16")
-            for _ in range(plan.lm_head_chunks)
-            for phase, p in (("forward", "forward"), ("backward", "dgrad"), ("backward", "wgrad"))]
+    return list(_head_gemms(plan.model, plan.batch.micro_batch * plan.batch.seq_len, plan.lm_head_chunks))
+
+
+@lru_cache(maxsize=4096)
+def _head_gemms(m: ModelSpec, BT: int, chunks: int) -> tuple[Gemm, ...]:
+    return tuple(Gemm(phase, p, "lm_head", BT // chunks, m.vocab_size, m.hidden_size, "bf16")
+                 for _ in range(chunks)
+                 for phase, p in (("forward", "forward"), ("backward", "dgrad"), ("backward", "wgrad")))
 
 
 def fp8_groups(sites: list[tuple[str, int, int, str, str, tuple[str, ...]]]) -> tuple[list[dict], list[dict]]:

@@ -27,6 +27,7 @@ structure: candidates that differ only in batch size share it.
 from __future__ import annotations
 
 import json
+from bisect import bisect_right
 
 from .memory import device_bytes, memory_table
 from .refs import resolve_tag
@@ -67,18 +68,26 @@ def segments(sched: dict, rows: list[MemRow]) -> tuple[dict[str, list[list[int]]
     micro_end = max(i for i, (sec, _, _) in enumerate(ops) if sec in MICRO)
     # An overlapped collective's rows stay live until its tag is awaited, an asynchronous copy's until
     # its copy_wait; else to the end of the run that issued it (the micro-step, or the optimizer step).
-    until: dict[int, int] = {}
     waits = {"collective": "await", "copy": "copy_wait"}
+    waited: dict[tuple[str, str], list[int]] = {}        # (wait kind, resolved tag) -> its positions
+    for j, (_, layer, op) in enumerate(ops):
+        if op["op"] in ("await", "copy_wait"):
+            waited.setdefault((op["op"], resolve_tag(op["tag"], layer)), []).append(j)
+    until: dict[int, int] = {}
     for i, (sec, layer, op) in enumerate(ops):
         if op.get("overlap") or (op["op"] == "copy" and "stream" in op):
-            tag, end = resolve_tag(op["tag"], layer), micro_end if i <= micro_end else len(ops) - 1
-            until[i] = next((j for j in range(i + 1, end + 1) if ops[j][2]["op"] == waits[op["op"]]
-                             and resolve_tag(ops[j][2]["tag"], ops[j][1]) == tag), end)
+            end = micro_end if i <= micro_end else len(ops) - 1
+            at = waited.get((waits[op["op"]], resolve_tag(op["tag"], layer)), [])
+            k = bisect_right(at, i)
+            until[i] = at[k] if k < len(at) and at[k] <= end else end
     segs: dict[str, list[list[int]]] = {}
     whole: set[str] = set()
+    touches: dict[int, dict[str, str]] = {}              # by operation: the same dict serves every layer
     for i, (_, _, op) in enumerate(ops):
         end = until.get(i, i)
-        for name, kind in op_touches(op).items():
+        if id(op) not in touches:
+            touches[id(op)] = op_touches(op)
+        for name, kind in touches[id(op)].items():
             if name not in cand or name in whole:
                 continue
             s = segs.setdefault(name, [])
