@@ -22,8 +22,15 @@ COMM_PIECE = 16 * MiB                # copy-engine collectives move tensors in p
 # GEMM efficiency rises with size; e(flops) = GEMM_EFF_MAX * f / (f + GEMM_EFF_HALF_FLOPS).
 GEMM_EFF_MAX = {"e4m3": 0.64, "bf16": 0.72}
 GEMM_EFF_HALF_FLOPS = 2.0e9          # a GEMM of 2 GFLOP reaches half of GEMM_EFF_MAX
-ATTN_EFF = {"fwd": 0.38, "bwd": 0.27}   # of the BF16 dense rate (cuDNN SDPA, causal)
-MEM_EFF = 0.80                       # elementwise kernels: fraction of DRAM bandwidth
+ATTN_EFF = {"fwd": 0.38, "bwd": 0.27}   # of the BF16 dense rate (cuDNN SDPA, causal), head_dim 128
+# head_dim 64 reaches less of it: Qwen2.5-0.5B's profiled attention took 1.35x what ATTN_EFF predicts (7B's,
+# head_dim 128, 1.00x): `llmqgen bench --profile` shares of issue 13 times the measured step (bench/results)
+ATTN_EFF_HEAD_DIM_64 = 0.74
+MEM_EFF = 0.80                       # streaming kernels (optimizer): fraction of DRAM bandwidth
+# The block's elementwise kernels (quantize, SwiGLU, RMSNorm, RoPE, transposes, cross-entropy) against the
+# bytes model below: profiled at 1.28x (0.5B) and 1.25x (7B) the time MEM_EFF gives, FP8 on the H200
+# (issue 13's profile shares times the measured step): short rows, reductions and transposes stream slower.
+ELEMENTWISE_EFF = 0.63
 BWD_ELEMENTWISE_RATIO = 1.9          # backward elementwise bytes / forward (counted per kernel)
 HOST_STAGED_EFF = 0.85               # host-staged collectives: 21.5 GB/s of payload of the 25 GB/s half-link (H200)
 PCIE_EFF = 1.0                       # GpuSpec.pcie_gbs already holds the practical rate

@@ -74,7 +74,9 @@ def step_cost(plan: Plan) -> StepCost:
     mm = plan.precision.matmul
     rate = gpu.fp8_tflops if mm == "e4m3" else gpu.bf16_tflops
     bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.MEM_EFF)
-    attn_eff = K.CONSUMER_ATTN_EFF if gpu.consumer else K.ATTN_EFF
+    elem_bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.ELEMENTWISE_EFF)
+    attn_eff = K.CONSUMER_ATTN_EFF if gpu.consumer else {
+        k: v * (K.ATTN_EFF_HEAD_DIM_64 if m.head_dim <= 64 else 1.0) for k, v in K.ATTN_EFF.items()}
 
     # --- one micro-step ----------------------------------------------------------------------
     # the GEMMs the schedule runs (plan/block.py): a layer's times L, the LM head's chunks in BF16
@@ -94,8 +96,8 @@ def step_cost(plan: Plan) -> StepCost:
     q = 1 if mm == "e4m3" else 0
     fwd_bytes = BT * (2 * (8 * C + 2 * m.qkv_dim + 3 * F) + q * 3 * (2 * C + m.q_dim + F))
     re_frac = 1.0 if r.block else (0.3 * r.norm + 0.4 * r.ffn + 0.2 * r.swiglu + 0.2 * r.qkv)
-    t_elem = L * fwd_bytes * (1 + K.BWD_ELEMENTWISE_RATIO + min(re_frac, 1.0)) / bw
-    t_elem += 2 * BT * V * 2 / bw                   # cross-entropy reads and rewrites the logits
+    t_elem = L * fwd_bytes * (1 + K.BWD_ELEMENTWISE_RATIO + min(re_frac, 1.0)) / elem_bw
+    t_elem += 2 * BT * V * 2 / elem_bw              # cross-entropy reads and rewrites the logits
     t_launch = L * 40 * K.KERNEL_LAUNCH_US * 1e-6
 
     t_compute = t_gemm + t_head + t_att + t_elem + t_launch
