@@ -212,9 +212,6 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
     except OSError as e:
         _fail(f"cannot write the plan to {path}: {e.strerror or e} (choose another --out)")
     click.echo(p.to_json() if as_json else render_plan(p, str(path)))
-    from .plan.schedule import runtime_unsupported
-    for what in runtime_unsupported(p):    # the planner may choose what the runtime cannot run yet
-        click.echo(f"warning: `llmqgen run` cannot execute this plan yet: {what}", err=True)
 
 
 @main.command()

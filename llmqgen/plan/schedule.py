@@ -187,12 +187,6 @@ def epilogue(e: Emitter) -> list[dict]:
 
 # ---- reading a schedule ----------------------------------------------------------------------------
 
-def runtime_unsupported(plan: Plan) -> list[str]:
-    """What of the plan the runtime cannot execute, one phrase each naming the pin that avoids it (empty:
-    everything executes). `llmqgen plan` warns with these and Trainer refuses with them."""
-    return []
-
-
 def iter_ops(schedule: dict):
     """Every operation of a schedule (branches of branch_on_layer included)."""
     sections = [schedule["init"], schedule["layer_init"], *schedule["micro_step"].values(),

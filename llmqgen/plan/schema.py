@@ -189,6 +189,9 @@ class Plan(_Frozen):
         if self.batch.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"seq_len {self.batch.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")
+        if self.batch.micro_batch % self.attn_bwd_chunks:
+            raise ValueError(f"attn_bwd_chunks {self.attn_bwd_chunks} must divide the micro-batch "
+                             f"{self.batch.micro_batch}: the attention backward runs over equal parts of it")
         if self.inventory.nodes > 1 and self.collectives != "nccl":
             raise ValueError(f"{self.inventory.nodes} machines need collectives=nccl: copy engines reach only "
                              f"the GPUs of one machine")

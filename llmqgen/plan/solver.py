@@ -361,8 +361,11 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     chunks_pin = pins.pop("lm_head_chunks", None)
     mb_pin = pins.pop("batch.micro_batch", None)
     ga_pin = pins.pop("batch.grad_accum", None)
-    unit = micro_batch_unit(seq_len, fp8, chunks_pin)      # valid micro-batches are its multiples
-    rules = _row_rules(fp8, chunks_pin)
+    attn_chunks = pins.get("attn_bwd_chunks") or 1         # the attention backward's parts divide the micro-batch
+    unit = _lcm(micro_batch_unit(seq_len, fp8, chunks_pin), attn_chunks)   # valid micro-batches: its multiples
+    rules = " and ".join(r for r in (_row_rules(fp8, chunks_pin),
+                                     f"a micro-batch divisible by attn_bwd_chunks={attn_chunks}"
+                                     if attn_chunks > 1 else "") if r)
     per_micro = seq_len * N
     gpus = f"{N} GPU{'s' if N > 1 else ''}"
     if tokens_per_step < per_micro:

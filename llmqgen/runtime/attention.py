@@ -14,12 +14,13 @@ tests need. That costs workspace: measured on an H200 (cuDNN 9.19) the determini
 about B*T*HQ*HD*4 * (T/128 + 1) bytes for HD=64 and B*T*HQ*HD*4 * (T/256 + 1) for HD=128 (fp32
 partial dQ per key tile: 1.18 GB for 7B heads at B=16, T=1024); the forward needs 256 bytes.
 `workspace_bytes` is the exact figure for a shape; chunking the backward over the batch
-(plan.attn_bwd_chunks) divides it.
+(plan.attn_bwd_chunks: the backward graph built for B/chunks sequences and run once per chunk, each
+sequence's gradient computed alone either way) divides it.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BF16_BYTES = 2
 
@@ -47,16 +48,19 @@ def _cudnn():
 
 
 class Attention:
-    """Forward and backward SDPA graphs of one shape; `workspace_bytes` is what the caller must reserve."""
+    """Forward and backward SDPA graphs of one shape; `workspace_bytes` is what the caller must reserve.
+    bwd_chunks: the backward runs over B/bwd_chunks sequences at a time (less workspace); must divide B."""
 
-    def __init__(self, shape: AttnShape, handle=None, deterministic: bool = True):
+    def __init__(self, shape: AttnShape, handle=None, deterministic: bool = True, bwd_chunks: int = 1):
         if shape.HQ % shape.HKV:
             raise ValueError(f"GQA needs HQ ({shape.HQ}) to be a multiple of HKV ({shape.HKV})")
+        if bwd_chunks < 1 or shape.B % bwd_chunks:
+            raise ValueError(f"attention backward chunks ({bwd_chunks}) must divide the micro-batch ({shape.B})")
         self.cudnn = _cudnn()
-        self.shape, self.deterministic = shape, deterministic
+        self.shape, self.deterministic, self.bwd_chunks = shape, deterministic, bwd_chunks
         self.handle = handle if handle is not None else self.cudnn.create_handle()
-        self.fwd = self._build(backward=False)
-        self.bwd = self._build(backward=True)
+        self.fwd = self._build(shape, backward=False)
+        self.bwd = self._build(replace(shape, B=shape.B // bwd_chunks), backward=True)
         self.workspace_bytes = max(self.fwd.workspace, self.bwd.workspace)
         self._own_handle = handle is None
 
@@ -67,17 +71,17 @@ class Attention:
             self.handle = None
 
     # --- graph building ------------------------------------------------------------------------
-    def _strides(self):
-        s = self.shape
+    @staticmethod
+    def _strides(s: AttnShape):
         qkv = [s.T * s.heads * s.HD, s.HD, s.heads * s.HD, 1]      # [B, h, T, HD] view of packed qkv
         o = [s.T * s.HQ * s.HD, s.HD, s.HQ * s.HD, 1]              # [B, HQ, T, HD] view of o
         lse = [s.HQ * s.T, s.T, 1, 1]                              # [B, HQ, T, 1]
         return qkv, o, lse
 
-    def _build(self, backward: bool):
-        cudnn, s = self.cudnn, self.shape
+    def _build(self, s: AttnShape, backward: bool):
+        cudnn = self.cudnn
         BF, FP = cudnn.data_type.BFLOAT16, cudnn.data_type.FLOAT
-        sq, so, sl = self._strides()
+        sq, so, sl = self._strides(s)
         # Preferred causal spelling first; the deprecated flag for frontends that lack the former.
         masks = [dict(diagonal_alignment=cudnn.diagonal_alignment.TOP_LEFT, diagonal_band_right_bound=0),
                  dict(use_causal_mask=True)]
@@ -132,9 +136,16 @@ class Attention:
         self._execute(self.fwd, stream, dict(self._pointers(qkv), o=o, lse=lse), workspace)
 
     def backward(self, stream: int, qkv: int, o: int, do: int, lse: int, dqkv: int, workspace: int) -> None:
-        """dqkv <- gradient of the forward w.r.t. packed qkv, given o, its gradient do and lse."""
-        ptrs = dict(self._pointers(qkv), o=o, do=do, lse=lse, **self._pointers(dqkv, grad=True))
-        self._execute(self.bwd, stream, ptrs, workspace)
+        """dqkv <- gradient of the forward w.r.t. packed qkv, given o, its gradient do and lse; in
+        `bwd_chunks` launches of B/bwd_chunks sequences each, one after the other in `workspace`."""
+        s = self.shape
+        bc = s.B // self.bwd_chunks
+        step_qkv, step_o, step_lse = (bc * s.T * s.heads * s.HD * BF16_BYTES, bc * s.T * s.HQ * s.HD * BF16_BYTES,
+                                      bc * s.HQ * s.T * 4)
+        for c in range(self.bwd_chunks):
+            ptrs = dict(self._pointers(qkv + c * step_qkv), o=o + c * step_o, do=do + c * step_o,
+                        lse=lse + c * step_lse, **self._pointers(dqkv + c * step_qkv, grad=True))
+            self._execute(self.bwd, stream, ptrs, workspace)
 
 
 @dataclass(frozen=True)

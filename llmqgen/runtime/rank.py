@@ -66,11 +66,12 @@ class Rank:
         m, b = plan.model, plan.batch
         self.attn = None
         if attention == "cudnn":
-            self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim))
+            self.attn = Attention(AttnShape(b.micro_batch, b.seq_len, m.num_heads, m.num_kv_heads, m.head_dim),
+                                  bwd_chunks=plan.attn_bwd_chunks)
             if self.attn.workspace_bytes > self.rows["ws.attention"].bytes:
                 raise RuntimeError(f"cuDNN SDPA needs {self.attn.workspace_bytes} bytes of workspace, the plan "
                                    f"reserved {self.rows['ws.attention'].bytes}: re-plan with a larger "
-                                   f"attn_bwd_chunks")
+                                   f"attn_bwd_chunks (a divisor of the micro-batch)")
         self.gemms: dict[tuple, Gemm] = {}
         self.L = m.num_layers
         if "work.ones" in self.rows:

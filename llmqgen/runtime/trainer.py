@@ -25,7 +25,6 @@ import numpy as np
 from ..checkpoint.layout import KINDS, PREFIX, instances
 from ..codegen.families import adamw as adamw_family
 from ..compile.build_folder import BuildFolder, open_build
-from ..plan.schedule import runtime_unsupported
 from ..plan.schema import Plan
 from . import driver
 from .collectives import CopyEngine, Nccl
@@ -53,9 +52,6 @@ class Trainer:
         "auto" (cuDNN where nvidia-cudnn-frontend is installed, else the generated kernels).
         devices: the GPU of each rank this process drives (default: 0..N-1; [0, 0] runs two ranks on
         one GPU, for tests). dist: this process's place among NCCL processes (runtime.dist.dist_env)."""
-        unsupported = runtime_unsupported(plan)
-        if unsupported:
-            raise NotImplementedError(f"plan {plan.name}: this runtime cannot execute {'; '.join(unsupported)}")
         self.plan, self.optim = plan, optim or AdamW()
         N = plan.num_gpus
         if plan.collectives == "nccl":

@@ -30,6 +30,7 @@ OFFLOAD_OPTIONS = {
     "quantized_weights": dict(offload=Offload(quantized_weights=True)),
     "gradients": dict(offload=Offload(gradients=True)),
     "recompute.block": dict(recompute=Recompute(block=True)),
+    "attn_bwd_chunks": dict(attn_bwd_chunks=2),     # cuDNN's backward over half the micro-batch at a time
     "streaming": dict(sharding=Sharding.from_zero(3)),
     "block+residual": dict(recompute=Recompute(block=True), offload=Offload(residual=True)),
     "master+adam_m+adam_v": dict(offload=Offload(master=True, adam_m=True, adam_v=True)),

@@ -121,6 +121,29 @@ def test_captured_in_a_cuda_graph(dev):
         driver.stream_destroy(stream)
 
 
+@pytest.mark.parametrize("shape", [SHAPES[1], AttnShape(B=4, T=256, HQ=28, HKV=4, HD=128)], ids=str)
+def test_backward_in_chunks_is_bit_identical(dev, shape):
+    """plan.attn_bwd_chunks: the backward over B/2 sequences at a time, twice, in less workspace, gives the
+    full-batch backward's gradient bit for bit (each sequence's gradient is computed alone either way)."""
+    whole, halves = Attention(shape), Attention(shape, bwd_chunks=2)
+    c = Case(shape, whole)
+    stream = torch.cuda.current_stream().cuda_stream
+    c.forward(stream)
+    c.backward(stream)
+    torch.cuda.synchronize()
+    full = c.dqkv.clone()
+    c.dqkv.fill_(float("nan"))
+    halves.backward(stream, c.qkv.data_ptr(), c.o.data_ptr(), c.do.data_ptr(), c.lse.data_ptr(),
+                    c.dqkv.data_ptr(), c.ws.data_ptr())
+    torch.cuda.synchronize()
+    print(f"\n  {shape}: backward workspace {whole.bwd.workspace} -> {halves.bwd.workspace} bytes in 2 chunks; "
+          f"max |diff| {(c.dqkv.float() - full.float()).abs().max().item():.3g}")
+    assert halves.bwd.workspace <= whole.bwd.workspace
+    assert torch.equal(c.dqkv, full)
+    with pytest.raises(ValueError, match="must divide"):
+        Attention(shape, bwd_chunks=3)
+
+
 @pytest.mark.parametrize("name,heads", [("0.5B", (14, 2, 64)), ("7B", (28, 4, 128))])
 def test_workspace_bytes_for_model_shapes(dev, name, heads, capsys):
     """Report cuDNN's workspace for real model shapes (the planner reserves it) and run with exactly that."""
