@@ -6,6 +6,7 @@ those records through one handler, `terminal_logging`: plain messages on stdout,
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -130,6 +131,21 @@ def _load_plan(path: Path):
 NO_DRIVER_RUNTIME = "no NVIDIA driver found (libcuda): run on a machine with an NVIDIA GPU and driver"
 
 
+def _driver_present() -> bool:
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def _missing_runtime(e: ImportError) -> None:
+    """The GPU runtime did not import: without a driver that is what to say (the extra would not help
+    on a machine without a GPU), else which extra to install."""
+    _fail(NO_DRIVER_RUNTIME if not _driver_present() else
+          f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+
+
 @contextmanager
 def _gpu_runtime():
     """Around the first use of the GPU runtime: cuda-bindings and nvmath load libcuda and the CUDA
@@ -149,7 +165,29 @@ def _gpu_runtime():
         raise
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _OneLineErrors(click.Group):
+    """click's own refusals (a missing file, a number out of range, an unknown option) as the one
+    `error:` line every other refusal is, naming the help to read, instead of click's usage block."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except click.exceptions.NoArgsIsHelpError as e:      # `llmqgen` alone: the help, as click prints it
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            see = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            click.echo(f"error: {e.format_message()}{see}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)      # an int: click's own exit (--help, --version)
+
+
+@click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="llmqgen")
 @click.pass_context
 def main(ctx):
@@ -186,7 +224,7 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
     if show_path is not None:
         p = _load_plan(show_path)
         try:
-            click.echo(p.to_json() if as_json else render_plan(p, str(show_path)))
+            click.echo(p.to_json() if as_json else render_plan(p, str(show_path), written=False))
         except ValueError as e:
             _fail(f"{show_path}: {e}")
         return
@@ -203,7 +241,12 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
     except NoFitError as e:
         _fail(str(e))
     except ValueError as e:             # pydantic's ValidationError is a ValueError too
-        _fail(_message(e))
+        message = _message(e)
+        ctx = click.get_current_context()
+        if message.startswith("--tokens-per-step") and \
+                ctx.get_parameter_source("tokens_per_step") == click.core.ParameterSource.DEFAULT:
+            message = "the default " + message      # the user never typed it: say where it came from
+        _fail(message)
     out_dir = out_dir or plans_dir()
     path = out_dir / f"{p.name}.json"
     try:
@@ -358,7 +401,7 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile
     try:
         from .runtime.bench import run_bench
     except ImportError as e:
-        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+        _missing_runtime(e)
     p = _plan_from(plan_path, model_name, gpus)
     ranks = None
     if devices:
@@ -417,7 +460,7 @@ def _check_data(data, spec) -> None:
     try:
         from .runtime.run import check_dataset, check_vocab
     except ImportError as e:
-        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+        _missing_runtime(e)
     try:
         if data is None:        # the embedded corpus: known without preparing it
             from .data.tokenizer import load_tokenizer
@@ -434,7 +477,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     try:
         from .runtime.run import RunConfig, train
     except ImportError as e:
-        _fail(f"{e}: the GPU runtime needs its extra: pip install 'llmqgen[gpu]'")
+        _missing_runtime(e)
     from click.core import ParameterSource
     ctx = click.get_current_context(silent=True)
 
@@ -443,9 +486,9 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
         return None if src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) else value
     _check_data(data, p.model)
     if data is None:
-        from .data.corpus import default_corpus, describe
-        logger.info(f"no --data given: training on the embedded default corpus ({describe()})")
-        data = default_corpus()
+        from .data.corpus import default_corpus
+        logger.info("no --data given: training on the embedded default corpus")
+        data = default_corpus()         # says what the corpus is
     changes = tuple(c.strip().replace("-", "_") for item in change for c in item.split(",") if c.strip())
     cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=given("steps", steps),
                     lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),

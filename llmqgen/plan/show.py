@@ -60,12 +60,13 @@ def predicted_block(plan: Plan) -> list[str]:
             f"  MFU        {'per GPU: ' if n > 1 else ''}BF16-equivalent, {r.flops_per_token / 1e9:.2f} GFLOP/token"]
 
 
-def render_plan(plan: Plan, path: str | None = None) -> str:
+def render_plan(plan: Plan, path: str | None = None, written: bool = True) -> str:
     e = plan.estimate
     if e is None:
         raise ValueError("this plan has no estimate: re-solve it with `llmqgen plan`")
     inv, m = plan.inventory, plan.model
-    lines = [f"Plan {plan.name}" + (f"  ->  {path}" if path else ""),
+    where = "" if not path else f"  ->  {path}" if written else f"  (from {path})"
+    lines = [f"Plan {plan.name}" + where,
              f"  model      {m.name}: {m.num_params() / 1e9:.2f}B parameters, {m.num_layers} layers, "
              f"hidden {m.hidden_size}, vocab {m.vocab_size}",
              "  hardware   " + (f"{inv.nodes} machines of " if inv.nodes > 1 else "")

@@ -381,10 +381,16 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         mb_pin = seqs // ga_pin
     if mb_pin is not None:
         if mb_pin % unit:
-            works = valid or [unit * 2**i for i in range(4)]
-            raise ValueError(f"--micro-batch {mb_pin} gives {mb_pin * seq_len} token rows per micro-step, which "
-                             f"must be {rules}: use --micro-batch {_or(works)}"
-                             + ("" if valid else f" with {_tokens_hint(tokens_per_step, per_micro * unit)}"))
+            rows = mb_pin * seq_len
+            broken = ([f"{rows} token rows per micro-step must be a multiple of {FP8_GRAIN} for FP8 matmuls"]
+                      if fp8 and rows % FP8_GRAIN else []) + (
+                     [f"its {rows} token rows must be divisible by lm_head_chunks={chunks_pin}"]
+                      if chunks_pin and rows % chunks_pin else []) + (
+                     [f"it must be divisible by attn_bwd_chunks={attn_chunks}"] if mb_pin % attn_chunks else [])
+            near = max(unit, round(mb_pin / unit) * unit)       # the valid micro-batch nearest the one asked for
+            fix = (f"--micro-batch {_or(valid)}" if valid else
+                   f"--micro-batch {near} with {_tokens_hint(tokens_per_step, per_micro * near)}")
+            raise ValueError(f"--micro-batch {mb_pin}: {'; '.join(broken)}: use {fix}")
         need = per_micro * mb_pin
         if tokens_per_step % need or (ga_pin is not None and tokens_per_step != need * ga_pin):
             alt = f", or --micro-batch {_or(valid)}" if valid and ga_pin is None else ""
@@ -563,7 +569,9 @@ def _differs(a: Plan, b: Plan, skip: str = "") -> str:
 
 
 def _faster(best: Scored, alt: Scored) -> str:
-    return f"{100 * (alt.cost.step_ms / best.cost.step_ms - 1):.1f}%"
+    """How much faster `best` is than `alt`, e.g. "3.2% faster" (or "0.8% slower", when a margin kept it)."""
+    gain = 100 * (alt.cost.step_ms / best.cost.step_ms - 1)
+    return f"{gain:.1f}% faster" if gain >= 0 else f"{-gain:.1f}% slower"
 
 
 def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
@@ -572,7 +580,7 @@ def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
     if not names:
         why = "none: everything fits on the GPU"
         if top is not best and top.plan.offload.names():
-            why += (f"; offloading {'+'.join(top.plan.offload.names())} would be {_faster(top, best)} faster, "
+            why += (f"; offloading {'+'.join(top.plan.offload.names())} would be {_faster(top, best)}, "
                     f"under the {100 * K.OFFLOAD_MARGIN:.0f}% margin that offload must win by")
         return why
     mine = set(names)
@@ -581,7 +589,7 @@ def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
     if less is None:
         return head + "needed to fit (no plan that offloads less fits)"
     gained = _differs(best.plan, less.plan)
-    return (head + f"{_faster(best, less)} faster than the fastest plan offloading less "
+    return (head + f"{_faster(best, less)} than the fastest plan offloading less "
             f"({'+'.join(less.plan.offload.names()) or 'nothing'}"
             + (f"): the device memory it frees buys {gained}" if gained else ")"))
 
@@ -597,7 +605,7 @@ def _recompute_reason(best: Scored, fitting: list[Scored], act: int) -> str:
         return head + "the least recompute that fits"
     alt = less[0]
     gained = _differs(best.plan, alt.plan, skip="recompute")
-    return (head + f"{_faster(best, alt)} faster than the fastest plan recomputing less "
+    return (head + f"{_faster(best, alt)} than the fastest plan recomputing less "
             f"({'+'.join(alt.plan.recompute.names()) or 'none'})"
             + (f": the memory it saves buys {gained}" if gained else ""))
 
@@ -609,9 +617,10 @@ def _sharding_reason(best: Scored, fitting: list[Scored]) -> str:
         return f"ZeRO-{z}: the only sharding that fits"
     alt = others[0]
     if alt.cost.step_ms < best.cost.step_ms:
-        return (f"ZeRO-{z}: ZeRO-{alt.plan.sharding.zero} would be {_faster(alt, best)} faster, under the "
+        return (f"ZeRO-{z}: ZeRO-{alt.plan.sharding.zero} would be {_faster(alt, best)}, under the "
                 f"{100 * K.SHARDING_MARGIN:.0f}% margin per ZeRO level above 1 (estimated collective overlap)")
-    return f"ZeRO-{z}: fastest sharding that fits (ZeRO-{alt.plan.sharding.zero} {_faster(best, alt)} slower)"
+    slower = 100 * (alt.cost.step_ms / best.cost.step_ms - 1)
+    return f"ZeRO-{z}: fastest sharding that fits (ZeRO-{alt.plan.sharding.zero} {slower:.1f}% slower)"
 
 
 def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[str, str]:

@@ -263,7 +263,7 @@ def run_header(plan: Plan, steps: int, out: Path) -> list[str]:
     prediction in the same report as the step lines (llmqgen.metrics.Throughput)."""
     inv = plan.inventory
     gpus = (f"{inv.nodes} x " if inv.nodes > 1 else "") + f"{inv.count} x {inv.gpu.display_name}"
-    lines = [f"run {plan.name}: {steps} steps of {plan.tokens_per_step:,} tokens on {gpus} -> {out}"]
+    lines = [f"run {plan.name}: {steps} step{'s' if steps != 1 else ''} of {plan.tokens_per_step:,} tokens on {gpus} -> {out}"]
     if plan.estimate is not None:
         e = plan.estimate
         lines.append(f"predicted {e.step_ms:.0f} ms/step | "

@@ -1,6 +1,7 @@
 """Bad input through the CLI: one clear line (`error: ...` or click's usage error), a non-zero exit and
 nothing written -- never a traceback."""
 import json
+import re
 import sys
 import types
 
@@ -43,7 +44,7 @@ def plan_file(tmp_path):
 def test_field_case_seq_len_1000(tmp_path):
     out = tmp_path / "plans"
     line = our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--out", out),
-                    "pick e.g. 524000")
+                    "error: the default --tokens-per-step 524288 is not", "pick e.g. 524000")
     assert "multiples of 2" in line
     r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--tokens-per-step", 524000,
                "--name", "s1000", "--out", out)
@@ -55,8 +56,19 @@ def test_field_case_seq_len_1000(tmp_path):
     assert r.exit_code == 0 and json.loads((out / "s1000mb4.json").read_text())["batch"]["micro_batch"] == 4
     our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--tokens-per-step", 524000,
                     "--micro-batch", 1, "--name", "s1000mb1", "--out", out),
-             "--micro-batch 1 gives 1000 token rows", "use --micro-batch 2, 4, 262 or 524")
+             "--micro-batch 1: 1000 token rows per micro-step must be a multiple of 16", "use --micro-batch 2, 4, 262 or 524")
     assert not (out / "s1000mb1.json").exists()
+
+
+def test_attn_bwd_chunks_that_do_not_divide_the_micro_batch(tmp_path):
+    """The hint names only the rule broken, and the micro-batch and tokens per step it suggests do plan."""
+    line = our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--set", "attn_bwd_chunks=3",
+                           "--micro-batch", 16, "--out", tmp_path), "divisible by attn_bwd_chunks=3")
+    assert "FP8" not in line
+    mb, tokens = re.search(r"use --micro-batch (\d+) with --tokens-per-step (\d+)", line).groups()
+    r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--set", "attn_bwd_chunks=3", "--micro-batch", mb,
+               "--tokens-per-step", tokens, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
 
 
 def test_field_case_seq_len_1001(tmp_path):
@@ -224,6 +236,25 @@ def test_missing_cuda_library_is_one_line(monkeypatch, plan_file):
     bench.run_bench = fail
     monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", bench)
     our_line(invoke("bench", "--plan", plan_file), "libcublasLt", "pip install 'llmqgen[gpu]'")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("plan", "--show", "nonexist.json"), "'nonexist.json' does not exist"),
+    (("plan", "--micro-batch", 0), "0 is not in the range x>=1"),
+    (("plan", "--bogus"), "No such option '--bogus'"),
+    (("nothing",), "No such command 'nothing'")])
+def test_clicks_own_refusals_are_one_line_too(args, needle):
+    line = our_line(invoke(*args), needle, "--help`)")
+    assert line.startswith("error: ") and "Usage:" not in invoke(*args).output
+
+
+def test_no_driver_is_said_before_the_missing_gpu_extra(monkeypatch, plan_file, tmp_path):
+    """On a machine without a GPU, installing the extra would not help: the driver is named first."""
+    monkeypatch.setattr("llmqgen.cli._driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", None)      # import fails: no GPU extra
+    assert our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path)) == f"error: {NO_DRIVER_RUNTIME}"
+    monkeypatch.setattr("llmqgen.cli._driver_present", lambda: True)
+    our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path), "pip install 'llmqgen[gpu]'")
 
 
 def test_bench_devices_must_be_indices(no_driver_runtime, plan_file):

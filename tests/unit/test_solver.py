@@ -112,7 +112,7 @@ def test_fp8_rows_seq_len_1001():
 
 
 def test_pinned_micro_batch_that_breaks_the_fp8_rule_names_the_ones_that_work():
-    with pytest.raises(ValueError, match=r"--micro-batch 1 gives 1000 token rows.*multiple of 16.*"
+    with pytest.raises(ValueError, match=r"--micro-batch 1: 1000 token rows.*multiple of 16.*"
                                          r"use --micro-batch 2, 4, 262 or 524"):
         solve(resolve_model("0.5b"), inv("h200"), seq_len=1000, tokens_per_step=524000, pins={"batch.micro_batch": 1})
     with pytest.raises(ValueError, match=r"= 8 x 1000 x 1 = 8000: use --tokens-per-step 520000 \(or 528000\), "
