@@ -265,10 +265,17 @@ def micro_batch_unit(seq_len: int, fp8: bool, lm_head_chunks: Optional[int] = No
     return rule // gcd(rule, seq_len)
 
 
-def _row_rules(fp8: bool, chunks: Optional[int]) -> str:
-    rules = ([f"a multiple of {FP8_GRAIN} for FP8 matmuls"] if fp8 else []) + (
-        [f"divisible by lm_head_chunks={chunks}"] if chunks and chunks > 1 else [])
-    return " and ".join(rules)
+def _batch_rules(fp8: bool, chunks: Optional[int], attn_chunks: int, seq_len: int,
+                 micro_batch: Optional[int] = None) -> str:
+    """The rules a micro-batch must meet, as one phrase; given a micro-batch, only those it breaks."""
+    rows = None if micro_batch is None else micro_batch * seq_len
+    on_rows = ([f"a multiple of {FP8_GRAIN} for FP8 matmuls"] if fp8 and (rows is None or rows % FP8_GRAIN) else []) + (
+        [f"divisible by lm_head_chunks={chunks}"] if chunks and chunks > 1 and (rows is None or rows % chunks) else [])
+    on_batch = attn_chunks > 1 and (micro_batch is None or micro_batch % attn_chunks)
+    rows_text = "the token rows of a micro-step, micro_batch x {0}, must be " if rows is None else \
+        f"{rows} token rows per micro-step must be "
+    return "; ".join(([rows_text.format(seq_len) + " and ".join(on_rows)] if on_rows else [])
+                     + ([f"the micro-batch must be divisible by attn_bwd_chunks={attn_chunks}"] if on_batch else []))
 
 
 def _divisors(n: int) -> list[int]:
@@ -363,9 +370,6 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     ga_pin = pins.pop("batch.grad_accum", None)
     attn_chunks = pins.get("attn_bwd_chunks") or 1         # the attention backward's parts divide the micro-batch
     unit = _lcm(micro_batch_unit(seq_len, fp8, chunks_pin), attn_chunks)   # valid micro-batches: its multiples
-    rules = " and ".join(r for r in (_row_rules(fp8, chunks_pin),
-                                     f"a micro-batch divisible by attn_bwd_chunks={attn_chunks}"
-                                     if attn_chunks > 1 else "") if r)
     per_micro = seq_len * N
     gpus = f"{N} GPU{'s' if N > 1 else ''}"
     if tokens_per_step < per_micro:
@@ -381,16 +385,11 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         mb_pin = seqs // ga_pin
     if mb_pin is not None:
         if mb_pin % unit:
-            rows = mb_pin * seq_len
-            broken = ([f"{rows} token rows per micro-step must be a multiple of {FP8_GRAIN} for FP8 matmuls"]
-                      if fp8 and rows % FP8_GRAIN else []) + (
-                     [f"its {rows} token rows must be divisible by lm_head_chunks={chunks_pin}"]
-                      if chunks_pin and rows % chunks_pin else []) + (
-                     [f"it must be divisible by attn_bwd_chunks={attn_chunks}"] if mb_pin % attn_chunks else [])
             near = max(unit, round(mb_pin / unit) * unit)       # the valid micro-batch nearest the one asked for
             fix = (f"--micro-batch {_or(valid)}" if valid else
                    f"--micro-batch {near} with {_tokens_hint(tokens_per_step, per_micro * near)}")
-            raise ValueError(f"--micro-batch {mb_pin}: {'; '.join(broken)}: use {fix}")
+            raise ValueError(f"--micro-batch {mb_pin}: {_batch_rules(fp8, chunks_pin, attn_chunks, seq_len, mb_pin)}: "
+                             f"use {fix}")
         need = per_micro * mb_pin
         if tokens_per_step % need or (ga_pin is not None and tokens_per_step != need * ga_pin):
             alt = f", or --micro-batch {_or(valid)}" if valid and ga_pin is None else ""
@@ -402,8 +401,8 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     else:
         step_unit = per_micro * unit
         if tokens_per_step % step_unit:
-            why = "" if unit == 1 else (f" (the token rows of a micro-step, micro_batch x {seq_len}, must be "
-                                        f"{rules}, so micro-batches are multiples of {unit})")
+            why = "" if unit == 1 else (f" ({_batch_rules(fp8, chunks_pin, attn_chunks, seq_len)}, so micro-batches "
+                                        f"are multiples of {unit})")
             raise ValueError(f"--tokens-per-step {tokens_per_step} is not a multiple of seq_len x GPUs"
                              + (f" x {unit}" if unit > 1 else "") + f" = {step_unit}{why}: pick e.g. "
                              + _tokens_hint(tokens_per_step, step_unit).split(" ", 1)[1])
