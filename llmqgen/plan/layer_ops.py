@@ -99,12 +99,14 @@ def block_op(e: Emitter, name: str, phase: str, from_saved: bool = False) -> Non
      }[name]()
 
 
-def linear_backward(e: Emitter, name: str, dy: Ref, dx: Ref) -> None:
-    """dgrad into dx and wgrad accumulated into the layer's gradient; FP8 through transposed copies."""
+def linear_backward(e: Emitter, name: str, dy: Ref | None, dx: Ref) -> None:
+    """dgrad into dx and wgrad accumulated into the layer's gradient; FP8 through transposed copies (dy None:
+    its fp8 copies are in work.dy_q and work.dy_qt already)."""
     lin, (N, K), b = LINEARS[name], e.m.block_matrix_shapes()[name], "backward"
     x = Ref(f"act.{lin.x}", "l")
     if e.fp8:
-        quantize(e, "dual_", lin.dy_slot, b, dy, out=Ref("work.dy_q"), out_t=Ref("work.dy_qt"))
+        if dy is not None:
+            quantize(e, "dual_", lin.dy_slot, b, dy, out=Ref("work.dy_q"), out_t=Ref("work.dy_qt"))
         e.kernel(f"llmq_transpose_fp8_{e.tsite['w_' + name]}", b, out_t=Ref("work.w_qt"), **{"in": e.weight(name)})
         if lin.x_slot != "att":
             e.kernel(f"llmq_transpose_fp8_{e.tsite[lin.x_slot]}", b, out_t=Ref("work.x_qt"), **{"in": x})
@@ -128,9 +130,15 @@ def block_backward(e: Emitter) -> None:
     if e.fp8:   # the residual gradient came from the layer above: its amax is taken here
         e.kernel(f"llmq_amax_{e.site['d_down']}", b, **{"in": d_res}, stats=Fp8Ref("d_down"))
     linear_backward(e, "down", d_res, Ref("work.d_h"))
-    e.kernel("llmq_swiglu_backward", b, d_gate_up=Ref("work.d_gu"), dh=Ref("work.d_h"), gate_up=Ref("act.gu", "l"),
-             **e.amax("d_gu"))
-    linear_backward(e, "gate_up", Ref("work.d_gu"), d_ln)
+    dh, gu = Ref("work.d_h"), Ref("act.gu", "l")
+    if e.fp8:   # d_gate_up straight into its fp8 copies (two passes: the amax, then the bytes)
+        e.kernel("llmq_swiglu_backward_amax", b, dh=dh, gate_up=gu, stats=Fp8Ref("d_gu"))
+        e.kernel("llmq_swiglu_backward_dual", b, out=Ref("work.dy_q"), out_t=Ref("work.dy_qt"), dh=dh, gate_up=gu,
+                 stats=Fp8Ref("d_gu"))
+        linear_backward(e, "gate_up", None, d_ln)
+    else:
+        e.kernel("llmq_swiglu_backward", b, d_gate_up=Ref("work.d_gu"), dh=dh, gate_up=gu)
+        linear_backward(e, "gate_up", Ref("work.d_gu"), d_ln)
     e.kernel("llmq_rmsnorm_backward_ln2", b, dx=d_res, d_res=d_res, dy=d_ln, res=Ref("act.res2", "l"),
              weight=e.weight("ln2"), rstd=Ref("act.rstd2", "l"), dw_partial=Ref("work.norm_partials"),
              **e.amax("d_att_out"))

@@ -260,7 +260,8 @@ def _layer_scratch(t: _Table, m: ModelSpec, p: Precision, B: int, T: int, gpu: G
     work("d_ln", "bf16", (BT, C))
     work("d_qkv", "bf16", (BT, QKV))
     work("d_att", "bf16", (BT, QDIM))
-    work("d_gu", "bf16", (BT, 2 * F))
+    if p.matmul != "e4m3":     # FP8: the SwiGLU backward writes d_gu's fp8 copies (dy_q, dy_qt) itself
+        work("d_gu", "bf16", (BT, 2 * F))
     work("d_h", "bf16", (BT, F))
     # the kernels' grids on this GPU decide the scratch sizes
     work("norm_partials", "uint8", (norm_partials_bytes(gpu.arch, gpu.sm_count, BT, C, m.num_heads,

@@ -5,12 +5,14 @@ from __future__ import annotations
 from .refs import row_ref
 
 # Kernel arguments a kernel only writes, by kernel-name prefix (every other argument is read, or read
-# and written). A row is killed by an operation only if all its references there are such writes.
+# and written; the first matching prefix counts: longer ones first). A row is killed by an operation only if
+# all its references there are such writes.
 KERNEL_WRITES = {
     "llmq_quantize_": ("out", "out_t"), "llmq_transpose_fp8_": ("out_t",),
     "llmq_rmsnorm_forward_": ("res_out", "y", "rstd"), "llmq_rmsnorm_recompute_": ("y",),
     "llmq_rmsnorm_backward_": ("dx", "dw_partial"), "llmq_rope_forward": ("out", "rstd"),
-    "llmq_rope_backward": ("dw_partial",), "llmq_swiglu_forward": ("h",), "llmq_swiglu_backward": ("d_gate_up",),
+    "llmq_rope_backward": ("dw_partial",), "llmq_swiglu_forward": ("h",),
+    "llmq_swiglu_backward_dual": ("out", "out_t"), "llmq_swiglu_backward": ("d_gate_up",),
     "llmq_embedding_forward": ("x",), "llmq_crossentropy_fused": ("losses", "lse"), "llmq_rope_table": ("table",),
     "llmq_cast_f32_bf16": ("dst",),
 }

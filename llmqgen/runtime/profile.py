@@ -322,3 +322,36 @@ def profile_step(trainer, batches, lr: float = 1e-4, preroll: bool = True) -> di
         trainer.accumulate(batches)
         trainer.optimizer_step(lr=lr)
     return prof.report()
+
+
+def graphed_step(trainer, batches, lr: float = 1e-4) -> dict:
+    """One step as training runs it (CUDA graphs), with events between its parts on rank 0's stream:
+    the GPU time of each micro-step, of the gradient norm and of the optimizer, beside the step's wall
+    time. The rest of the wall time is the GPU waiting for the host (syncs, reads, launches)."""
+    trainer.marks = []
+    t0 = time.perf_counter()
+    try:
+        trainer.accumulate(batches)
+        trainer.optimizer_step(lr=lr)
+        trainer._sync()
+        wall = 1e3 * (time.perf_counter() - t0)
+        marks, parts = trainer.marks, defaultdict(list)
+        trainer.ranks[0].dev.make_current()
+        for (_, e0), (what, e1) in zip(marks, marks[1:]):
+            if what != "start":
+                parts[what].append(driver.event_elapsed_ms(e0, e1))
+    finally:
+        for _, e in trainer.marks:
+            driver.event_destroy(e)
+        trainer.marks = None
+    gpu = sum(sum(v) for v in parts.values())
+    return {"wall_ms": wall, "gpu_ms": gpu, "parts": {k: {"count": len(v), "ms": sum(v)} for k, v in parts.items()},
+            "micro_step_ms": parts["micro-step"], "host_wait_ms": wall - gpu}
+
+
+def format_graphed(g: dict) -> str:
+    """One line of graphed_step's result."""
+    parts = ", ".join(f"{k} {v['ms']:.1f} ms" + (f" ({v['count']})" if v["count"] > 1 else "")
+                      for k, v in g["parts"].items())
+    return (f"graphed step: {g['wall_ms']:.1f} ms of wall time, {g['gpu_ms']:.1f} ms between events on the GPU "
+            f"({parts}); {g['host_wait_ms']:.1f} ms outside them (the GPU waiting for the host)")

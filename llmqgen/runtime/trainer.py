@@ -43,6 +43,8 @@ class AdamW:
 
 
 class Trainer:
+    marks: list | None = None       # (what, event) on rank 0's stream while profile.graphed_step times a step
+
     def __init__(self, plan: Plan, *, seed: int = 0, optim: AdamW | None = None, out_root: str = "build",
                  graphs: bool = True, attention: str = "auto", devices: list[int] | None = None,
                  dist: DistEnv | None = None, build: BuildFolder | None = None):
@@ -146,6 +148,14 @@ class Trainer:
             self._wait(done)
         self.pending.clear()
 
+    def _mark(self, what: str) -> None:
+        if self.marks is not None:
+            rk = self.ranks[0]
+            rk.dev.make_current()
+            e = driver.event_create(timing=True)
+            driver.event_record(e, rk.stream)
+            self.marks.append((what, e))
+
     def _sync(self) -> None:
         for rk in self.ranks:
             driver.stream_synchronize(rk.stream)
@@ -243,12 +253,14 @@ class Trainer:
             rk.dev.make_current()
             rk.set_scalar("loss", [0.0])
             rk.set_scalar("grad_scale", [1.0 / valid])
+        self._mark("start")
         for m in range(per):
             for rk in self.ranks:
                 rk.dev.make_current()
                 rk.feed(batches[rk.rank * per + m])
             self._execute([program(rk) for rk in self.ranks], key=key)
             self._drain()       # the next micro-step reuses the double buffers from its first block on
+            self._mark("micro-step")
         if isinstance(self.comm, Nccl):     # each process holds its tokens' share of the loss: sum them
             self.comm.sum_floats([rk.ptr("scalar:loss", None) for rk in self.ranks], 1)
         self._sync()
@@ -293,14 +305,18 @@ class Trainer:
         for rk in self.ranks:
             rk.dev.make_current()
             rk.set_scalar("hyper", hyper)
+        self._mark("start")
         self._execute([rk.norm_program for rk in self.ranks], key="norm")
+        self._mark("gradient norm")
         rk = self.ranks[0]
         norm = float(rk.download(rk.ptr("scalar:norm", None), np.float32, (4,))[0])
         if self.any_rank(not (apply and math.isfinite(norm))):
             self.zero_gradients()
             return norm if apply else float("nan")
         self.step_count = t
+        self._mark("start")
         self._execute([rk.optimizer_program for rk in self.ranks], key="optimizer")
+        self._mark("optimizer")
         return norm
 
     def eval_loss(self, batches) -> float:

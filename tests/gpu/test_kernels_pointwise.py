@@ -62,11 +62,26 @@ def test_swiglu(built):
         assert amax[0].item() == h.float().abs().max().item()
     dh = rnd(BT, F)
     ref.backward(dh.float())
-    dgu, amax = nan_like(gu), slot()
-    prog.launch("llmq_swiglu_backward", dgu, dh, gu, *([amax] if fp8 else []))
-    close(dgu, torch.cat([g.grad, u.grad], 1))
-    if fp8:
-        assert amax[0].item() == dgu.float().abs().max().item()
+    ref = torch.cat([g.grad, u.grad], 1)
+    if not fp8:
+        dgu = nan_like(gu)
+        prog.launch("llmq_swiglu_backward", dgu, dh, gu)
+        close(dgu, ref)
+        return
+    # FP8: the amax pass, then d_gate_up's fp8 copy and its transpose, quantized with that amax
+    stats = torch.tensor([0, 0, 0, 0, float("nan"), 0, 0, 0], dtype=torch.float32, device="cuda")
+    prog.launch("llmq_swiglu_backward_amax", dh, gu, stats)
+    amax = stats[0].item()
+    assert amax == pytest.approx(ref.bfloat16().float().abs().max().item(), rel=1e-2)
+    fmax = prog.kernels["llmq_swiglu_backward_dual"].meta["fmax"]
+    out, out_t = (torch.full((BT * 2 * F,), 0xFF, dtype=torch.uint8, device="cuda") for _ in range(2))
+    prog.launch("llmq_swiglu_backward_dual", out, out_t, dh, gu, stats)
+    assert stats[0].item() == amax and stats[4].item() == pytest.approx(amax / fmax, rel=1e-6)
+    assert torch.equal(out_t.view(2 * F, BT), out.view(BT, 2 * F).t())
+    fp8_dtype = getattr(torch, FP8_TORCH[ctx["GRAD_DTYPE"]])
+    decoded = out.view(fp8_dtype).view(BT, 2 * F).float() * stats[4]
+    rtol = 0.07 if ctx["GRAD_DTYPE"] == "e4m3" else 0.13         # 3 / 2 mantissa bits, plus bf16 rounding
+    torch.testing.assert_close(decoded, ref, rtol=rtol, atol=stats[4].item() * 0.02)
 
 
 def _norm_ref(x, w, eps):

@@ -16,8 +16,8 @@ FAMILIES = [
     "embedding",
     "rmsnorm",
     "rope",
+    "quantize",     # before swiglu: its FP8 backward uses the quantize helpers
     "swiglu",
-    "quantize",
     "crossentropy",
     "adamw",
     "gradnorm",
