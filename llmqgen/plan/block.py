@@ -106,13 +106,13 @@ LINEARS = {"qkv": Linear("qkv", "ln1", "ln1", "d_qkv"), "attn_out": Linear("attn
            "gate_up": Linear("gate_up", "ln2", "ln2", "d_gu"), "down": Linear("down", "h", "h", "d_down")}
 
 # FP8 slot -> (the quantize family's site, the conversions the step makes). Input slots: the forward's copy
-# (ln1, ln2, h: written by their producer's quantize; att: amax then quantize, cuDNN gives no amax) and wgrad's
-# transpose; output-gradient slots: dual (d_down's amax too: the layer above's residual gradient has none),
-# except d_gu, which the SwiGLU backward writes in fp8 itself (codegen/families/swiglu.py).
+# (ln1, ln2: quantized after their norm; att: amax then quantize, cuDNN gives no amax) and wgrad's transpose;
+# output-gradient slots: dual (d_down's amax too: the layer above's residual gradient has none). SwiGLU writes
+# h and d_gu in fp8 itself (codegen/families/swiglu.py): those slots convert nothing but h's transpose.
 # Site order is the quantize family's: the first site of a shape names its kernels.
 FP8_CONVERSIONS = {
     "ln1": ("ln1", ("quantize", "transpose")), "att": ("att", ("amax", "quantize", "quantize_t")),
-    "ln2": ("ln2", ("quantize", "transpose")), "h": ("swiglu", ("quantize", "transpose")),
+    "ln2": ("ln2", ("quantize", "transpose")), "h": ("swiglu", ("transpose",)),
     "d_qkv": ("d_qkv", ("dual",)), "d_att_out": ("d_att_out", ("dual",)), "d_gu": ("d_gate_up", ()),
     "d_down": ("d_down", ("amax", "dual")),
 }

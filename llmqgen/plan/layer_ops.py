@@ -78,10 +78,12 @@ def attn_out(e: Emitter, phase: str) -> None:
 
 
 def swiglu(e: Emitter, phase: str) -> None:
-    h = Ref("work.h") if e.fp8 else Ref("act.h", "l")
-    e.kernel("llmq_swiglu_forward", phase, h=h, gate_up=Ref("act.gu", "l"), **e.amax("h"))
-    if e.fp8:
-        quantize(e, "", "h", phase, Ref("work.h"), out=Ref("act.h", "l"))
+    h, gu = Ref("act.h", "l"), Ref("act.gu", "l")
+    if e.fp8:   # h straight into e4m3 (two passes: the amax, then the bytes)
+        e.kernel("llmq_swiglu_forward_amax", phase, gate_up=gu, stats=Fp8Ref("h"))
+        e.kernel("llmq_swiglu_forward_fp8", phase, h=h, gate_up=gu, stats=Fp8Ref("h"))
+    else:
+        e.kernel("llmq_swiglu_forward", phase, h=h, gate_up=gu)
 
 
 def block_op(e: Emitter, name: str, phase: str, from_saved: bool = False) -> None:

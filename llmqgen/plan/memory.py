@@ -247,7 +247,6 @@ def _layer_scratch(t: _Table, m: ModelSpec, p: Precision, B: int, T: int, gpu: G
     work("branch", "bf16", (BT, C), note="attn-out / down output")
     if p.matmul == "e4m3":
         work("ln", "bf16", (BT, C), note="norm output before e4m3")
-        work("h", "bf16", (BT, F), note="swiglu output before e4m3")
         work("att_q", "e4m3", (BT, QDIM), note="attention output in e4m3")
         work("dy_q", p.gradient, (BT, widest), note="e4m3/e5m2 output gradient")
         work("dy_qt", p.gradient, (widest, BT), note="its transpose (wgrad)")

@@ -52,14 +52,18 @@ def test_swiglu(built):
     torch.manual_seed(0)
     BT, F, fp8 = ctx["BT"], ctx["F"], ctx["FP8"]
     gu = rnd(BT, 2 * F, scale=2.0)
-    h, amax = nan_like(rnd(BT, F)), slot()
-    prog.launch("llmq_swiglu_forward", h, gu, *([amax] if fp8 else []))
     g = gu[:, :F].float().requires_grad_()
     u = gu[:, F:].float().requires_grad_()
     ref = torch.nn.functional.silu(g) * u
-    close(h, ref)
-    if fp8:
-        assert amax[0].item() == h.float().abs().max().item()
+    if fp8:     # the amax pass, then h in e4m3 with it
+        stats = torch.tensor([0, 0, 0, 0, float("nan"), 0, 0, 0], dtype=torch.float32, device="cuda")
+        prog.launch("llmq_swiglu_forward_amax", gu, stats)
+        _check_fp8(prog, "llmq_swiglu_forward_fp8", stats, ref, "e4m3", lambda out: prog.launch(
+            "llmq_swiglu_forward_fp8", out, gu, stats))
+    else:
+        h = nan_like(rnd(BT, F))
+        prog.launch("llmq_swiglu_forward", h, gu)
+        close(h, ref)
     dh = rnd(BT, F)
     ref.backward(dh.float())
     ref = torch.cat([g.grad, u.grad], 1)
@@ -71,17 +75,25 @@ def test_swiglu(built):
     # FP8: the amax pass, then d_gate_up's fp8 copy and its transpose, quantized with that amax
     stats = torch.tensor([0, 0, 0, 0, float("nan"), 0, 0, 0], dtype=torch.float32, device="cuda")
     prog.launch("llmq_swiglu_backward_amax", dh, gu, stats)
+    out_t = torch.full((BT * 2 * F,), 0xFF, dtype=torch.uint8, device="cuda")
+    out = _check_fp8(prog, "llmq_swiglu_backward_dual", stats, ref, ctx["GRAD_DTYPE"], lambda out: prog.launch(
+        "llmq_swiglu_backward_dual", out, out_t, dh, gu, stats))
+    assert torch.equal(out_t.view(2 * F, BT), out.t())
+
+
+def _check_fp8(prog, kernel, stats, ref, fmt, launch):
+    """A fused FP8 output after its amax pass: the amax is the reference's (up to bf16 rounding), the launch
+    keeps it and publishes amax/FMAX, and the bytes decode to the reference within fp8 precision."""
     amax = stats[0].item()
     assert amax == pytest.approx(ref.bfloat16().float().abs().max().item(), rel=1e-2)
-    fmax = prog.kernels["llmq_swiglu_backward_dual"].meta["fmax"]
-    out, out_t = (torch.full((BT * 2 * F,), 0xFF, dtype=torch.uint8, device="cuda") for _ in range(2))
-    prog.launch("llmq_swiglu_backward_dual", out, out_t, dh, gu, stats)
+    out = torch.full(ref.shape, 0xFF, dtype=torch.uint8, device="cuda")
+    launch(out)
+    fmax = prog.kernels[kernel].meta["fmax"]
     assert stats[0].item() == amax and stats[4].item() == pytest.approx(amax / fmax, rel=1e-6)
-    assert torch.equal(out_t.view(2 * F, BT), out.view(BT, 2 * F).t())
-    fp8_dtype = getattr(torch, FP8_TORCH[ctx["GRAD_DTYPE"]])
-    decoded = out.view(fp8_dtype).view(BT, 2 * F).float() * stats[4]
-    rtol = 0.07 if ctx["GRAD_DTYPE"] == "e4m3" else 0.13         # 3 / 2 mantissa bits, plus bf16 rounding
-    torch.testing.assert_close(decoded, ref, rtol=rtol, atol=stats[4].item() * 0.02)
+    decoded = out.view(getattr(torch, FP8_TORCH[fmt])).float() * stats[4]
+    rtol = 0.07 if fmt == "e4m3" else 0.13         # 3 / 2 mantissa bits, plus bf16 rounding
+    torch.testing.assert_close(decoded, ref.detach(), rtol=rtol, atol=stats[4].item() * 0.02)
+    return out
 
 
 def _norm_ref(x, w, eps):

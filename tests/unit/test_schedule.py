@@ -51,9 +51,9 @@ def _label(op):
 
 @pytest.mark.parametrize("rc,expect", [
     ({}, set()),
-    ({"swiglu": True}, {"llmq_swiglu_forward"}),
+    ({"swiglu": True}, {"llmq_swiglu_forward_amax", "llmq_swiglu_forward_fp8"}),   # an FP8 plan
     ({"norm": True}, {"llmq_rmsnorm_recompute_ln1", "llmq_rmsnorm_recompute_ln2"}),
-    ({"ffn": True}, {"linear:gate_up", "llmq_swiglu_forward"}),
+    ({"ffn": True}, {"linear:gate_up", "llmq_swiglu_forward_fp8"}),
     ({"attention": True}, {"linear:qkv", "llmq_rope_forward", "attention_forward"}),
     ({"block": True}, {"llmq_rmsnorm_forward_ln1_first", "linear:qkv", "linear:attn_out", "linear:gate_up",
                        "attention_forward", "llmq_rmsnorm_forward_ln2"}),
