@@ -92,11 +92,14 @@ def step_cost(plan: Plan) -> StepCost:
     t_att = L * (t_att_f * (2 if "attention" in rerun else 1) + t_att_b)
 
     # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,
-    # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes).
+    # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes), less, in FP8
+    # plans, the bf16 d_gate_up the fused SwiGLU backward never writes nor reads back (2F bytes a token: it
+    # reads its inputs twice instead, codegen/families/swiglu.py; its fused forward moves what h's quantize did).
     q = 1 if mm == "e4m3" else 0
     fwd_bytes = BT * (2 * (8 * C + 2 * m.qkv_dim + 3 * F) + q * 3 * (2 * C + m.q_dim + F))
+    bwd_bytes = K.BWD_ELEMENTWISE_RATIO * fwd_bytes - q * BT * 2 * F
     re_frac = 1.0 if r.block else (0.3 * r.norm + 0.4 * r.ffn + 0.2 * r.swiglu + 0.2 * r.qkv)
-    t_elem = L * fwd_bytes * (1 + K.BWD_ELEMENTWISE_RATIO + min(re_frac, 1.0)) / elem_bw
+    t_elem = L * (fwd_bytes * (1 + min(re_frac, 1.0)) + bwd_bytes) / elem_bw
     t_elem += 2 * BT * V * 2 / elem_bw              # cross-entropy reads and rewrites the logits
     t_launch = L * 40 * K.KERNEL_LAUNCH_US * 1e-6
 

@@ -1,0 +1,40 @@
+"""`llmqgen export CHECKPOINT OUT_DIR`: a training checkpoint -> a Hugging Face model directory."""
+from __future__ import annotations
+
+import sys
+
+import click
+import ml_dtypes
+import numpy as np
+
+from .hf import HFCheckpointError, export_hf
+from .safetensors import SafetensorsError
+from .store import CheckpointError, read_checkpoint
+
+_DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--step", default="latest", show_default=True,
+              help="Which checkpoint of a run: latest (the newest intact one) or a step number.")
+@click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="bf16", show_default=True)
+@click.option("--shard-size", default=5.0, show_default=True, type=float,
+              help="GiB per safetensors file; larger models get an index.")
+def export(checkpoint, out_dir, step, dtype, shard_size) -> None:
+    """Write CHECKPOINT as an HF model in OUT_DIR. CHECKPOINT: a run directory (runs/<plan>), its
+    checkpoints/ directory, or one step-NNNNNN directory written by `llmqgen run`."""
+    try:
+        ck = read_checkpoint(checkpoint, step)
+        spec = ck.plan().model
+        files = export_hf(ck.params(), spec, out_dir, shard_bytes=int(shard_size * (1 << 30)),
+                          dtype=_DTYPES[dtype])
+    except (CheckpointError, HFCheckpointError, SafetensorsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        click.echo(f"error: cannot write {out_dir}: {e.strerror or e}", err=True)
+        sys.exit(2)
+    click.echo(f"exported {spec.name} at step {ck.step} from {ck.path} ({dtype}, {len(files)} files) "
+               f"-> {out_dir}")

@@ -1,0 +1,300 @@
+"""The plan: the single configuration that codegen and runtime consume.
+
+Inputs (everything but `estimate`) define the plan's identity; `estimate` holds what the planner
+derived from them (memory table, predicted speed, why each choice was made) and is never hashed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..hardware.spec import Inventory
+from ..models.spec import ModelSpec
+
+SCHEMA_VERSION = 1
+
+MatmulDtype = Literal["e4m3", "bf16"]
+GradDtype = Literal["e4m3", "e5m2", "bf16"]
+StateDtype = Literal["bf16", "fp32"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Precision(_Frozen):
+    matmul: MatmulDtype = "e4m3"       # the four block linears (weights, inputs, activation grads)
+    gradient: GradDtype = "e4m3"       # activation gradients entering FP8 backward matmuls
+    master: StateDtype = "bf16"        # master weights (bf16 with stochastic rounding, or fp32)
+    adam_m: StateDtype = "bf16"
+    adam_v: StateDtype = "bf16"
+
+    @model_validator(mode="after")
+    def _grad_follows_matmul(self):
+        if self.matmul == "bf16" and self.gradient != "bf16":
+            object.__setattr__(self, "gradient", "bf16")
+        if self.matmul == "e4m3" and self.gradient == "bf16":
+            raise ValueError("FP8 matmuls need FP8 activation gradients: gradient must be e4m3 or e5m2")
+        return self
+
+
+class Batch(_Frozen):
+    micro_batch: int = Field(ge=1)     # sequences per GPU per micro-step
+    seq_len: int = Field(ge=16)
+    grad_accum: int = Field(ge=1)      # micro-steps per optimizer step
+
+
+class Recompute(_Frozen):
+    """Which forward activations are recomputed in backward instead of saved (LLMQ's flags).
+
+    Implications (applied on construction, as LLMQ does): ffn -> swiglu; attention -> qkv;
+    block -> everything (only each block's residual input is kept)."""
+
+    swiglu: bool = False      # SwiGLU output, from the saved gate/up product
+    norm: bool = False        # both RMSNorm outputs, from the saved residual
+    ffn: bool = False         # gate/up matmul + SwiGLU, from the (saved or recomputed) norm output
+    qkv: bool = False         # QKV matmul + RoPE, from the (saved or recomputed) norm output
+    attention: bool = False   # attention forward (output and LSE), from recomputed QKV
+    block: bool = False       # the whole block from its residual input
+
+    @model_validator(mode="after")
+    def _implications(self):
+        set_ = lambda k: object.__setattr__(self, k, True)  # noqa: E731 - frozen model
+        if self.block:
+            for k in ("swiglu", "norm", "ffn", "qkv", "attention"):
+                set_(k)
+        if self.ffn:
+            set_("swiglu")
+        if self.attention:
+            set_("qkv")
+        return self
+
+    def names(self) -> list[str]:
+        return [k for k in ("swiglu", "norm", "ffn", "qkv", "attention", "block") if getattr(self, k)]
+
+
+class Offload(_Frozen):
+    """What lives in pinned host memory instead of the GPU (streamed over PCIe when used)."""
+
+    master: bool = False
+    adam_m: bool = False
+    adam_v: bool = False
+    residual: bool = False           # saved per-layer residuals (needed by backward)
+    quantized_weights: bool = False  # FP8/BF16 work copy of the block weights, streamed per layer
+    gradients: bool = False          # weight gradients (accumulated on host after each micro-step)
+
+    def names(self) -> list[str]:
+        return [k for k in type(self).model_fields if getattr(self, k)]
+
+
+class Sharding(_Frozen):
+    """ZeRO sharding over the GPUs. On one GPU, `weights` means streaming weights from host."""
+
+    optimizer: bool = False   # ZeRO-1: master + Adam m/v sharded
+    gradients: bool = False   # ZeRO-2: weight gradients reduce-scattered
+    weights: bool = False     # ZeRO-3: work weights all-gathered per layer
+
+    @property
+    def zero(self) -> int:
+        return 3 if self.weights else 2 if self.gradients else 1 if self.optimizer else 0
+
+    @classmethod
+    def from_zero(cls, level: int) -> "Sharding":
+        return cls(optimizer=level >= 1, gradients=level >= 2, weights=level >= 3)
+
+
+class MemRow(_Frozen):
+    """One allocation of the static layout; the runtime allocates exactly these rows."""
+
+    name: str
+    bytes: int                 # one instance, rounded up to the arena alignment
+    count: int = 1             # instances (num_layers for per-layer rows)
+    place: Literal["device", "host"]
+    # persistent: lives for the whole run; per_layer: one instance per block, saved in forward for
+    # backward; shared: scratch reused by every block; reserve: counted, never allocated by llmqgen
+    # (the CUDA context and library handles take it)
+    lifetime: Literal["persistent", "per_layer", "shared", "reserve"]
+    dtype: str
+    shape: tuple[int, ...]
+    note: str = ""
+    sharded: bool = False      # this GPU's shard (shape (S,)) of a tensor split over the GPUs
+    # device rows: bytes from the arena's base (plan/lifetimes.py packs rows whose lifetimes never
+    # overlap into the same bytes); None in an unpacked table and for host and reserve rows
+    offset: Optional[int] = None
+    # packed rows: (first, last) operation of the step order (lifetimes.step_order) that touches them;
+    # None: live for the whole step
+    live: Optional[tuple[int, int]] = None
+
+    @property
+    def total(self) -> int:
+        return self.bytes * self.count
+
+
+class Candidate(_Frozen):
+    """A runner-up: its choices in a line and why it lost."""
+
+    summary: str
+    step_ms: float
+    tokens_per_s: float
+    device_bytes: int
+    why_not: str
+
+
+class Estimate(_Frozen):
+    memory: list[MemRow]
+    device_bytes: int          # per GPU
+    host_bytes: int            # whole machine
+    step_ms: float             # one optimizer step
+    tokens_per_s: float
+    flops_per_token: float     # training FLOPs per token (6N + attention), for MFU
+    sol_ms: float              # LLMQ's speed-of-light time of one step
+    sol_pct: float
+    mfu_pct: float             # BF16-equivalent model FLOP utilisation
+    breakdown_ms: dict[str, float]
+    reasons: dict[str, str]    # choice -> one line of why
+    runners_up: list[Candidate] = []
+
+
+class Plan(_Frozen):
+    schema_version: int = Field(default=SCHEMA_VERSION, alias="schema")
+    name: str
+    model: ModelSpec
+    inventory: Inventory
+    precision: Precision = Precision()
+    batch: Batch
+    recompute: Recompute = Recompute()
+    offload: Offload = Offload()
+    sharding: Sharding = Sharding()
+    lm_head_chunks: int = Field(default=1, ge=1)
+    attn_bwd_chunks: int = Field(default=1, ge=1)
+    # copy_engine: one process drives every GPU of the machine, collectives are cuMemcpyAsync (peer
+    # copies when peer_copies, else staged through pinned host memory); nccl: one process per GPU
+    collectives: Literal["copy_engine", "nccl"] = "copy_engine"
+    peer_copies: bool = False
+    cuda_graphs: bool = True
+    estimate: Optional[Estimate] = None
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"plan schema {self.schema_version} is not supported by this llmqgen "
+                             f"(expects {SCHEMA_VERSION}): re-run `llmqgen plan` to make a new one")
+        if self.batch.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"seq_len {self.batch.seq_len} exceeds the model's "
+                             f"max_position_embeddings {self.model.max_position_embeddings}")
+        if self.batch.micro_batch % self.attn_bwd_chunks:
+            raise ValueError(f"attn_bwd_chunks {self.attn_bwd_chunks} must divide the micro-batch "
+                             f"{self.batch.micro_batch}: the attention backward runs over equal parts of it")
+        if self.inventory.nodes > 1 and self.collectives != "nccl":
+            raise ValueError(f"{self.inventory.nodes} machines need collectives=nccl: copy engines reach only "
+                             f"the GPUs of one machine")
+        return self
+
+    @property
+    def num_gpus(self) -> int:
+        """Data-parallel ranks over all machines (the sharding divisor)."""
+        return self.inventory.count * self.inventory.nodes
+
+    @property
+    def tokens_per_step(self) -> int:
+        b = self.batch
+        return b.micro_batch * b.seq_len * b.grad_accum * self.num_gpus
+
+    @property
+    def fp8(self) -> bool:
+        return self.precision.matmul == "e4m3"
+
+    def inputs(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True, exclude={"estimate"})
+
+    def inputs_hash(self) -> str:
+        blob = json.dumps(self.inputs(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.model_validate_json(text)
+
+
+# --- reading plan files ---------------------------------------------------------------------------
+class PlanFileError(ValueError):
+    """A file that is not a plan this llmqgen can use; the message says what it is and what to do."""
+
+
+def validation_summary(e: ValidationError, limit: int = 2) -> str:
+    """Pydantic's errors in one line: `batch.micro_batch: Input should be ...; and 3 more`."""
+    parts = []
+    for err in e.errors()[:limit]:
+        where = ".".join(str(x) for x in err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    more = len(e.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _describe(data) -> str:
+    if isinstance(data, dict):
+        keys = ", ".join(list(map(str, data))[:6]) + (", ..." if len(data) > 6 else "")
+        return f"a JSON object with keys {keys}" if data else "an empty JSON object"
+    return f"a JSON {type(data).__name__.replace('str', 'string').replace('NoneType', 'null')}"
+
+
+def plan_from_text(text: str, source: str = "the plan") -> Plan:
+    """A Plan from a plan file's text; PlanFileError (one line) for anything else."""
+    if not text.strip():
+        raise PlanFileError(f"{source} is not an llmqgen plan (the file is empty): make one with `llmqgen plan`")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"{source} is not an llmqgen plan (not valid JSON: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}; a truncated file?): make one with `llmqgen plan`") from None
+    if not isinstance(data, dict) or not {"schema", "model", "inventory", "batch"} <= set(data):
+        raise PlanFileError(f"{source} is not an llmqgen plan ({_describe(data)}; a plan has schema, model, "
+                            f"inventory and batch): make one with `llmqgen plan`")
+    version = data["schema"]
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PlanFileError(f"{source} is not an llmqgen plan (schema {version!r} is not a version number)")
+    if version > SCHEMA_VERSION:
+        raise PlanFileError(f"{source} was written by a newer llmqgen (schema {version} > {SCHEMA_VERSION}): "
+                            f"upgrade llmqgen to read it, or re-run `llmqgen plan` with this one")
+    if version < SCHEMA_VERSION:
+        raise PlanFileError(f"{source} was written by an older llmqgen (schema {version} < {SCHEMA_VERSION}): "
+                            f"re-run `llmqgen plan` to make a new one")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as e:
+        raise PlanFileError(f"{source} is not a valid llmqgen plan ({validation_summary(e)}): "
+                            f"re-run `llmqgen plan` to make a new one") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """A Plan from a plan file; PlanFileError (one line) when it cannot be read or is not a plan."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanFileError(f"{path} is not an llmqgen plan (not a text file): make one with `llmqgen plan`") from None
+    except OSError as e:
+        raise PlanFileError(f"cannot read {path}: {e.strerror or e}") from None
+    return plan_from_text(text, str(path))
+
+
+def check_plan_name(name: str) -> str:
+    """Plan names become file names (plans/<name>.json): one plain file name, no directories."""
+    bad = (not name.strip() or name != name.strip() or any(c in name for c in "/\\:")
+           or name.startswith(".") or any(ord(c) < 32 for c in name))
+    if bad:
+        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".")
+        raise ValueError(f"plan name {name!r} must be a plain file name (no '/', '\\', ':', leading '.' or "
+                         f"spaces at the ends)" + (f": e.g. --name {safe}" if safe else ""))
+    return name

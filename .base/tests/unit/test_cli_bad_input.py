@@ -1,0 +1,314 @@
+"""Bad input through the CLI: one clear line (`error: ...` or click's usage error), a non-zero exit and
+nothing written -- never a traceback."""
+import json
+import re
+import sys
+import types
+
+import pytest
+from click.testing import CliRunner
+
+from llmqgen.cli import NO_DRIVER_RUNTIME, main
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def refused(r, *needles):
+    """The command stopped cleanly: exit 2 (ours or click's usage error), no traceback, the needles said."""
+    assert r.exit_code == 2, (r.exit_code, r.output, r.exception)
+    assert isinstance(r.exception, SystemExit), r.exception
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.output, r.output
+    return r.output
+
+
+def our_line(r, *needles) -> str:
+    """One `error: ...` line."""
+    out = refused(r, *needles)
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, out
+    return errors[0]
+
+
+@pytest.fixture
+def plan_file(tmp_path):
+    r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--host-mem", "64G", "--out", tmp_path, "--name", "ok")
+    assert r.exit_code == 0, r.output
+    return tmp_path / "ok.json"
+
+
+# --- item 6: the FP8 row rule (field case fp8-dims-not-multiple-of-16) ----------------------------
+def test_field_case_seq_len_1000(tmp_path):
+    out = tmp_path / "plans"
+    line = our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--out", out),
+                    "error: the default --tokens-per-step 524288 is not", "pick e.g. 524000")
+    assert "multiples of 2" in line
+    r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--tokens-per-step", 524000,
+               "--name", "s1000", "--out", out)
+    assert r.exit_code == 0, r.output
+    p = json.loads((out / "s1000.json").read_text())
+    assert p["batch"]["micro_batch"] * 1000 % 16 == 0
+    r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--tokens-per-step", 524000,
+               "--micro-batch", 4, "--name", "s1000mb4", "--out", out)
+    assert r.exit_code == 0 and json.loads((out / "s1000mb4.json").read_text())["batch"]["micro_batch"] == 4
+    our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1000, "--tokens-per-step", 524000,
+                    "--micro-batch", 1, "--name", "s1000mb1", "--out", out),
+             "--micro-batch 1: 1000 token rows per micro-step must be a multiple of 16", "use --micro-batch 2, 4, 262 or 524")
+    assert not (out / "s1000mb1.json").exists()
+
+
+def test_attn_bwd_chunks_that_do_not_divide_the_micro_batch(tmp_path):
+    """The hint names only the rule broken, and the micro-batch and tokens per step it suggests do plan."""
+    line = our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--set", "attn_bwd_chunks=3",
+                           "--micro-batch", 16, "--out", tmp_path), "divisible by attn_bwd_chunks=3")
+    assert "FP8" not in line
+    mb, tokens = re.search(r"use --micro-batch (\d+) with --tokens-per-step (\d+)", line).groups()
+    r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--set", "attn_bwd_chunks=3", "--micro-batch", mb,
+               "--tokens-per-step", tokens, "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+
+
+def test_field_case_seq_len_1001(tmp_path):
+    for mb in ([], ["--micro-batch", 16]):
+        r = invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--seq-len", 1001, "--tokens-per-step", 512512,
+                   *mb, "--json", "--out", tmp_path)
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["batch"]["micro_batch"] % 16 == 0
+
+
+# --- item 10: numbers ------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--seq-len", 0], "--seq-len"), (["--seq-len", -1], "--seq-len"), (["--micro-batch", 0], "--micro-batch"),
+    (["--micro-batch", -4], "--micro-batch"), (["--tokens-per-step", 0], "--tokens-per-step"),
+    (["--tokens-per-step", -524288], "--tokens-per-step"),
+])
+def test_plan_out_of_range_numbers(tmp_path, args, needle):
+    refused(invoke("plan", *args, "--out", tmp_path), "Invalid value", needle)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--tokens-per-step", 100], "less than one sequence per GPU (seq_len 1024 x 1 GPU = 1024)"),
+    (["--seq-len", 100000], "max_position_embeddings 32768"),
+    (["--micro-batch", 3], "does not divide"),
+])
+def test_plan_numbers_that_do_not_fit_together(tmp_path, args, needle):
+    line = our_line(invoke("plan", *args, "--out", tmp_path))
+    assert needle in line or needle == "does not divide" and "--micro-batch 1, 2, 4" in line, line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("cmd", [["bench", "--steps", 0], ["bench", "--warmup", -1], ["run", "--steps", 0],
+                                 ["run", "--seed", -1], ["train", "--seq-len", 0], ["run", "--eval-every", -5]])
+def test_run_options_out_of_range(cmd):
+    refused(invoke(*cmd), "Invalid value")
+
+
+# --- item 10: plan files ---------------------------------------------------------------------------
+def _bad_files(tmp_path, plan_file):
+    good = plan_file.read_text()
+    files = {
+        "empty": ("", "is not an llmqgen plan (the file is empty)"),
+        "truncated": (good[:300], "is not an llmqgen plan (not valid JSON"),
+        "foreign": ('{"name": "x", "version": 3}', "is not an llmqgen plan (a JSON object with keys name, version"),
+        "list": ("[1, 2]", "is not an llmqgen plan (a JSON list"),
+        "newer": (good.replace('"schema": 1', '"schema": 7'), "written by a newer llmqgen (schema 7 > 1): upgrade"),
+        "older": (good.replace('"schema": 1', '"schema": 0'), "written by an older llmqgen (schema 0 < 1)"),
+        "invalid": (good.replace('"micro_batch": ', '"micro_batch": -'), "is not a valid llmqgen plan (batch.micro_batch"),
+    }
+    for name, (text, needle) in files.items():
+        (tmp_path / f"{name}.json").write_text(text)
+    (tmp_path / "binary.json").write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    files["binary"] = (None, "is not an llmqgen plan (not a text file)")
+    return {tmp_path / f"{k}.json": needle for k, (_, needle) in files.items()}
+
+
+def test_plan_show_of_what_is_not_a_plan(tmp_path, plan_file):
+    (tmp_path / "bad").mkdir()
+    for path, needle in _bad_files(tmp_path / "bad", plan_file).items():
+        for extra in ([], ["--json"]):
+            line = our_line(invoke("plan", "--show", path, *extra), needle)
+            assert line.startswith(f"error: {path}")
+
+
+def test_build_and_run_of_what_is_not_a_plan(no_driver_runtime, tmp_path, plan_file):
+    (tmp_path / "bad").mkdir()
+    for path, needle in _bad_files(tmp_path / "bad", plan_file).items():
+        our_line(invoke("build", "--plan", path, "--out", tmp_path / "build"), needle)
+        assert not (tmp_path / "build").exists()
+        our_line(invoke("bench", "--plan", path), needle)   # the runtime's import fails later, or its extra is missing
+
+
+def test_plan_show_without_estimate(tmp_path, plan_file):
+    d = json.loads(plan_file.read_text())
+    d["estimate"] = None
+    (tmp_path / "noest.json").write_text(json.dumps(d))
+    our_line(invoke("plan", "--show", tmp_path / "noest.json"), "has no estimate")
+
+
+def test_newest_plan_in_plans_dir_that_is_not_a_plan(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    (tmp_path / "llmqgen-plans").mkdir()
+    (tmp_path / "llmqgen-plans" / "x.json").write_text("{")
+    our_line(invoke("build"), "llmqgen-plans/x.json is not an llmqgen plan")
+
+
+def test_no_plan_in_the_plans_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMQGEN_PLANS_DIR", str(tmp_path / "mine"))
+    our_line(invoke("build"), f"none in {tmp_path / 'mine'}/", "--plan FILE")
+
+
+def test_conflicting_pins_are_one_line(tmp_path):
+    our_line(invoke("plan", "--set", "recompute.block=true", "--set", "recompute.ffn=false", "--out", tmp_path),
+             "recompute.block=true and --set recompute.ffn=false conflict")
+    assert not list(tmp_path.glob("*.json"))
+
+
+# --- item 10: names, outputs -----------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["a/b", "../x", ".hidden", "a\\b", " x"])
+def test_plan_name_must_be_a_file_name(tmp_path, name):
+    our_line(invoke("plan", "--name", name, "--out", tmp_path / "plans"), "must be a plain file name")
+    assert not (tmp_path / "plans").exists() or not list((tmp_path / "plans").rglob("*.json"))
+
+
+def test_plan_out_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("")
+    refused(invoke("plan", "--out", tmp_path / "f"), "is a file")                    # click says so
+    our_line(invoke("plan", "--out", tmp_path / "f" / "plans"), "cannot write the plan")
+
+
+def test_build_bad_arch(plan_file, tmp_path):
+    our_line(invoke("build", "--plan", plan_file, "--arch", "sm_xx", "--out", tmp_path / "b"), "sm_<major><minor>")
+
+
+# --- item 10: the GPU runtime without a driver -----------------------------------------------------
+class DynamicLibNotFoundError(RuntimeError):
+    """What cuda.pathfinder raises (cuda-bindings' and nvmath's first call) when libcuda is missing."""
+
+
+NO_LIBCUDA = DynamicLibNotFoundError('"cuda" is an NVIDIA driver library and can only be found via system '
+                                     'search. Ensure the NVIDIA display driver is installed.')
+
+
+class _Runtime(types.ModuleType):
+    """A stand-in runtime module: what a test does not set is a no-op (checks that pass)."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return lambda *a, **k: None
+
+
+@pytest.fixture
+def no_driver_runtime(monkeypatch):
+    """The `gpu` extra installed on a machine without a driver: the runtime imports, its first call fails."""
+    def fail(*a, **k):
+        raise NO_LIBCUDA
+    bench = _Runtime("llmqgen.runtime.bench")
+    bench.run_bench = fail
+    run = _Runtime("llmqgen.runtime.run")
+    run.RunConfig = lambda **kw: types.SimpleNamespace(**kw)
+    run.train = fail
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", bench)
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.run", run)
+
+
+def test_bench_run_train_without_a_driver(no_driver_runtime, plan_file, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    assert our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path / "bench")) == f"error: {NO_DRIVER_RUNTIME}"
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run")) \
+        == f"error: {NO_DRIVER_RUNTIME}"
+    monkeypatch.chdir(tmp_path)                 # train writes llmqgen-plans/<name>.json
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    assert our_line(invoke("train", "--gpus", "1xh200", "--data", data, "--steps", 1)) == f"error: {NO_DRIVER_RUNTIME}"
+
+
+def test_missing_cuda_library_is_one_line(monkeypatch, plan_file):
+    def fail(*a, **k):
+        raise DynamicLibNotFoundError("Failure finding libcublasLt.so")
+    bench = _Runtime("llmqgen.runtime.bench")
+    bench.run_bench = fail
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", bench)
+    our_line(invoke("bench", "--plan", plan_file), "libcublasLt", "pip install 'llmqgen[gpu]'")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("plan", "--show", "nonexist.json"), "'nonexist.json' does not exist"),
+    (("plan", "--micro-batch", 0), "0 is not in the range x>=1"),
+    (("plan", "--bogus"), "No such option '--bogus'"),
+    (("nothing",), "No such command 'nothing'")])
+def test_clicks_own_refusals_are_one_line_too(args, needle):
+    line = our_line(invoke(*args), needle, "--help`)")
+    assert line.startswith("error: ") and "Usage:" not in invoke(*args).output
+
+
+def test_no_driver_is_said_before_the_missing_gpu_extra(monkeypatch, plan_file, tmp_path):
+    """On a machine without a GPU, installing the extra would not help: the driver is named first."""
+    monkeypatch.setattr("llmqgen.cli._driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", None)      # import fails: no GPU extra
+    assert our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path)) == f"error: {NO_DRIVER_RUNTIME}"
+    monkeypatch.setattr("llmqgen.cli._driver_present", lambda: True)
+    our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path), "pip install 'llmqgen[gpu]'")
+
+
+def test_bench_devices_must_be_indices(no_driver_runtime, plan_file):
+    our_line(invoke("bench", "--plan", plan_file, "--devices", "a,b"), "--devices 'a,b'")
+    our_line(invoke("bench", "--plan", plan_file, "--devices", "-1"), "count from 0")
+
+
+# --- item 11: --set, --host-mem, gpus --detect -------------------------------------------------------
+def test_set_unknown_key_lists_the_valid_ones(tmp_path):
+    line = our_line(invoke("plan", "--set", "nonexistent.key=1", "--out", tmp_path))
+    assert "'nonexistent.key' is not a plan input" in line
+    assert "recompute.{swiglu,norm,ffn,qkv,attention,block}" in line and "lm_head_chunks" in line
+    assert "pydantic" not in line and "http" not in line
+    assert "did you mean offload.residual" in our_line(invoke("plan", "--set", "offload.residul=true", "--out", tmp_path))
+
+
+@pytest.mark.parametrize("item,needle", [
+    ("recompute.ffn=maybe", "recompute.ffn takes true or false"),
+    ("recompute.ffn=1", "recompute.ffn takes true or false"),
+    ("precision.matmul=fp16", "precision.matmul takes one of e4m3, bf16"),
+    ("collectives=mpi", "collectives takes one of copy_engine, nccl"),
+    ("lm_head_chunks=0", "lm_head_chunks takes an integer >= 1"),
+    ("lm_head_chunks=two", "lm_head_chunks takes an integer >= 1"),
+    ("precision.gradient=bf16", "FP8 matmuls need FP8 activation gradients"),
+])
+def test_set_bad_values(tmp_path, item, needle):
+    line = our_line(invoke("plan", "--set", item, "--out", tmp_path), needle)
+    assert "pydantic" not in line and "http" not in line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value", ["64", "4096", "100B", "64x"])
+def test_host_mem_needs_a_unit(tmp_path, value):
+    our_line(invoke("plan", "--host-mem", value, "--out", tmp_path), f"--host-mem {value}")
+    assert not list(tmp_path.iterdir())
+
+
+def test_gpus_detect_without_a_driver_names_a_real_option(monkeypatch):
+    from llmqgen.hardware import host
+
+    def no_nvml():
+        raise host.NoDriverError(host.NO_DRIVER)
+    monkeypatch.setattr(host, "detected_gpus", no_nvml)
+    line = our_line(invoke("gpus", "--detect"), "no NVIDIA driver found")
+    assert "llmqgen plan --gpus" in line and "name the GPUs, e.g. --gpus" not in line
+
+
+def test_gpus_detect_lists_mixed_models(monkeypatch):
+    from llmqgen.hardware import host
+    found = [host.DetectedGpu("NVIDIA GeForce RTX 4090", 24 * 2**30, "GPU-a"),
+             host.DetectedGpu("NVIDIA GeForce RTX 3090", 24 * 2**30, "GPU-b"),
+             host.DetectedGpu("NVIDIA GeForce RTX 4090", 24 * 2**30, "GPU-c")]
+    monkeypatch.setattr(host, "detected_gpus", lambda: found)
+    r = invoke("gpus", "--detect")
+    assert r.exit_code == 0, r.output
+    assert "detected: 2 x NVIDIA GeForce RTX 4090" in r.output and "--gpus 2x4090" in r.output
+    assert "detected: 1 x NVIDIA GeForce RTX 3090" in r.output and "CUDA_VISIBLE_DEVICES" in r.output
