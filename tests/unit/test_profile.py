@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "gpu"))
@@ -21,7 +22,8 @@ from llmqgen.runtime.benchfile import bench_record, write_bench  # noqa: E402
 from llmqgen.runtime.profile import (FAMILIES, FLOOR_FAMILIES, PHASES, Label, Profiler, format_profile,  # noqa: E402
                                      kernel_family, label, schedule_labels, summarize)
 from llmqgen.runtime.rank import Rank  # noqa: E402
-from llmqgen.runtime.trainer import Trainer  # noqa: E402
+from llmqgen.runtime import trainer as trainer_mod  # noqa: E402
+from llmqgen.runtime.trainer import AdamW, Trainer  # noqa: E402
 
 PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.json"))
 VARIANTS = {
@@ -343,6 +345,45 @@ def test_a_failing_step_frees_its_events_and_restores_graphs(monkeypatch):
             raise KeyError("boom")
     assert tr.profiler is None and all(rk.use_graphs for rk in tr.ranks)
     assert fake.created == len(fake.destroyed)
+
+
+class GraphedTrainer(FakeTrainer):
+    """The fake trainer stepping through the Trainer's own accumulate and optimizer_step (where the marks are)."""
+    accumulate, _replay, optimizer_step = Trainer.accumulate, Trainer._replay, Trainer.optimizer_step
+    _mark, _drain, any_rank, marks = Trainer._mark, Trainer._drain, Trainer.any_rank, None
+
+    def __init__(self, plan, clock):
+        super().__init__(plan, clock)
+        self.optim, self.step_count = AdamW(), 0
+        for rk in self.ranks:
+            rk.use_graphs = False           # the fake driver captures nothing; the runs are the same
+            rk.set_scalar = rk.feed = lambda *a: None
+            rk.ptr = lambda *a: 0
+            rk.download = lambda src, dtype, shape: np.ones(shape, dtype)
+
+    def _sync(self):
+        pass
+
+
+def test_a_graphed_step_is_timed_in_parts(monkeypatch):
+    fake = FakeDriver()
+    monkeypatch.setattr(profile, "driver", fake)
+    monkeypatch.setattr(trainer_mod, "driver", fake)
+    plan = small_plan("qwen2", True, grad_accum=3)
+    tr = GraphedTrainer(plan, fake)
+    batches = [SimpleNamespace(targets=np.ones(4, np.int32))] * 3
+    g = profile.graphed_step(tr, batches)
+    ms = lambda prog: sum(ms for _, ms in expected(SimpleNamespace(ranks=[SimpleNamespace(  # noqa: E731
+        micro=prog, norm_program=[], optimizer_program=[], attn=tr.ranks[0].attn)], sched=tr.sched), 1))
+    assert g["parts"]["micro-step"] == {"count": 3, "ms": pytest.approx(3 * ms(tr.ranks[0].micro))}
+    assert g["micro_step_ms"] == pytest.approx([ms(tr.ranks[0].micro)] * 3)
+    assert g["parts"]["gradient norm"]["ms"] == pytest.approx(ms(tr.ranks[0].norm_program))
+    assert g["parts"]["optimizer"]["ms"] == pytest.approx(ms(tr.ranks[0].optimizer_program))
+    assert g["gpu_ms"] == pytest.approx(sum(p["ms"] for p in g["parts"].values()))
+    assert g["host_wait_ms"] == pytest.approx(g["wall_ms"] - g["gpu_ms"])
+    assert tr.marks is None and fake.created == len(fake.destroyed) > 0
+    line = profile.format_graphed(g)
+    assert "micro-step" in line and "(3)" in line and "optimizer" in line and "waiting for the host" in line
 
 
 def test_rank_program_keeps_each_closures_operation():
