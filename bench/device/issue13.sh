@@ -5,13 +5,9 @@
 # Usage (device): source .whl/prelude.sh && bash bench/device/issue13.sh "<pytest args or -none>" plan.json ...
 # Environment: WARMUP (default 1), STEPS (default 3).
 set -u
-export LLMQGEN_CACHE_DIR=/tmp/llmqgen-cache
+source "$(dirname "$0")/lib.sh"
 tests=$1; shift
-if [ "$tests" != "-none" ]; then
-  python -m pytest -q -m gpu -s --durations=5 -p no:cacheprovider $tests > $OUT/gpu-tests.log 2>&1
-  grep -E "passed|failed|error" $OUT/gpu-tests.log | tail -2
-  grep -E "^(FAILED|ERROR)" $OUT/gpu-tests.log | head -20
-fi
+run_gpu_tests "$tests"
 mkdir -p $OUT/results
 for plan in "$@"; do
   name=$(basename "$plan" .json)
