@@ -27,11 +27,12 @@ ATTN_EFF = {"fwd": 0.38, "bwd": 0.27}   # of the BF16 dense rate (cuDNN SDPA, ca
 # head_dim 128, 1.00x): `llmqgen bench --profile` shares of issue 13 times the measured step (bench/results)
 ATTN_EFF_HEAD_DIM_64 = 0.74
 MEM_EFF = 0.80                       # streaming kernels (optimizer): fraction of DRAM bandwidth
-# The block's elementwise kernels (quantize, SwiGLU, RMSNorm, RoPE, transposes, cross-entropy) against the
-# bytes model below: profiled at 1.28x (0.5B) and 1.25x (7B) the time MEM_EFF gives, FP8 on the H200
-# (issue 13's profile shares times the measured step): short rows, reductions and transposes stream slower.
-ELEMENTWISE_EFF = 0.63
-BWD_ELEMENTWISE_RATIO = 1.9          # backward elementwise bytes / forward (counted per kernel)
+# The micro-step's elementwise operations (quantize, SwiGLU, RMSNorm, RoPE, transposes, cross-entropy, embedding)
+# against the bytes plan/traffic.py counts: their profiled time (issue 13's `bench --profile` shares times the
+# graphed step, launches taken out) moved those bytes at 0.704 (0.5B), 0.693 (1.5B) and 0.661 (7B) of the
+# H200's 4.8 TB/s, FP8 (bench/results/issue13-ab-new-*.json): short rows, reductions and transposes stream
+# slower than the optimizer's long vectors.
+ELEMENTWISE_EFF = 0.69
 HOST_STAGED_EFF = 0.85               # host-staged collectives: 21.5 GB/s of payload of the 25 GB/s half-link (H200)
 PCIE_EFF = 1.0                       # GpuSpec.pcie_gbs already holds the practical rate
 KERNEL_LAUNCH_US = 2.5               # per launch inside a CUDA graph
@@ -51,8 +52,9 @@ NETWORK_GBS = 25.0                   # between machines per GPU (200 Gb/s NIC), 
 # 2.00k / 1.35k. tests/unit/test_llmq_4090.py checks the fit. Measured on the 4090 only: the other
 # GeForce cards use the same fractions of their own datasheet rates.
 # Fit (tokens/s of the 10 rows, with LLMQ's micro-batch, recompute and offload pinned, and with the
-# solver's own choices at LLMQ's micro-batch): every row within 6.5%, RMS 3.5%. The previous guess
-# (H200 fractions x 0.75 for GeForce clocks) predicted 37-47% too slow. What the fit says: the 4090's
+# solver's own choices at LLMQ's micro-batch): every row within 6.5%, RMS 3.5%, with the earlier per-block
+# bytes formula; with plan/traffic.py's count of the schedule's kernels, unrefitted: within 8.5%, RMS 4.6%.
+# The previous guess (H200 fractions x 0.75 for GeForce clocks) predicted 37-47% too slow. What the fit says: the 4090's
 # GEMMs run at about its datasheet rate (it boosts well above the 2.52 GHz the datasheet assumes; FP8
 # is held back more by the power limit), far closer to peak than the H200's power-limited FP8 GEMMs,
 # and they reach it at smaller sizes (the half-efficiency size scales with the rate: 0.33 GFLOP at

@@ -1,7 +1,8 @@
 """Predicted time of one optimizer step, per GPU, from the plan alone.
 
 Compute: GEMM FLOPs at the dtype's dense rate times a size-dependent efficiency; attention at a
-fraction of the BF16 rate; elementwise kernels as bytes over bandwidth; a launch cost per kernel.
+fraction of the BF16 rate; elementwise kernels as the bytes the schedule's kernels move (plan/traffic.py) over
+bandwidth; a launch cost per operation on the compute stream.
 Transfers: offload streams over PCIe and copy-engine collectives overlap with compute up to
 OFFLOAD_OVERLAP of it; the optimizer's own streaming is exposed. Constants live in calibration.py.
 """
@@ -16,7 +17,9 @@ from ..metrics import mfu, sol_seconds_per_token, training_flops_per_token
 from . import calibration as K
 from .block import Gemm, head_gemms, layer_gemms, recomputed
 from .memory import DTYPE_BYTES, param_tensors
+from .schedule import build_schedule
 from .schema import Plan
+from .traffic import MicroStepTraffic, micro_step_traffic
 
 
 def gemm_seconds(flops: float, tflops: float, dtype: str, consumer: bool = False) -> float:
@@ -47,14 +50,29 @@ def gemm_runs(gemms: list[Gemm]) -> Counter:
     return Counter((g.name, g.M, g.N, g.K, g.dtype) for g in gemms)
 
 
+_TRAFFIC: dict[tuple, MicroStepTraffic] = {}
+
+
+def micro_step_traffic_of(plan: Plan) -> MicroStepTraffic:
+    """plan/traffic.py's count over the plan's schedule, kept per step shape: the solver prices thousands of
+    plans, and where state sits (offload, sharding: copies and collectives, which are not counted) leaves the
+    count as it is, but for ZeRO-2's zeroing of each layer's gradient buffer (tests/unit/test_traffic.py)."""
+    staged_grads = plan.num_gpus > 1 and plan.sharding.gradients
+    key = (plan.model, plan.batch.micro_batch, plan.batch.seq_len, plan.recompute, plan.precision,
+           plan.lm_head_chunks, staged_grads)
+    if key not in _TRAFFIC:
+        _TRAFFIC[key] = micro_step_traffic(plan, build_schedule(plan))
+    return _TRAFFIC[key]
+
+
 def step_cost(plan: Plan) -> StepCost:
     """Predict one optimizer step of `plan` on its inventory, from the plan alone (no GPU needed).
 
     Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs the schedule runs (forward,
     dgrad, wgrad, and those backward recomputes: plan/block.py's layer_gemms) at the matmul dtype's dense
     TFLOP/s times a size-dependent efficiency, the LM head in `lm_head_chunks` BF16 GEMMs, causal attention
-    (its forward twice when recomputed), elementwise kernels as bytes over
-    memory bandwidth, and kernel launches; offload over PCIe and per-layer collectives overlap with
+    (its forward twice when recomputed), elementwise kernels as the bytes the schedule's kernels move
+    (plan/traffic.py) over memory bandwidth, and launches; offload over PCIe and per-layer collectives overlap with
     compute up to `calibration.OFFLOAD_OVERLAP`, the rest is exposed. Per step: `grad_accum` micro-steps,
     then the optimizer (state bytes over bandwidth, offloaded state over PCIe) and the step's collectives.
 
@@ -91,17 +109,11 @@ def step_cost(plan: Plan) -> StepCost:
     rerun = {x.op.name for x in recomputed(r, m.qk_norm)}          # what backward recomputes (plan/block.py)
     t_att = L * (t_att_f * (2 if "attention" in rerun else 1) + t_att_b)
 
-    # Elementwise passes of one block (bytes): norms with residual add, quantize copies, RoPE,
-    # SwiGLU; backward moves about K.BWD_ELEMENTWISE_RATIO times as many (gradients, transposes), less, in FP8
-    # plans, the bf16 d_gate_up the fused SwiGLU backward never writes nor reads back (2F bytes a token: it
-    # reads its inputs twice instead, codegen/families/swiglu.py; its fused forward moves what h's quantize did).
-    q = 1 if mm == "e4m3" else 0
-    fwd_bytes = BT * (2 * (8 * C + 2 * m.qkv_dim + 3 * F) + q * 3 * (2 * C + m.q_dim + F))
-    bwd_bytes = K.BWD_ELEMENTWISE_RATIO * fwd_bytes - q * BT * 2 * F
-    re_frac = 1.0 if r.block else (0.3 * r.norm + 0.4 * r.ffn + 0.2 * r.swiglu + 0.2 * r.qkv)
-    t_elem = L * (fwd_bytes * (1 + min(re_frac, 1.0)) + bwd_bytes) / elem_bw
-    t_elem += 2 * BT * V * 2 / elem_bw              # cross-entropy reads and rewrites the logits
-    t_launch = L * 40 * K.KERNEL_LAUNCH_US * 1e-6
+    # Elementwise operations: the bytes the micro-step's schedule moves outside GEMMs and attention, over
+    # bandwidth (plan/traffic.py); a launch cost for every operation it runs.
+    traffic = micro_step_traffic_of(plan)
+    t_elem = traffic.bytes / elem_bw
+    t_launch = traffic.launches * K.KERNEL_LAUNCH_US * 1e-6
 
     t_compute = t_gemm + t_head + t_att + t_elem + t_launch
 

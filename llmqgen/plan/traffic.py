@@ -1,0 +1,118 @@
+"""Bytes of device memory the non-GEMM, non-attention operations of a micro-step read and write: the cost
+model's elementwise time (plan/cost.py) is these bytes over the GPU's bandwidth.
+
+The operations counted are those the schedule runs (plan/schedule.py's micro-step sections, each layer
+section once per layer), so fusions, recompute and the FP8 conversions of plan/block.py change the count by
+changing the schedule. Each kernel's bytes per launch are written here from what its template reads and
+writes (templates/_<family>.cu.j2): whole tensors once each (the fused FP8 kernels' amax passes read their
+inputs a second time), per-row statistics, and nothing for small per-block partials.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .block import plan_fp8_groups
+from .schema import Plan
+
+# A micro-step's sections in order, with how often each runs: once, or once per layer.
+MICRO_SECTIONS = (("prologue", False), ("layer_forward", True), ("head", False), ("layer_backward", True),
+                  ("epilogue", False))
+# Operations the cost model times elsewhere (GEMMs, attention, transfers, collectives) or that move nothing
+# worth counting (waits); of those, the ones that launch nothing on the compute stream.
+NOT_ELEMENTWISE = {"linear", "attention_forward", "attention_backward", "copy", "copy_wait", "collective", "await",
+                   "gradnorm_partials", "gradnorm_finalize"}
+NO_LAUNCH = {"copy", "copy_wait", "collective", "await"}
+
+
+@dataclass(frozen=True)
+class MicroStepTraffic:
+    """Per micro-step: `bytes` moved by elementwise operations and `launches` of the operations on the compute
+    stream (GEMMs and attention included: each costs a launch inside the CUDA graph; copies and collectives run
+    on other streams and are timed as transfers)."""
+    bytes: int
+    launches: int
+
+
+def micro_step_traffic(plan: Plan, schedule: dict) -> MicroStepTraffic:
+    """Elementwise bytes and launches of one micro-step of `schedule` (build_schedule(plan)).
+
+    Raises:
+        KeyError: an operation of the micro-step has no traffic rule here (a new kernel: add its bytes).
+    """
+    rule = _rules(plan)
+    L = plan.model.num_layers
+    total = launches = 0
+    for section, per_layer in MICRO_SECTIONS:
+        for op in schedule["micro_step"][section]:
+            for o, times in _runs(op, L if per_layer else 1):
+                launches += 0 if o["op"] in NO_LAUNCH else times
+                if o["op"] == "kernel":
+                    total += times * rule(o["kernel"])
+                elif o["op"] == "bias_grad":        # ones . dy: the gradient read once
+                    total += times * 2 * o["rows"] * o["cols"]
+                elif o["op"] == "memset":           # FP8 stats; a layer's staged gradients (ZeRO-2, offload)
+                    total += times * o["bytes"]
+                elif o["op"] not in NOT_ELEMENTWISE:
+                    raise KeyError(f"plan/traffic.py has no bytes for schedule operation {o['op']!r}")
+    return MicroStepTraffic(total, launches)
+
+
+def _runs(op: dict, times: int):
+    """(operation, how often it runs): a branch_on_layer's `first` at layer 0, its `rest` at the others."""
+    if op["op"] != "branch_on_layer":
+        yield op, times
+        return
+    for o in op["first"]:
+        yield o, 1
+    for o in op["rest"]:
+        yield o, times - 1
+
+
+def _rules(plan: Plan):
+    """kernel name -> bytes one launch moves, for the plan's shapes."""
+    m, b = plan.model, plan.batch
+    BT, C, F, QKV, V = b.micro_batch * b.seq_len, m.hidden_size, m.intermediate_size, m.qkv_dim, m.vocab_size
+    QK = (m.num_heads + m.num_kv_heads) * m.head_dim          # the rotated part of qkv
+    heads = m.num_heads + m.num_kv_heads
+    exact = {
+        "llmq_embedding_forward": BT * (2 * 2 * C + 4),       # wte rows read, x written, token ids
+        "llmq_embedding_backward": BT * (3 * 2 * C + 12),     # dx read, at most one dwte row read+written a token
+        "llmq_rmsnorm_forward_ln1_first": BT * (2 * 2 * C + 4),
+        "llmq_rmsnorm_backward_final": BT * (3 * 2 * C + 4),
+        "llmq_rope_forward": BT * (2 * 2 * QKV + 4 * heads) if m.qk_norm else BT * 2 * 2 * QK,
+        "llmq_rope_backward": BT * (3 * 2 * QKV + 4 * heads) if m.qk_norm else BT * (2 * QKV + 2 * QK),
+        "llmq_rope_qknorm_dweight": 0,
+        # SwiGLU: bf16 kernels read gate_up (and dh) once; the FP8 ones an amax pass, then the writing pass
+        "llmq_swiglu_forward": BT * 2 * (2 * F + F),
+        "llmq_swiglu_forward_amax": BT * 2 * 2 * F,
+        "llmq_swiglu_forward_fp8": BT * (2 * 2 * F + F),
+        "llmq_swiglu_backward": BT * 2 * (3 * F + 2 * F),
+        "llmq_swiglu_backward_amax": BT * 2 * 3 * F,
+        "llmq_swiglu_backward_dual": BT * (2 * 3 * F + 2 * 2 * F),
+        "llmq_crossentropy_fused": (BT // plan.lm_head_chunks) * (3 * 2 * V + 12),   # read twice, written once
+        "llmq_loss_reduce": BT * 4,
+    }
+    prefix = (   # longer prefixes first
+        ("llmq_rmsnorm_forward_", BT * (4 * 2 * C + 4)),      # res_in, delta, res_out, y; rstd
+        ("llmq_rmsnorm_recompute_", BT * (2 * 2 * C + 4)),
+        ("llmq_rmsnorm_backward_", BT * (4 * 2 * C + 4)),     # dy, res, d_res, dx; rstd
+        ("llmq_rmsnorm_dweight_", 0),                         # per-block partials: kilobytes
+    )
+    quant, transpose = plan_fp8_groups(plan)
+    fp8 = {}
+    for g in quant:
+        n, s = g["R"] * g["K"], 4 if g["src"] == "float" else 2
+        fp8.update({f"llmq_amax_{g['name']}": n * s, f"llmq_quantize_{g['name']}": n * (s + 1),
+                    f"llmq_quantize_t_{g['name']}": n * (s + 1), f"llmq_quantize_dual_{g['name']}": n * (s + 2)})
+    fp8.update({f"llmq_transpose_fp8_{g['name']}": 2 * g["R"] * g["K"] for g in transpose})
+
+    def rule(name: str) -> int:
+        if name in exact:
+            return exact[name]
+        if name in fp8:
+            return fp8[name]
+        for p, n in prefix:
+            if name.startswith(p):
+                return n
+        raise KeyError(f"plan/traffic.py has no bytes for kernel {name}: add what one launch reads and writes")
+    return rule
