@@ -39,22 +39,30 @@ def micro_step_traffic(plan: Plan, schedule: dict) -> MicroStepTraffic:
     Raises:
         KeyError: an operation of the micro-step has no traffic rule here (a new kernel: add its bytes).
     """
-    rule = _rules(plan)
+    rule = kernel_bytes(plan)
     L = plan.model.num_layers
     total = launches = 0
     for section, per_layer in MICRO_SECTIONS:
         for op in schedule["micro_step"][section]:
             for o, times in _runs(op, L if per_layer else 1):
                 launches += 0 if o["op"] in NO_LAUNCH else times
-                if o["op"] == "kernel":
-                    total += times * rule(o["kernel"])
-                elif o["op"] == "bias_grad":        # ones . dy: the gradient read once
-                    total += times * 2 * o["rows"] * o["cols"]
-                elif o["op"] == "memset":           # FP8 stats; a layer's staged gradients (ZeRO-2, offload)
-                    total += times * o["bytes"]
-                elif o["op"] not in NOT_ELEMENTWISE:
-                    raise KeyError(f"plan/traffic.py has no bytes for schedule operation {o['op']!r}")
+                total += times * op_bytes(o, rule)
     return MicroStepTraffic(total, launches)
+
+
+def op_bytes(op: dict, rule) -> int:
+    """Bytes one schedule operation (not a branch) moves as an elementwise operation: 0 for those timed
+    otherwise (NOT_ELEMENTWISE); `rule`: kernel_bytes(plan). Raises KeyError for an operation or kernel
+    without a rule."""
+    if op["op"] == "kernel":
+        return rule(op["kernel"])
+    if op["op"] == "bias_grad":             # ones . dy: the gradient read once
+        return 2 * op["rows"] * op["cols"]
+    if op["op"] == "memset":                # FP8 stats; a layer's gradient buffer (ZeRO-2)
+        return op["bytes"]
+    if op["op"] in NOT_ELEMENTWISE:
+        return 0
+    raise KeyError(f"plan/traffic.py has no bytes for schedule operation {op['op']!r}")
 
 
 def _runs(op: dict, times: int):
@@ -68,8 +76,9 @@ def _runs(op: dict, times: int):
         yield o, times - 1
 
 
-def _rules(plan: Plan):
-    """kernel name -> bytes one launch moves, for the plan's shapes."""
+def kernel_bytes(plan: Plan):
+    """kernel name -> bytes one launch of that micro-step kernel moves, for the plan's shapes (KeyError for
+    a kernel without a rule, e.g. the optimizer's, which plan/cost.py times from the state's size)."""
     m, b = plan.model, plan.batch
     BT, C, F, QKV, V = b.micro_batch * b.seq_len, m.hidden_size, m.intermediate_size, m.qkv_dim, m.vocab_size
     QK = (m.num_heads + m.num_kv_heads) * m.head_dim          # the rotated part of qkv

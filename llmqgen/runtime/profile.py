@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from ..plan.traffic import kernel_bytes, op_bytes
 from . import driver
 
 FLOOR_FAMILIES = ("gemm", "lm_head gemm", "attention")
@@ -60,6 +61,7 @@ class Label:
     phase: str
     name: str           # kernel name, "<layer> <pass>" for a GEMM, the op kind otherwise
     launches: int       # kernels, library calls and copies the operation issues
+    bytes: int = 0      # device memory an elementwise operation reads and writes (plan/traffic.py); 0: not counted
 
 
 def kernel_family(name: str) -> str:
@@ -97,27 +99,45 @@ def label(op: dict, head: bool = False, flash: bool = False) -> Label:
     return Label(kind, phase, kind, 1)     # memset, bias_grad
 
 
-def schedule_labels(sched: dict, flash: bool = False) -> dict[int, Label]:
+def schedule_labels(sched: dict, flash: bool = False, plan=None) -> dict[int, Label]:
     """The Label of every operation a training step runs (micro-step, evaluation head, optimizer step),
-    by id() of the schedule's own op dicts — the objects Rank.program keeps beside its closures."""
+    by id() of the schedule's own op dicts — the objects Rank.program keeps beside its closures; with the
+    `plan`, the bytes each elementwise operation moves (its achieved bandwidth in the report)."""
     ms, heads = sched["micro_step"], (sched["micro_step"]["head"], sched["eval"]["head"])
+    rule = kernel_bytes(plan) if plan is not None else None
     out = {}
     for section in [*ms.values(), sched["eval"]["head"], *sched["optimizer_step"].values()]:
         for op in section:
-            out[id(op)] = label(op, head=any(section is h for h in heads), flash=flash)
+            lab = label(op, head=any(section is h for h in heads), flash=flash)
+            out[id(op)] = replace(lab, bytes=_bytes(op, rule)) if rule else lab
     return out
+
+
+def _bytes(op: dict, rule) -> int:
+    """op_bytes of an operation (a branch: its variant for layers past the first), 0 where no rule has it
+    (the optimizer's kernels)."""
+    try:
+        return op_bytes(op["rest"][0] if op["op"] == "branch_on_layer" else op, rule)
+    except KeyError:
+        return 0
 
 
 # --- the report: pure functions of labelled timings -------------------------------------------------
 def _rows(groups: dict[str, list], total: float, order: tuple = ()) -> list[dict]:
-    """One row per group of (ms, launches): in `order` (others after it, by name), else costliest first."""
+    """One row per group of (ms, launches, bytes): in `order` (others after it, by name), else costliest
+    first; `gb_per_s` where the group's operations have byte counts (None elsewhere)."""
     if order:
         names = [n for n in order if n in groups] + sorted(set(groups) - set(order))
     else:
-        names = sorted(groups, key=lambda n: (-sum(ms for ms, _ in groups[n]), n))
-    return [{"name": n, "ms": sum(ms for ms, _ in groups[n]), "launches": sum(k for _, k in groups[n]),
-             "ops": len(groups[n]), "share": sum(ms for ms, _ in groups[n]) / total if total > 0 else 0.0}
-            for n in names]
+        names = sorted(groups, key=lambda n: (-sum(g[0] for g in groups[n]), n))
+    out = []
+    for n in names:
+        ms, nbytes = sum(g[0] for g in groups[n]), sum(g[2] for g in groups[n])
+        counted = sum(g[0] for g in groups[n] if g[2])        # time of the operations with byte counts
+        out.append({"name": n, "ms": ms, "launches": sum(g[1] for g in groups[n]), "ops": len(groups[n]),
+                    "share": ms / total if total > 0 else 0.0,
+                    "bytes": nbytes, "gb_per_s": nbytes / counted / 1e6 if nbytes and counted > 0 else None})
+    return out
 
 
 def summarize(timings: list[tuple[Label, float]], **extra) -> dict:
@@ -129,7 +149,7 @@ def summarize(timings: list[tuple[Label, float]], **extra) -> dict:
                                       "name": defaultdict(list)}
     for lab, ms in timings:
         for key in by:
-            by[key][getattr(lab, key)].append((ms, lab.launches))
+            by[key][getattr(lab, key)].append((ms, lab.launches, lab.bytes))
     floor = sum(ms for lab, ms in timings if lab.family in FLOOR_FAMILIES)
     return {"gpu_ms": total, "ops": len(timings), "launches": sum(lab.launches for lab, _ in timings),
             "floor_ms": floor, "floor_share": floor / total if total > 0 else 0.0,
@@ -141,8 +161,9 @@ def summarize(timings: list[tuple[Label, float]], **extra) -> dict:
 def format_profile(report: dict, step_ms: float | None = None) -> str:
     """The tables `llmqgen bench --profile` prints; step_ms: the graphed steps' median, for scale."""
     def table(title, rows):
-        out = [f"  {title:<26} {'GPU ms':>10} {'share':>7} {'launches':>9}"]
-        out += [f"  {r['name']:<26} {r['ms']:>10.3f} {100 * r['share']:>6.1f}% {r['launches']:>9,}" for r in rows]
+        out = [f"  {title:<26} {'GPU ms':>10} {'share':>7} {'launches':>9} {'GB/s':>7}"]
+        out += [f"  {r['name']:<26} {r['ms']:>10.3f} {100 * r['share']:>6.1f}% {r['launches']:>9,}"
+                + (f" {r['gb_per_s']:>7,.0f}" if r.get("gb_per_s") else "") for r in rows]
         return out
 
     ranks = report.get("ranks", 1)
@@ -177,7 +198,7 @@ class Profiler:
     def __init__(self, trainer, micro_steps: int = 1, preroll: bool = True):
         self.tr, self.ranks, self.micro_steps = trainer, trainer.ranks, micro_steps
         self.flash = getattr(self.ranks[0], "attn", None) is None
-        self.labels = schedule_labels(trainer.sched, flash=self.flash)
+        self.labels = schedule_labels(trainer.sched, flash=self.flash, plan=trainer.plan)
         self.records: list[list[tuple[Label, int, int]]] = [[] for _ in self.ranks]
         self.pools: list[list[int]] = [[] for _ in self.ranks]
         self.timings: list[list[tuple[Label, float]]] = []

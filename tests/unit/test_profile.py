@@ -102,7 +102,7 @@ SYNTH = [(L("gemm", "forward", "qkv forward"), 4.0), (L("gemm", "backward", "qkv
          (L("attention", "forward", "attention_forward"), 2.0),
          (L("attention", "backward", "attention_backward", 2), 4.0),
          (L("lm_head gemm", "LM head", "lm_head forward"), 3.0), (L("crossentropy", "LM head"), 1.0),
-         (L("rmsnorm", "forward"), 0.5), (L("rmsnorm", "recompute"), 0.5), (L("quantize", "backward"), 1.0),
+         (Label("rmsnorm", "forward", "rmsnorm", 1, 2_000_000), 0.5), (L("rmsnorm", "recompute"), 0.5), (L("quantize", "backward"), 1.0),
          (L("adamw", "optimizer"), 2.0), (L("copy", "copies"), 1.0), (L("collective", "collectives", "await", 0), 3.0),
          (L("gradnorm", "optimizer", "llmq_gradnorm_partial", 7), 1.0)]
 
@@ -145,6 +145,9 @@ def test_the_printed_table():
     assert any(line.split()[:4] == ["gemm", "10.000", "34.5%", "2"] for line in lines)
     assert any(line.split()[:5] == ["LM", "head", "4.000", "13.8%", "2"] for line in lines)
     assert any(line.split()[:4] == ["total", "29.000", "100.0%", "19"] for line in lines)
+    # GB/s of the operations with byte counts: the rmsnorm forward's 2 MB in 0.5 ms (its recompute has none)
+    assert any(line.split() == ["rmsnorm", "1.000", "3.4%", "2", "4"] for line in lines)
+    assert not any(line.split()[:1] == ["gemm"] and len(line.split()) > 4 for line in lines)
     assert "floor share (GEMM + attention): 65.5% of GPU time (19.00 of 29.00 ms)" in text
     assert "55.5 ms of wall time" in text and "a graphed step 20.0 ms (median)" in text
     assert "the table sums GPU time, not wall time" in text
@@ -254,7 +257,7 @@ class FakeTrainer:
 def expected(tr, micro_steps):
     """(Label, ms) of every operation a step runs on rank 0, from the programs themselves."""
     rk = tr.ranks[0]
-    labels = schedule_labels(tr.sched, flash=rk.attn is None)
+    labels = schedule_labels(tr.sched, flash=rk.attn is None, plan=getattr(tr, "plan", None))
     out = []
     for prog, times in ((rk.micro, micro_steps), (rk.norm_program, 1), (rk.optimizer_program, 1)):
         for _ in range(times):
@@ -291,6 +294,9 @@ def test_the_profiler_times_every_operation_of_a_step(monkeypatch, name, kw):
     assert 0 < rep["floor_share"] < 1 and rep["micro_steps"] == micro and rep["ranks"] == plan.num_gpus
     phases = {r["name"] for r in rep["phases"]}
     assert {"forward", "backward", "LM head", "optimizer"} <= phases
+    fams = {r["name"]: r for r in rep["families"]}          # bandwidth of what plan/traffic.py counts
+    assert fams["gemm"]["gb_per_s"] is None and fams["swiglu"]["bytes"] > 0
+    assert fams["swiglu"]["gb_per_s"] == pytest.approx(fams["swiglu"]["bytes"] / fams["swiglu"]["ms"] / 1e6)
     assert ("collectives" in phases) == (plan.num_gpus > 1)
     assert fake.created == len(fake.destroyed) > 0        # every event freed, pool leftovers included
     json.dumps(rep)
