@@ -3,7 +3,7 @@
 # (base, new, base, new...) so that clocks and temperature treat both alike. Each tree plans for itself
 # (`llmqgen plan <args>`), so each bench runs the plan its own code makes. The new tree's runs carry --profile.
 # Usage (device): source .whl/prelude.sh && bash bench/device/compare.sh BASE_DIR NEW_DIR "<plan args>" ...
-# Environment: WARMUP (default 1), STEPS (default 3). Results: $OUT/compare.log, $OUT/results.tgz.
+# Environment: WARMUP (default 1), STEPS (default 3). Results: $OUT/compare.log, $OUT/compare-results.tgz.
 set -u
 base=$(cd "$1" && pwd); new=$(cd "$2" && pwd); shift 2
 export LLMQGEN_CACHE_DIR=/tmp/llmqgen-cache
@@ -22,4 +22,4 @@ for args in "$@"; do
     grep -E "^(floor|graphed)|^  (swiglu|quantize|rmsnorm|transpose|gemm|attention) " $OUT/bench-$side-$i.log >> $OUT/compare.log
   done
 done
-(cd $OUT && tar czf results.tgz results bench-*.log && rm -rf results bench-*.log)
+(cd $OUT && tar czf compare-results.tgz results bench-*.log && rm -rf results bench-*.log)
