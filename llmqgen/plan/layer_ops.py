@@ -71,16 +71,21 @@ def attention(e: Emitter, phase: str) -> None:
 
 
 def attn_out(e: Emitter, phase: str) -> None:
-    if e.fp8:    # the attention output has no amax of its own: taken here, then quantized
-        e.kernel(f"llmq_amax_{e.site['att']}", phase, **{"in": Ref("act.att", "l")}, stats=Fp8Ref("att"))
+    if e.fp8:    # the attention output has no amax of its own: taken here (see `swiglu`), then quantized
+        if phase != "recompute":
+            e.kernel(f"llmq_amax_{e.site['att']}", phase, **{"in": Ref("act.att", "l")}, stats=Fp8Ref("att"))
         quantize(e, "", "att", phase, Ref("act.att", "l"), out=Ref("work.att_q"))
     linear_forward(e, "attn_out", phase, Ref("work.branch"))
 
 
 def swiglu(e: Emitter, phase: str) -> None:
+    """h = swiglu(gu). FP8: straight into e4m3, in two passes (the amax, then the bytes); backward's recompute
+    skips the amax pass: the layer's slot holds the forward's amax of these same values (recompute is
+    bit-identical, and the slots are zeroed only as a micro-step starts)."""
     h, gu = Ref("act.h", "l"), Ref("act.gu", "l")
-    if e.fp8:   # h straight into e4m3 (two passes: the amax, then the bytes)
-        e.kernel("llmq_swiglu_forward_amax", phase, gate_up=gu, stats=Fp8Ref("h"))
+    if e.fp8:
+        if phase != "recompute":
+            e.kernel("llmq_swiglu_forward_amax", phase, gate_up=gu, stats=Fp8Ref("h"))
         e.kernel("llmq_swiglu_forward_fp8", phase, h=h, gate_up=gu, stats=Fp8Ref("h"))
     else:
         e.kernel("llmq_swiglu_forward", phase, h=h, gate_up=gu)

@@ -51,7 +51,7 @@ def _label(op):
 
 @pytest.mark.parametrize("rc,expect", [
     ({}, set()),
-    ({"swiglu": True}, {"llmq_swiglu_forward_amax", "llmq_swiglu_forward_fp8"}),   # an FP8 plan
+    ({"swiglu": True}, {"llmq_swiglu_forward_fp8"}),   # an FP8 plan: the forward's amax serves the rerun
     ({"norm": True}, {"llmq_rmsnorm_recompute_ln1", "llmq_rmsnorm_recompute_ln2"}),
     ({"ffn": True}, {"linear:gate_up", "llmq_swiglu_forward_fp8"}),
     ({"attention": True}, {"linear:qkv", "llmq_rope_forward", "attention_forward"}),
@@ -65,6 +65,15 @@ def test_recompute_ops_open_the_backward(rc, expect):
     first = next(i for i, op in enumerate(back) if op["phase"] == "backward")
     assert all(op["phase"] == "recompute" for op in back[:first])
     assert all(op["phase"] == "backward" for op in back[first:])
+
+
+@pytest.mark.parametrize("rc", [{"swiglu": True}, {"attention": True, "ffn": True}, {"block": True}])
+def test_recompute_takes_no_amax_pass(rc):
+    """Recompute is bit-identical and the FP8 slots are zeroed only as a micro-step starts: the forward's amax
+    of a layer serves its rerun, and no amax-only kernel runs again in backward."""
+    back = build_schedule(_plan(**rc))["micro_step"]["layer_backward"]
+    rerun = [op["kernel"] for op in back if op["phase"] == "recompute" and op["op"] == "kernel"]
+    assert rerun and not [k for k in rerun if k.startswith("llmq_amax_") or k.endswith("_amax")]
 
 
 def test_weight_gradients_accumulate_and_scales_are_aligned_slots():
