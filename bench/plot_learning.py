@@ -1,5 +1,5 @@
 """Draw a learning check's FP8 and BF16 loss curves: python bench/plot_learning.py RESULT.json [--out X.png]
-(needs matplotlib)."""
+(needs matplotlib: pip install -e '.[plot]')."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,10 @@ def main() -> None:
     ap.add_argument("result", type=Path)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: the plot needs matplotlib: pip install -e '.[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     r = json.loads(args.result.read_text())
