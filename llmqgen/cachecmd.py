@@ -18,7 +18,8 @@ from pathlib import Path
 
 import click
 
-from .compile.nvrtc import cache_root
+from .compile.nvrtc import usable_cache_root
+from .hardware.inventory import human_bytes as human
 
 KINDS = {"cubin": "compiled programs (CUBIN + compile log)",
          "nvrtc-headers": "CUDA headers unpacked by NVRTC",
@@ -38,14 +39,6 @@ def _size(path: Path) -> int:
     return total
 
 
-def human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
 def entries(root: Path, kind: str) -> list[Path]:
     """The entries of one cache: CUBIN entries sit two levels down (cubin/<k[:2]>/<key>)."""
     base = root / kind
@@ -62,10 +55,10 @@ def _fail(message: str) -> None:
 
 
 def _root() -> Path:
-    root = cache_root()
-    if root.exists() and not root.is_dir():
-        _fail(f"the cache folder {root} is a file: set LLMQGEN_CACHE_DIR to a folder")
-    return root
+    try:
+        return usable_cache_root()
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _where(root: Path) -> str:

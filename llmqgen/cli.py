@@ -82,13 +82,39 @@ def _parse_value(text: str):
         return text
 
 
-def _parse_sets(items: tuple[str, ...]) -> dict:
-    pins = {}
-    for item in items:
-        if "=" not in item:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. recompute.ffn=true", param_hint="--set")
-        key, value = item.split("=", 1)
-        pins[key.strip()] = _parse_value(value.strip())
+def _given(*names: str) -> list[str]:
+    """Those of the current command's parameters `names` that the command line gave, as options (--model)."""
+    ctx = click.get_current_context()
+    return [p.opts[0] for p in ctx.command.params if p.name in names and ctx.get_parameter_source(p.name)
+            not in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP)]
+
+
+def _refuse_with(option: str, does: str, *names: str) -> None:
+    """`option` given with options it would silently ignore (`names`, where the command line gave them):
+    one `error:` line naming them."""
+    given = _given(*names)
+    if given:
+        _fail(f"{option} and {', '.join(given)} conflict: {option} {does}; give one or the other")
+
+
+def _plan_pins(items: tuple[str, ...], **options) -> dict:
+    """The --set pins, checked against the options (micro_batch, seq_len) that the command line gave for
+    the same inputs: an input given twice must agree (solver.check_agrees), else one `error:` line."""
+    from .plan.solver import check_agrees
+    keys = {"micro_batch": "batch.micro_batch", "seq_len": "batch.seq_len"}
+    pins: dict = {}
+    try:
+        for item in items:
+            if "=" not in item:
+                raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. recompute.ffn=true", param_hint="--set")
+            key, value = (x.strip() for x in item.split("=", 1))
+            check_agrees(f"--set {item.strip()}", _parse_value(value), key, pins)
+            pins[key] = _parse_value(value)
+        for name, value in options.items():
+            if _given(name):
+                check_agrees(f"{_given(name)[0]} {value}", value, keys[name], pins)
+    except ValueError as e:
+        _fail(str(e))
     return pins
 
 
@@ -119,13 +145,22 @@ def _message(e: Exception) -> str:
     return str(e)
 
 
-def _load_plan(path: Path):
-    """A plan file, or one line saying what the file is instead and what to do."""
+def _load_plan(path: Path, show: bool = False):
+    """A plan file, or one line saying what the file is instead and what to do. An estimate made for
+    other inputs (the file edited by hand) is refused where it would be shown (`show`), else a warning:
+    the program is made from the inputs, which stand."""
+    from .plan.memory import estimate_is_current
     from .plan.schema import PlanFileError, load_plan
     try:
-        return load_plan(path)
+        p = load_plan(path)
     except PlanFileError as e:
         _fail(str(e))
+    if not estimate_is_current(p):
+        stale = f"{path}: its estimate was made for other inputs (the file was edited?): re-plan with `llmqgen plan`"
+        if show:
+            _fail(stale)
+        logger.warning(stale)
+    return p
 
 
 NO_DRIVER_RUNTIME = "no NVIDIA driver found (libcuda): run on a machine with an NVIDIA GPU and driver"
@@ -222,7 +257,9 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
     from .plan.solver import NoFitError, solve
 
     if show_path is not None:
-        p = _load_plan(show_path)
+        _refuse_with("--show", "re-prints the saved plan as it is", "model_name", "gpus", "host_mem", "dtype",
+                     "seq_len", "tokens_per_step", "micro_batch", "sets", "name", "out_dir")
+        p = _load_plan(show_path, show=True)
         try:
             click.echo(p.to_json() if as_json else render_plan(p, str(show_path), written=False))
         except ValueError as e:
@@ -230,7 +267,7 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
         return
     from .models.catalog import resolve_model
 
-    pins = _parse_sets(sets)
+    pins = _plan_pins(sets, micro_batch=micro_batch, seq_len=seq_len)
     if micro_batch is not None:
         pins["batch.micro_batch"] = micro_batch
     try:
@@ -316,8 +353,10 @@ def _newest_plan() -> Path:
     where = plans_dir()
     plans = sorted(where.glob("*.json"), key=lambda p: p.stat().st_mtime) if where.is_dir() else []
     if not plans:
+        # name --model/--gpus only where the command has them (build, bench; not run)
+        solves = {"model_name", "gpus"} <= {p.name for p in click.get_current_context().command.params}
         _fail(f"no plan given and none in {where}/: run `llmqgen plan --model ... --gpus ...` first, "
-              f"or pass --plan FILE (e.g. an example in plans/) or --model/--gpus")
+              f"or pass --plan FILE (e.g. an example in plans/)" + (" or --model/--gpus" if solves else ""))
     return plans[-1]
 
 
@@ -335,6 +374,8 @@ def build(plan_path, model_name, gpus, arch, out_root):
     from .compile.build_folder import build_locked
     from .compile.nvrtc import CompileError, NvrtcUnavailable
 
+    if plan_path is not None:
+        _refuse_with("--plan", "builds the plan in the file, --model/--gpus solve a new one", "model_name", "gpus")
     if model_name or gpus:
         from .models.catalog import resolve_model
         from .plan.solver import NoFitError, solve
@@ -374,6 +415,8 @@ def build(plan_path, model_name, gpus, arch, out_root):
 
 def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optional[str]):
     """A plan from --plan, or solved from --model/--gpus, or the newest in plans_dir()."""
+    if plan_path is not None:
+        _refuse_with("--plan", "runs the plan in the file, --model/--gpus solve a new one", "model_name", "gpus")
     if model_name or gpus:
         from .models.catalog import resolve_model
         from .plan.solver import NoFitError, solve
@@ -531,7 +574,7 @@ def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
     try:
         p = solve(spec, _inventory(gpus, None), seq_len=seq_len,
                   tokens_per_step=tokens_per_step, dtype="e4m3" if dtype == "fp8" else dtype,
-                  pins=_parse_sets(sets))
+                  pins=_plan_pins(sets, seq_len=seq_len))
     except (NoFitError, ValueError) as e:
         _fail(str(e))
     path = plans_dir() / f"{p.name}.json"

@@ -21,7 +21,7 @@ from filelock import FileLock
 from ..codegen.folder import CUBIN, write_build, write_manifest
 from ..codegen.render import render, write_if_different
 from ..plan.schema import Plan
-from .nvrtc import CompileError, cache_root, compile_options, compile_program, nvrtc_version
+from .nvrtc import CompileError, compile_options, compile_program, nvrtc_version, usable_cache_root
 from .ptxas import spilling
 
 PROGRAM_NAME = "program.cu"
@@ -53,7 +53,7 @@ def cache_key(source: str, options: Sequence[str], arch: str, version: tuple[int
 
 def compile_cached(source: str, arch: str, source_map=None, root: Path | None = None) -> CacheEntry:
     """The CUBIN of `source` for `arch`, compiled at most once per cache."""
-    root = Path(root or cache_root())
+    root = Path(root or usable_cache_root())
     key = cache_key(source, compile_options(arch), arch, nvrtc_version())
     entry = root / "cubin" / key[:2] / key
     cubin, meta_path = entry / "program.cubin", entry / "meta.json"

@@ -89,6 +89,15 @@ def cache_root(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("LLMQGEN_CACHE_DIR") or Path.home() / ".cache" / "llmqgen")
 
 
+def usable_cache_root(env: Mapping[str, str] = os.environ) -> Path:
+    """`cache_root`, refused in one line when it is a file (else the first write under it blames
+    whatever path it was writing: the build's --out, a header folder)."""
+    root = cache_root(env)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"the cache folder {root} is a file: set LLMQGEN_CACHE_DIR to a folder")
+    return root
+
+
 def toolkit_include_dirs(env: Mapping[str, str] = os.environ) -> list[str]:
     """A CUDA toolkit's include folder (+ its cccl/ when present), for NVRTC without bundled headers.
 

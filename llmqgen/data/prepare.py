@@ -83,9 +83,11 @@ class PrepareStats:
 
     def summary(self) -> str:
         rate = self.tokens / max(self.seconds, 1e-9)
-        skipped = f", {self.skipped} bad files skipped" if self.skipped else ""
-        return (f"prepared {self.documents:,} documents, {self.tokens:,} tokens in {self.shards} "
-                f"shards, {self.seconds:.1f} s ({rate:,.0f} tokens/s){skipped}")
+        def n(count: int, noun: str) -> str:
+            return f"{count:,} {noun}{'' if count == 1 else 's'}"
+        skipped = f", {n(self.skipped, 'bad file')} skipped" if self.skipped else ""
+        return (f"prepared {n(self.documents, 'document')}, {n(self.tokens, 'token')} in {n(self.shards, 'shard')}, "
+                f"{self.seconds:.1f} s ({rate:,.0f} tokens/s){skipped}")
 
 
 def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
@@ -425,6 +427,8 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         raise PrepareError(f"--eval-fraction must be in [0, 1), got {eval_fraction}")
     if shard_tokens < 1:
         raise PrepareError(f"--shard-tokens must be positive, got {shard_tokens}")
+    if max_tokens is not None and max_tokens < 1:
+        raise PrepareError(f"--max-tokens must be positive, got {max_tokens}")
     if workers is not None and workers < 1:
         raise PrepareError(f"--workers must be at least 1, got {workers}")
     codec = check_encoding(encoding)

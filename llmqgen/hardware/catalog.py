@@ -123,7 +123,9 @@ def resolve_gpu(name: str) -> GpuSpec:
     if key is not None:
         return GPUS[key]
     spelled = [*GPUS, *ALIASES]
-    close = difflib.get_close_matches(name.strip().lower(), spelled, n=4, cutoff=0.4)
+    # aliases suggested as the catalog key they stand for, so that every suggestion is in the list below
+    close = list(dict.fromkeys(ALIASES.get(c, c) for c in
+                               difflib.get_close_matches(name.strip().lower(), spelled, n=4, cutoff=0.4)))
     hint = f"did you mean {', '.join(close)}? " if close else ""
     raise ValueError(f"unknown GPU {name!r}: {hint}Known GPUs: {', '.join(GPUS)}")
 

@@ -31,10 +31,20 @@ def parse_bytes(value: str | int) -> int:
     if not m or (suffix == "ib" and not prefix):
         raise ValueError(f"size {value!r} not understood: use e.g. 128G, 128GiB, 64GB or 512M")
     if not prefix:
+        # the number with a unit; for 0 (no host RAM, which no plan fits) the 128 GiB a named inventory assumes
+        example = m.group(1).strip() if float(m.group(1)) else "128"
         raise ValueError(f"size {value!r} has no unit (a bare number would be bytes): add K, M, G or T "
-                         f"(binary; KB, MB, GB, TB are decimal), e.g. {m.group(1).strip()}G")
+                         f"(binary; KB, MB, GB, TB are decimal), e.g. {example}G")
     unit = (_DECIMAL if suffix == "b" else _BINARY)[prefix]
     return int(round(float(m.group(1)) * unit))
+
+
+def human_bytes(n: float) -> str:
+    """A size as people read it: "512 B", "3.5 KiB", "1.2 MiB", "40.0 GiB" (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
 
 
 def from_detected(gpus: list[DetectedGpu]) -> tuple[GpuSpec, int]:
@@ -71,6 +81,9 @@ def parse_inventory(text: str, host_mem: str | int | None = None) -> Inventory:
             count = int(m.group(1)) if m.group(1) else 1
         if count < 1 or nodes < 1:
             raise ValueError(f"--gpus {text!r}: counts must be at least 1")
+        if "," in text:
+            raise ValueError(f"--gpus {text!r}: mixed GPU kinds are not supported (one kind per plan): "
+                             f"plan for one of them, e.g. --gpus {text.split(',')[0].strip()}")
         gpu = resolve_gpu(m.group(3))
     if host_mem is None:
         return Inventory(gpu=gpu, count=count, nodes=nodes, host_mem_bytes=detect_host_memory(),

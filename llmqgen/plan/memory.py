@@ -127,6 +127,18 @@ def memory_table(plan: Plan) -> list[MemRow]:
                         plan.num_gpus, plan.inventory.gpu, plan.lm_head_chunks, plan.attn_bwd_chunks)]
 
 
+def estimate_is_current(plan: Plan) -> bool:
+    """Whether the plan's estimate was made for its inputs: the estimate is not hashed, so a plan file
+    edited by hand (model.num_layers 24 -> 2) keeps the old one; its memory rows then differ from the
+    table these inputs give. True for a plan without an estimate (nothing stale to show)."""
+    if plan.estimate is None:
+        return True
+
+    def rows(table: list[MemRow]) -> list[tuple]:
+        return sorted((r.name, r.bytes, r.count, r.place) for r in table)
+    return rows(plan.estimate.memory) == rows(memory_table(plan))
+
+
 P = dict(shard=False)           # a parameter-sized row (padded to equal shards with several GPUs)
 S_ = dict(shard=True)           # this GPU's shard of one
 W, M, G, AM, AV, STAGE = RowKind.WEIGHTS, RowKind.MASTER, RowKind.GRADS, RowKind.ADAM_M, RowKind.ADAM_V, RowKind.STAGE

@@ -37,6 +37,9 @@ class Precision(_Frozen):
     @model_validator(mode="after")
     def _grad_follows_matmul(self):
         if self.matmul == "bf16" and self.gradient != "bf16":
+            if "gradient" in self.model_fields_set:     # asked for, not the e4m3 default: say why not
+                raise ValueError(f"FP8 activation gradients ({self.gradient}) need FP8 (e4m3) matmuls: "
+                                 f"drop the gradient pin or use e4m3 matmuls")
             object.__setattr__(self, "gradient", "bf16")
         if self.matmul == "e4m3" and self.gradient == "bf16":
             raise ValueError("FP8 matmuls need FP8 activation gradients: gradient must be e4m3 or e5m2")
@@ -256,7 +259,7 @@ def plan_from_text(text: str, source: str = "the plan") -> Plan:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise PlanFileError(f"{source} is not an llmqgen plan (not valid JSON: {e.msg} at line {e.lineno} "
+        raise PlanFileError(f"{source} is not an llmqgen plan (not valid JSON: {e.msg}: line {e.lineno} "
                             f"column {e.colno}; a truncated file?): make one with `llmqgen plan`") from None
     if not isinstance(data, dict) or not {"schema", "model", "inventory", "batch"} <= set(data):
         raise PlanFileError(f"{source} is not an llmqgen plan ({_describe(data)}; a plan has schema, model, "
@@ -294,7 +297,7 @@ def check_plan_name(name: str) -> str:
     bad = (not name.strip() or name != name.strip() or any(c in name for c in "/\\:")
            or name.startswith(".") or any(ord(c) < 32 for c in name))
     if bad:
-        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".")
+        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".-_+")   # as a name, "-x" would read as an option
         raise ValueError(f"plan name {name!r} must be a plain file name (no '/', '\\', ':', leading '.' or "
                          f"spaces at the ends)" + (f": e.g. --name {safe}" if safe else ""))
     return name

@@ -14,6 +14,7 @@ from typing import Any, Literal, Optional, get_args, get_origin
 
 from pydantic import ValidationError
 
+from ..hardware.inventory import human_bytes
 from ..hardware.spec import Inventory
 from ..models.spec import ModelSpec
 from . import calibration as K
@@ -161,6 +162,14 @@ def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"--set {key}={shown}: {key} takes {_takes(field)}")
         out[key] = value
     return out
+
+
+def check_agrees(given: str, value: Any, key: str, pins: dict[str, Any]) -> None:
+    """An input given two ways (an option and --set KEY=VALUE, or --set KEY twice) must say one thing:
+    refused in one line rather than one of them silently winning. `given`: the first, as typed."""
+    if value is not None and key in pins and pins[key] != value:
+        shown = str(pins[key]).lower() if isinstance(pins[key], bool) else pins[key]
+        raise ValueError(f"{given} and --set {key}={shown} disagree: give one of them")
 
 
 def implied_by(flag: str) -> set[str]:
@@ -335,11 +344,8 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     check_pin_conflicts(pins)
     asked = dict(pins)          # as given, for the no-fit hints' re-solves
     gpu, N = inventory.gpu, inventory.count * inventory.nodes
-    if "precision.matmul" in pins:
-        if dtype is not None and dtype != pins["precision.matmul"]:
-            raise ValueError(f"--dtype {dtype} and --set precision.matmul={pins['precision.matmul']} disagree: "
-                             f"give one of them")
-        dtype = pins["precision.matmul"]
+    check_agrees(f"--dtype {dtype}", dtype, "precision.matmul", pins)
+    dtype = pins.get("precision.matmul", dtype)
     notes: dict[str, str] = {}
     auto_dtype = dtype is None
     if dtype is None:
@@ -361,8 +367,17 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if seq_len > model.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} exceeds {model.name}'s max_position_embeddings "
                          f"{model.max_position_embeddings}: use at most {model.max_position_embeddings}")
+    # Inputs the search never varies; a pin equal to their value is no choice, so the name leaves it out.
+    precision = Precision(matmul=dtype).model_dump()
+    # Copy engines reach the GPUs of one machine (peer copies where the driver allows P2P, else
+    # through pinned host memory); across machines NCCL is the transport.
+    collectives = "nccl" if inventory.nodes > 1 else "copy_engine"
+    fixed = {**{f"precision.{k}": v for k, v in precision.items()}, "collectives": collectives,
+             "peer_copies": gpu.peer_access, "cuda_graphs": Plan.model_fields["cuda_graphs"].default,
+             "attn_bwd_chunks": Plan.model_fields["attn_bwd_chunks"].default}
+    named = {k: v for k, v in pins.items() if k not in fixed or fixed[k] != v}
     name = check_plan_name(name or (f"{model.name}-{dtype}-{inventory.label}".lower()
-                                    + pins_suffix(pins, seq_len, tokens_per_step)))
+                                    + pins_suffix(named, seq_len, tokens_per_step)))
     reason_pins = dict(pins)
     kept = {k: v for k, v in pins.items() if k != "batch.grad_accum"}     # checked on every candidate
     chunks_pin = pins.pop("lm_head_chunks", None)
@@ -410,9 +425,6 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                   or valid[:3])
     chunk_choices = [chunks_pin] if chunks_pin else LM_HEAD_CHUNKS
     zeros = [0] if N == 1 else [1, 2, 3, 0]
-    # Copy engines reach the GPUs of one machine (peer copies where the driver allows P2P, else
-    # through pinned host memory); across machines NCCL is the transport.
-    collectives = "nccl" if inventory.nodes > 1 else "copy_engine"
 
     seen: dict[str, bool] = {}         # inputs hash -> fits (pins can make candidates coincide)
     fitting: list[Scored] = []
@@ -427,7 +439,7 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                             continue
                         fields = {
                             "name": name, "model": model.model_dump(), "inventory": inventory.model_dump(),
-                            "precision": Precision(matmul=dtype, gradient="e4m3" if dtype == "e4m3" else "bf16").model_dump(),
+                            "precision": precision,
                             "batch": {"micro_batch": mb, "seq_len": seq_len, "grad_accum": seqs // mb},
                             "recompute": _recompute_with_pins(rc, pins), "offload": dict(off),
                             "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
@@ -529,14 +541,28 @@ def _gib(n: float) -> str:
     return f"{n / K.GiB:.1f} GiB"
 
 
+def _margin(o: Scored, best: Scored) -> str:
+    """Why `best` won over the faster `o`: the handicaps that applied between them, summed and itemised,
+    e.g. "under the 4% margin (2% per ZeRO level above 1, 2% for more offload)"."""
+    levels = max(0, o.plan.sharding.zero - 1) - max(0, best.plan.sharding.zero - 1)
+    parts, total = [], 0.0
+    if levels > 0:          # _rank's handicap
+        parts.append(f"{100 * K.SHARDING_MARGIN:.0f}% per ZeRO level above 1")
+        total += levels * K.SHARDING_MARGIN
+    if _rank(o) < _rank(best):      # ranked ahead, so best won by _prefer_less_offload's margin
+        parts.append(f"{100 * K.OFFLOAD_MARGIN:.0f}% for more offload")
+        total += K.OFFLOAD_MARGIN
+    return f"under the {100 * total:.0f}% margin ({', '.join(parts)})"
+
+
 def _why_not(o: Scored, best: Scored) -> str:
     pct = 100 * (o.cost.step_ms / best.cost.step_ms - 1)
     if pct >= 0:
         return f"{pct:.1f}% slower"
-    if set(o.plan.offload.names()) > set(best.plan.offload.names()):
-        return f"{-pct:.1f}% faster, with more offload: under the {100 * K.OFFLOAD_MARGIN:.0f}% margin"
-    return (f"{-pct:.1f}% faster, with ZeRO-{o.plan.sharding.zero}: under the {100 * K.SHARDING_MARGIN:.0f}% "
-            f"margin per ZeRO level above 1")
+    more = set(o.plan.offload.names()) > set(best.plan.offload.names())
+    return (f"{-pct:.1f}% faster" + (", with more offload" if more else "")
+            + (f", with ZeRO-{o.plan.sharding.zero}" if o.plan.sharding.zero > best.plan.sharding.zero else "")
+            + f": {_margin(o, best)}")
 
 
 def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any],
@@ -552,17 +578,19 @@ def _with_estimate(best: Scored, others: list[Scored], pins: dict[str, Any],
     return p.model_copy(update={"estimate": est})
 
 
-def _differs(a: Plan, b: Plan, skip: str = "") -> str:
-    """What `a` has that `b` does not, in words: "micro-batch 32 (not 8), recompute swiglu (not ffn+...)"."""
+def _gains(a: Plan, b: Plan, skip: str = "") -> str:
+    """What memory buys `a` over `b`, in words: "micro-batch 32 (not 8), recompute swiglu (not ffn+...)".
+    Only gains (a larger micro-batch, less recompute, a lower ZeRO level, fewer LM-head chunks): where `a`
+    differs the other way, freed memory did not buy that."""
     out = []
-    if a.batch.micro_batch != b.batch.micro_batch:
+    if a.batch.micro_batch > b.batch.micro_batch:
         out.append(f"micro-batch {a.batch.micro_batch} (not {b.batch.micro_batch})")
-    ra, rb = "+".join(a.recompute.names()) or "none", "+".join(b.recompute.names()) or "none"
-    if ra != rb and skip != "recompute":
-        out.append(f"recompute {ra} (not {rb})")
-    if a.sharding.zero != b.sharding.zero and a.num_gpus > 1:
+    ra, rb = a.recompute.names(), b.recompute.names()
+    if set(ra) < set(rb) and skip != "recompute":
+        out.append(f"recompute {'+'.join(ra) or 'none'} (not {'+'.join(rb)})")
+    if a.sharding.zero < b.sharding.zero:
         out.append(f"ZeRO-{a.sharding.zero} (not {b.sharding.zero})")
-    if a.lm_head_chunks != b.lm_head_chunks:
+    if a.lm_head_chunks < b.lm_head_chunks:
         out.append(f"{a.lm_head_chunks} LM-head chunks (not {b.lm_head_chunks})")
     return ", ".join(out)
 
@@ -587,7 +615,7 @@ def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
     head = "+".join(names) + " to pinned host memory: "
     if less is None:
         return head + "needed to fit (no plan that offloads less fits)"
-    gained = _differs(best.plan, less.plan)
+    gained = _gains(best.plan, less.plan)
     return (head + f"{_faster(best, less)} than the fastest plan offloading less "
             f"({'+'.join(less.plan.offload.names()) or 'nothing'}"
             + (f"): the device memory it frees buys {gained}" if gained else ")"))
@@ -603,7 +631,7 @@ def _recompute_reason(best: Scored, fitting: list[Scored], act: int) -> str:
     if not less:
         return head + "the least recompute that fits"
     alt = less[0]
-    gained = _differs(best.plan, alt.plan, skip="recompute")
+    gained = _gains(best.plan, alt.plan, skip="recompute")
     return (head + f"{_faster(best, alt)} than the fastest plan recomputing less "
             f"({'+'.join(alt.plan.recompute.names()) or 'none'})"
             + (f": the memory it saves buys {gained}" if gained else ""))
@@ -616,8 +644,8 @@ def _sharding_reason(best: Scored, fitting: list[Scored]) -> str:
         return f"ZeRO-{z}: the only sharding that fits"
     alt = others[0]
     if alt.cost.step_ms < best.cost.step_ms:
-        return (f"ZeRO-{z}: ZeRO-{alt.plan.sharding.zero} would be {_faster(alt, best)}, under the "
-                f"{100 * K.SHARDING_MARGIN:.0f}% margin per ZeRO level above 1 (estimated collective overlap)")
+        return (f"ZeRO-{z}: ZeRO-{alt.plan.sharding.zero} would be {_faster(alt, best)}, {_margin(alt, best)}; "
+                f"the margins cover the estimated overlap of collectives and offload streams")
     slower = 100 * (alt.cost.step_ms / best.cost.step_ms - 1)
     return f"ZeRO-{z}: fastest sharding that fits (ZeRO-{alt.plan.sharding.zero} {slower:.1f}% slower)"
 
@@ -636,17 +664,24 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         "offload": _offload_reason(best, fitting),
         "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
                            f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"),
-        "collectives": ("none: one GPU" if p.num_gpus == 1 else
+        "collectives": (f"{'nccl' if p.collectives == 'nccl' else 'none'}: one GPU, nothing to exchange"
+                        if p.num_gpus == 1 else
                         f"NCCL: {p.inventory.nodes} machines" if p.collectives == "nccl" else
                         "copy engines, peer copies (no SMs spent)" if p.peer_copies else
                         f"copy engines through pinned host memory: {gpu.display_name} has no peer access"),
     }
     if p.num_gpus > 1:
         why["sharding"] = _sharding_reason(best, fitting)
-    for path in pins:                      # a pinned choice was the user's, not the solver's
-        key = path.split(".")[0]
-        if key in why:
-            why[key] = why[key].split(":")[0] + ": pinned by the user"
+    for key in why:                        # a pinned choice was the user's, not the solver's
+        mine = {path: v for path, v in pins.items() if path.split(".")[0] == key}
+        if not mine:
+            continue
+        head, _, rest = why[key].partition(":")
+        section = _PIN_SECTIONS.get(key)
+        said = ", ".join(f"{path}={str(v).lower() if isinstance(v, bool) else v}" for path, v in mine.items())
+        whole = section is None or len(mine) == len(section.model_fields)
+        why[key] = f"{head}: {said} pinned by the user" + ("" if whole or not rest.strip() else
+                                                            f", the rest chosen ({rest.strip()})")
     return why
 
 
@@ -738,10 +773,11 @@ def _no_fit_message(model: ModelSpec, inv: Inventory, seq_len: int, tokens_per_s
     dev_short = s.device - usable_device(inv)
     host_short = s.host - usable_host(inv)
     lines = [f"{head}: the closest plan ({_summary(s.plan)}) needs"]
-    lines.append(f"  {_gib(s.device)} per GPU, {_gib(usable_device(inv))} usable"
-                 + (f" (short {_gib(dev_short)})" if dev_short > 0 else ""))
-    lines.append(f"  {_gib(s.host)} pinned host RAM, {_gib(usable_host(inv))} usable of {_gib(inv.host_mem_bytes)}"
-                 + (f" (short {_gib(host_short)})" if host_short > 0 else ""))
+    size = human_bytes          # KiB and MiB where GiB would round a small shortfall to 0.0
+    lines.append(f"  {size(s.device)} per GPU, {size(usable_device(inv))} usable"
+                 + (f" (short {size(dev_short)})" if dev_short > 0 else ""))
+    lines.append(f"  {size(s.host)} pinned host RAM, {size(usable_host(inv))} usable of {size(inv.host_mem_bytes)}"
+                 + (f" (short {size(host_short)})" if host_short > 0 else ""))
     if hints is None:
         return "\n".join(lines)
     if hints:

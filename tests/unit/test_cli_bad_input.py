@@ -312,3 +312,85 @@ def test_gpus_detect_lists_mixed_models(monkeypatch):
     assert r.exit_code == 0, r.output
     assert "detected: 2 x NVIDIA GeForce RTX 4090" in r.output and "--gpus 2x4090" in r.output
     assert "detected: 1 x NVIDIA GeForce RTX 3090" in r.output and "CUDA_VISIBLE_DEVICES" in r.output
+
+
+# --- a new user's reports ----------------------------------------------------------------------------
+def test_plan_file_and_planning_options_conflict(no_driver_runtime, plan_file, tmp_path):
+    our_line(invoke("build", "--plan", plan_file, "--model", "7b", "--out", tmp_path / "b"), "--plan and --model conflict")
+    assert not (tmp_path / "b").exists()
+    our_line(invoke("bench", "--plan", plan_file, "--gpus", "1x4090"), "--plan and --gpus conflict")
+    our_line(invoke("plan", "--show", plan_file, "--model", "7b", "--set", "recompute.ffn=true"),
+             "--show and --model, --set conflict")
+
+
+def test_run_without_a_plan_names_only_its_own_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    assert "or --model/--gpus" not in our_line(invoke("run"), "--plan FILE")
+    assert "--model/--gpus" in our_line(invoke("build"), "--plan FILE")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "batch.micro_batch=8", "--micro-batch", 16], "--micro-batch 16 and --set batch.micro_batch=8 disagree"),
+    (["--set", "batch.seq_len=2048", "--seq-len", 512], "--seq-len 512 and --set batch.seq_len=2048 disagree"),
+    (["--set", "recompute.ffn=true", "--set", "recompute.ffn=false"], "--set recompute.ffn=false and --set recompute.ffn=true disagree"),
+    (["--dtype", "e4m3", "--set", "precision.matmul=bf16"], "--dtype e4m3 and --set precision.matmul=bf16 disagree"),
+])
+def test_an_input_given_twice_must_agree(tmp_path, args, needle):
+    our_line(invoke("plan", *args, "--out", tmp_path), needle, "give one of them")
+    assert not list(tmp_path.iterdir())
+    agree = [a if a not in (16, 512) else {16: 8, 512: 2048}[a] for a in args]   # the same value twice: fine
+    if "recompute.ffn=false" not in agree and "--dtype" not in agree:
+        assert invoke("plan", *agree, "--out", tmp_path).exit_code == 0
+
+
+def test_fp8_gradients_need_fp8_matmuls(tmp_path):
+    line = our_line(invoke("plan", "--dtype", "bf16", "--set", "precision.gradient=e5m2", "--out", tmp_path),
+                    "FP8 activation gradients (e5m2) need FP8 (e4m3) matmuls")
+    assert "does not fit" not in line
+
+
+def test_cache_folder_that_is_a_file_is_named_before_out(plan_file, tmp_path, monkeypatch):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("LLMQGEN_CACHE_DIR", str(tmp_path / "cachefile"))
+    line = our_line(invoke("build", "--plan", plan_file, "--out", tmp_path / "b"), "is a file: set LLMQGEN_CACHE_DIR")
+    assert "--out" not in line
+    assert our_line(invoke("cache")) == line
+
+
+def test_host_mem_shortfall_and_example(tmp_path):
+    line = refused(invoke("plan", "--host-mem", "1K", "--out", tmp_path))
+    assert "short 0.0 GiB" not in line and re.search(r"short [\d.]+ KiB", line), line
+    our_line(invoke("plan", "--host-mem", "0", "--out", tmp_path), "e.g. 128G")
+
+
+@pytest.mark.parametrize("value", [-5, 0])
+def test_data_prepare_max_tokens_must_be_positive(tmp_path, value):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "ds", "--max-tokens", value),
+             f"--max-tokens must be positive, got {value}")
+
+
+def test_pins_equal_to_the_default_leave_the_name(tmp_path):
+    r = invoke("plan", "--dtype", "bf16", "--set", "precision.gradient=bf16", "--out", tmp_path, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["name"] == "qwen2.5-0.5b-bf16-1xh200"
+
+
+def test_edited_plan_file_is_not_shown_with_its_old_estimate(plan_file, tmp_path):
+    d = json.loads(plan_file.read_text())
+    d["model"]["num_layers"] = 2
+    (tmp_path / "edited.json").write_text(json.dumps(d))
+    our_line(invoke("plan", "--show", tmp_path / "edited.json"), "its estimate was made for other inputs",
+             "re-plan with `llmqgen plan`")
+    assert invoke("plan", "--show", plan_file).exit_code == 0
+
+
+def test_nits(plan_file, tmp_path):
+    (tmp_path / "cut.json").write_text(plan_file.read_text()[:2000])
+    assert " at at " not in our_line(invoke("plan", "--show", tmp_path / "cut.json"), "not valid JSON")
+    our_line(invoke("plan", "--gpus", "1xh200,1x4090", "--out", tmp_path), "mixed GPU kinds are not supported")
+    line = our_line(invoke("plan", "--gpus", "1xh100sx", "--out", tmp_path))
+    offered, known = line.split("did you mean ")[1].split("? Known GPUs: ")
+    assert set(offered.split(", ")) <= set(known.split(", ")), line
+    assert "--name x-evil" in our_line(invoke("plan", "--name", "../../x/evil", "--out", tmp_path))

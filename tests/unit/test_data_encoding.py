@@ -73,7 +73,7 @@ def test_skip_bad_files_names_each(files, tmp_path):
     assert len(warnings) == 3
     for name in ("binary.txt", "latin1.txt", "utf16.txt"):
         assert sum(name in w and "skipping" in w for w in warnings) == 1
-    assert "3 bad files skipped" in res.output and "prepared 1 documents" in res.output
+    assert "3 bad files skipped" in res.output and "prepared 1 document," in res.output
     tok = load_tokenizer("qwen2.5")
     assert _tokens(tmp_path / "ds") == tok.encode("plain good text\n") + [tok.eos_id]
     res = _run(files / "latin1.txt", "--out", tmp_path / "ds2", "--skip-bad-files")

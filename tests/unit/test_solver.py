@@ -312,3 +312,27 @@ def test_plan_name_carries_its_choices():
     assert solve(m, i, pins={"offload.adam_m": True, "offload.adam_v": True, "lm_head_chunks": 4}).name == \
         "qwen2.5-0.5b-e4m3-1xh200-lmc4-off-adam_m+adam_v"
     assert solve(m, i, pins={"recompute.ffn": True}, name="mine").name == "mine"      # --name wins
+
+
+def test_reasons_quote_the_margin_applied_and_only_what_memory_buys():
+    """A faster plan that lost is said to be under the margin that applied (ZeRO levels and offload
+    summed), never a smaller one; "buys" names only gains (a larger micro-batch, less recompute)."""
+    import re
+    p = solve(resolve_model("32b"), inv("4090", 4, 512))
+    e = p.estimate
+    quoted = [re.search(r"([\d.]+)% faster.*under the (\d+)% margin \(", t)
+              for t in [e.reasons["sharding"]] + [c.why_not for c in e.runners_up]]
+    assert any(quoted), e.reasons["sharding"]
+    for m in filter(None, quoted):
+        assert float(m.group(1)) < float(m.group(2)), m.string
+    p = solve(resolve_model("7b"), inv("4060ti", 1, 128))
+    for text in p.estimate.reasons.values():
+        for a, b in re.findall(r"micro-batch (\d+) \(not (\d+)\)", text):
+            assert int(a) > int(b), text
+
+
+def test_pinned_reasons_say_which_pin():
+    p = solve(resolve_model("0.5b"), inv("h200", 1, 128), pins={"recompute.ffn": False, "collectives": "nccl"})
+    r = p.estimate.reasons
+    assert "recompute.ffn=false pinned by the user, the rest chosen" in r["recompute"]
+    assert r["collectives"].startswith("nccl:") and p.collectives == "nccl"
