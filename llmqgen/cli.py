@@ -156,7 +156,8 @@ def _load_plan(path: Path, show: bool = False):
     except PlanFileError as e:
         _fail(str(e))
     if not estimate_is_current(p):
-        stale = f"{path}: its estimate was made for other inputs (the file was edited?): re-plan with `llmqgen plan`"
+        stale = (f"{path}: its estimate does not match its inputs (the file was edited, or another llmqgen "
+                 f"version made it): re-plan with `llmqgen plan`")
         if show:
             _fail(stale)
         logger.warning(stale)

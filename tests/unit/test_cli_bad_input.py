@@ -381,7 +381,7 @@ def test_edited_plan_file_is_not_shown_with_its_old_estimate(plan_file, tmp_path
     d = json.loads(plan_file.read_text())
     d["model"]["num_layers"] = 2
     (tmp_path / "edited.json").write_text(json.dumps(d))
-    our_line(invoke("plan", "--show", tmp_path / "edited.json"), "its estimate was made for other inputs",
+    our_line(invoke("plan", "--show", tmp_path / "edited.json"), "its estimate does not match its inputs",
              "re-plan with `llmqgen plan`")
     assert invoke("plan", "--show", plan_file).exit_code == 0
 
