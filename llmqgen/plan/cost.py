@@ -61,6 +61,8 @@ def micro_step_traffic_of(plan: Plan) -> MicroStepTraffic:
     key = (plan.model, plan.batch.micro_batch, plan.batch.seq_len, plan.recompute, plan.precision,
            plan.lm_head_chunks, staged_grads)
     if key not in _TRAFFIC:
+        if len(_TRAFFIC) >= 4096:      # one solve needs a few hundred; a long process must not grow without end
+            _TRAFFIC.clear()
         _TRAFFIC[key] = micro_step_traffic(plan, build_schedule(plan))
     return _TRAFFIC[key]
 
