@@ -142,7 +142,8 @@ def _rows(groups: dict[str, list], total: float, order: tuple = ()) -> list[dict
 
 def summarize(timings: list[tuple[Label, float]], **extra) -> dict:
     """The profile of one step from (label, GPU ms) of every operation it ran: rows per family (costliest
-    first), per phase (in PHASES order) and the costliest operations by name; the floor share. `extra`
+    first), per phase (in PHASES order) and per operation name (costliest first; the table prints the first
+    TOP); the floor share. `extra`
     (wall time, micro-steps, ...) is kept as given."""
     total = sum(ms for _, ms in timings)
     by: dict[str, dict[str, list]] = {"family": defaultdict(list), "phase": defaultdict(list),
@@ -155,7 +156,7 @@ def summarize(timings: list[tuple[Label, float]], **extra) -> dict:
             "floor_ms": floor, "floor_share": floor / total if total > 0 else 0.0,
             "floor_families": list(FLOOR_FAMILIES),
             "families": _rows(by["family"], total), "phases": _rows(by["phase"], total, PHASES),
-            "top": _rows(by["name"], total)[:TOP], "note": NOTE, **extra}
+            "operations": _rows(by["name"], total), "note": NOTE, **extra}
 
 
 def format_profile(report: dict, step_ms: float | None = None) -> str:
@@ -173,7 +174,7 @@ def format_profile(report: dict, step_ms: float | None = None) -> str:
     lines = [head, *table("family", report["families"]),
              f"  {'total':<26} {report['gpu_ms']:>10.3f} {100.0 if report['gpu_ms'] > 0 else 0:>6.1f}% "
              f"{report['launches']:>9,}", "", *table("phase", report["phases"]), "",
-             *table("costliest operations", report["top"]), "",
+             *table("costliest operations", report["operations"][:TOP]), "",
              f"floor share (GEMM + attention): {100 * report['floor_share']:.1f}% of GPU time "
              f"({report['floor_ms']:.2f} of {report['gpu_ms']:.2f} ms)"]
     scale = []
