@@ -53,7 +53,8 @@ NETWORK_GBS = 25.0                   # between machines per GPU (200 Gb/s NIC), 
 # GeForce cards use the same fractions of their own datasheet rates.
 # Fit (tokens/s of the 10 rows, with LLMQ's micro-batch, recompute and offload pinned, and with the
 # solver's own choices at LLMQ's micro-batch): every row within 6.5%, RMS 3.5%, with the earlier per-block
-# bytes formula; with plan/traffic.py's count of the schedule's kernels, unrefitted: within 8.5%, RMS 4.6%.
+# bytes formula; with plan/traffic.py's count of the schedule's kernels, unrefitted: within 9.4%, RMS 4.7%
+# (CONSUMER_MEM_EFF 0.80-1.0 all give RMS 4.7-5.1%: the misfit is not this constant's).
 # The previous guess (H200 fractions x 0.75 for GeForce clocks) predicted 37-47% too slow. What the fit says: the 4090's
 # GEMMs run at about its datasheet rate (it boosts well above the 2.52 GHz the datasheet assumes; FP8
 # is held back more by the power limit), far closer to peak than the H200's power-limited FP8 GEMMs,
