@@ -297,7 +297,8 @@ def check_plan_name(name: str) -> str:
     bad = (not name.strip() or name != name.strip() or any(c in name for c in "/\\:")
            or name.startswith(".") or any(ord(c) < 32 for c in name))
     if bad:
-        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".-_+")   # as a name, "-x" would read as an option
+        # the suggestion must not start with "-" either: as a name, "-x" would read as an option
+        safe = "-".join(x for x in re.split(r"[^A-Za-z0-9_.+-]+", name) if x).lstrip(".-_+")
         raise ValueError(f"plan name {name!r} must be a plain file name (no '/', '\\', ':', leading '.' or "
                          f"spaces at the ends)" + (f": e.g. --name {safe}" if safe else ""))
     return name

@@ -32,11 +32,13 @@ def kernels(ctx: dict) -> list[Kernel]:
                        (("d_gate_up", "bf16*"), ("dh", "const bf16*"), ("gate_up", "const bf16*")),
                        doc="d_gate = dh*up*silu'(gate), d_up = dh*silu(gate) -> d_gate_up [BT,2F] bf16")]
     g = ctx["GRAD_DTYPE"]
-    h_meta, d_meta = dict(rows=BT, cols=F, dst="e4m3", fmax=FMAX["e4m3"]), dict(rows=BT, cols=2 * F, dst=g, fmax=FMAX[g])
+    h_meta = dict(rows=BT, cols=F, dst="e4m3", fmax=FMAX["e4m3"])
+    d_meta = dict(rows=BT, cols=2 * F, dst=g, fmax=FMAX[g])
     return [
         Kernel("llmq_swiglu_forward_amax", grid, block, (("gate_up", "const bf16*"), ("stats", "float*")),
                doc="stats[0] = max(stats[0], amax(h)) without storing h", meta=h_meta),
-        Kernel("llmq_swiglu_forward_fp8", grid, block, (("h", "uint8_t*"), ("gate_up", "const bf16*"), ("stats", "float*")),
+        Kernel("llmq_swiglu_forward_fp8", grid, block,
+               (("h", "uint8_t*"), ("gate_up", "const bf16*"), ("stats", "float*")),
                doc="h [BT,F] = sat_e4m3(silu(gate) * up * FMAX/amax); stats[4] = amax/FMAX", meta=h_meta),
         Kernel("llmq_swiglu_backward_amax", grid, block,
                (("dh", "const bf16*"), ("gate_up", "const bf16*"), ("stats", "float*")),
