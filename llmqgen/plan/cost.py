@@ -9,7 +9,7 @@ OFFLOAD_OVERLAP of it; the optimizer's own streaming is exposed. Constants live 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 from ..hardware.spec import GpuSpec
@@ -43,6 +43,9 @@ class StepCost:
     sol_pct: float                  # 100 * sol_ms / step_ms
     mfu_pct: float                  # BF16-equivalent model FLOPs utilisation per GPU, percent
     flops_per_token: float          # training FLOPs per token (6N + attention), BF16-equivalent
+    # ms per step of each elementwise kernel family (plan/traffic.py's bytes over bandwidth, launches not
+    # included), named as `bench --profile` groups its measured times
+    elementwise_ms: dict[str, float] = field(default_factory=dict)
 
 
 def gemm_runs(gemms: list[Gemm]) -> Counter:
@@ -178,7 +181,8 @@ def step_cost(plan: Plan) -> StepCost:
     fpt = training_flops_per_token(m, T)
     return StepCost(breakdown_ms=breakdown, step_ms=step_s * 1e3, tokens_per_s=tps,
                     sol_ms=sol_s * 1e3, sol_pct=100 * sol_s / step_s,
-                    mfu_pct=100 * mfu(m, T, gpu, tps / N), flops_per_token=fpt)
+                    mfu_pct=100 * mfu(m, T, gpu, tps / N), flops_per_token=fpt,
+                    elementwise_ms={f: ga * n / elem_bw * 1e3 for f, n in traffic.by_family})
 
 
 def on_gpu(plan: Plan, gpu: GpuSpec) -> Plan:

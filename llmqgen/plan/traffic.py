@@ -28,9 +28,20 @@ NO_LAUNCH = {"copy", "copy_wait", "collective", "await"}
 class MicroStepTraffic:
     """Per micro-step: `bytes` moved by elementwise operations and `launches` of the operations on the compute
     stream (GEMMs and attention included: each costs a launch inside the CUDA graph; copies and collectives run
-    on other streams and are timed as transfers)."""
+    on other streams and are timed as transfers); `by_family`: the bytes per kernel family (kernel_family),
+    as `bench --profile` groups its measured times."""
     bytes: int
     launches: int
+    by_family: tuple[tuple[str, int], ...] = ()
+
+
+_KERNEL_ALIAS = {"loss": "crossentropy", "ce": "crossentropy"}     # llmq_loss_reduce: the loss's sum
+
+
+def kernel_family(name: str) -> str:
+    """llmq_rmsnorm_forward_ln1 -> rmsnorm; llmq_loss_reduce -> crossentropy; another operation's kind as it is."""
+    head = (name[5:] if name.startswith("llmq_") else name).split("_", 1)[0]
+    return _KERNEL_ALIAS.get(head, head) if name.startswith("llmq_") else name
 
 
 def micro_step_traffic(plan: Plan, schedule: dict) -> MicroStepTraffic:
@@ -41,13 +52,16 @@ def micro_step_traffic(plan: Plan, schedule: dict) -> MicroStepTraffic:
     """
     rule = kernel_bytes(plan)
     L = plan.model.num_layers
-    total = launches = 0
+    launches, fams = 0, {}
     for section, per_layer in MICRO_SECTIONS:
         for op in schedule["micro_step"][section]:
             for o, times in _runs(op, L if per_layer else 1):
                 launches += 0 if o["op"] in NO_LAUNCH else times
-                total += times * op_bytes(o, rule)
-    return MicroStepTraffic(total, launches)
+                n = times * op_bytes(o, rule)
+                if n:
+                    fam = kernel_family(o["kernel"] if o["op"] == "kernel" else o["op"])
+                    fams[fam] = fams.get(fam, 0) + n
+    return MicroStepTraffic(sum(fams.values()), launches, tuple(sorted(fams.items())))
 
 
 def op_bytes(op: dict, rule) -> int:

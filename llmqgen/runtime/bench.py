@@ -15,7 +15,7 @@ from ..plan.schema import Plan
 from .benchfile import bench_record, bench_summary, collect_versions, write_bench
 from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
-from .profile import format_graphed, format_profile, graphed_step, profile_step
+from .profile import format_graphed, format_profile, graphed_step, predicted_family_ms, profile_step
 from .standin import RunningOn
 from .trainer import Trainer
 
@@ -102,8 +102,10 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
         record = bench_record(plan, times, warmup, device, collect_versions(),
                               mem.report(plan, ranks_on_first_gpu(devices)), running,
                               profile=profile_step(tr, data) if profile else None)   # one more step, eager
-        if profile:     # and one graphed, timed in parts
+        if profile:     # and one graphed, timed in parts; the cost model's times per family beside the profile's
             record["profile"]["graphed"] = graphed_step(tr, data)
+            if running.predicted is not None:
+                record["profile"]["predicted_ms"] = predicted_family_ms(running.predicted)
         if comm_ms:
             meas = slice(warmup, None)
             record["collectives"] = {

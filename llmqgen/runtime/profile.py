@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 
-from ..plan.traffic import kernel_bytes, op_bytes
+from ..plan.traffic import kernel_bytes, kernel_family, op_bytes
 from . import driver
 
 FLOOR_FAMILIES = ("gemm", "lm_head gemm", "attention")
@@ -34,7 +34,6 @@ PHASES = ("forward", "recompute", "backward", "LM head", "optimizer", "collectiv
 FAMILIES = ("gemm", "lm_head gemm", "attention", "bias_grad", "quantize", "transpose", "amax", "rmsnorm",
             "swiglu", "rope", "crossentropy", "embedding", "adamw", "gradnorm", "cast", "copy", "copy wait",
             "memset", "collective")
-_KERNEL_ALIAS = {"loss": "crossentropy", "ce": "crossentropy"}     # llmq_loss_reduce: the loss's sum
 TOP = 10                    # costliest operations (by name) in the report
 POOL_GROW = 1024            # events made at once when the pool runs dry
 PREROLL_OPS = 128           # operations queued behind one spin
@@ -62,12 +61,6 @@ class Label:
     name: str           # kernel name, "<layer> <pass>" for a GEMM, the op kind otherwise
     launches: int       # kernels, library calls and copies the operation issues
     bytes: int = 0      # device memory an elementwise operation reads and writes (plan/traffic.py); 0: not counted
-
-
-def kernel_family(name: str) -> str:
-    """llmq_rmsnorm_forward_ln1 -> rmsnorm; llmq_loss_reduce -> crossentropy."""
-    head = (name[5:] if name.startswith("llmq_") else name).split("_", 1)[0]
-    return _KERNEL_ALIAS.get(head, head)
 
 
 def label(op: dict, head: bool = False, flash: bool = False) -> Label:
@@ -177,6 +170,11 @@ def format_profile(report: dict, step_ms: float | None = None) -> str:
              *table("costliest operations", report["operations"][:TOP]), "",
              f"floor share (GEMM + attention): {100 * report['floor_share']:.1f}% of GPU time "
              f"({report['floor_ms']:.2f} of {report['gpu_ms']:.2f} ms)"]
+    pred = report.get("predicted_ms")
+    if pred:        # the cost model's time per family (bench adds it), beside this step's
+        lines += ["", f"  {'family vs the cost model':<26} {'GPU ms':>10} {'predicted':>10} {'ratio':>6}"]
+        lines += [f"  {r['name']:<26} {r['ms']:>10.3f} {pred[r['name']]:>10.3f} {r['ms'] / pred[r['name']]:>5.2f}x"
+                  for r in report["families"] if pred.get(r["name"])]
     scale = []
     if report.get("wall_ms") is not None:
         scale.append(f"the eager step took {report['wall_ms']:.1f} ms of wall time")
@@ -377,3 +375,10 @@ def format_graphed(g: dict) -> str:
                       for k, v in g["parts"].items())
     return (f"graphed step: {g['wall_ms']:.1f} ms of wall time, {g['gpu_ms']:.1f} ms between events on the GPU "
             f"({parts}); {g['host_wait_ms']:.1f} ms outside them (the GPU waiting for the host)")
+
+
+def predicted_family_ms(cost) -> dict[str, float]:
+    """A StepCost (plan/cost.py) as ms per step of the profile's families: the GEMMs, the LM-head GEMMs,
+    attention and each elementwise family (bytes over bandwidth, launches not included)."""
+    b = cost.breakdown_ms
+    return {"gemm": b["matmul"], "lm_head gemm": b["lm_head"], "attention": b["attention"], **cost.elementwise_ms}

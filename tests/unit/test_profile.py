@@ -151,6 +151,12 @@ def test_the_printed_table():
     assert "floor share (GEMM + attention): 65.5% of GPU time (19.00 of 29.00 ms)" in text
     assert "55.5 ms of wall time" in text and "a graphed step 20.0 ms (median)" in text
     assert "the table sums GPU time, not wall time" in text
+    assert "family vs the cost model" not in text
+    rep["predicted_ms"] = {"gemm": 8.0, "attention": 7.5, "rmsnorm": 2.0}
+    rows = {line.split()[0]: line.split()[1:] for line in format_profile(rep).split("family vs the cost model")[1]
+            .splitlines()[1:4]}
+    assert rows == {"gemm": ["10.000", "8.000", "1.25x"], "attention": ["6.000", "7.500", "0.80x"],
+                    "rmsnorm": ["1.000", "2.000", "0.50x"]}
     rep2 = summarize(SYNTH, micro_steps=1, ranks=2, preroll=False, preroll_reason="no NVRTC")
     text2 = format_profile(rep2)
     assert "rank 0 of 2" in text2 and "pre-roll off (no NVRTC)" in text2 and "graphed" not in text2
@@ -437,3 +443,27 @@ def test_bench_profile_flag_reaches_run_bench(monkeypatch, tmp_path):
         res = CliRunner().invoke(main, ["bench", "--plan", str(PLANS[0]), "--out", str(tmp_path), *args])
         assert res.exit_code == 0, res.output
         assert seen["profile"] is want
+
+
+def test_run_bench_with_profile_records_the_graphed_step_and_the_predicted_families(monkeypatch, tmp_path, caplog):
+    """run_bench's --profile branch through the CPU stand-in Trainer; the GPU timings themselves are canned."""
+    import logging
+
+    import llmqgen.runtime.bench as bench_mod
+    from fake_trainer import FakeTrainer as CheckpointFake, tiny_plan
+    plan = tiny_plan()
+    graphed = {"wall_ms": 12.0, "gpu_ms": 11.0, "parts": {"micro-step": {"count": 2, "ms": 10.0},
+                                                          "optimizer": {"count": 1, "ms": 1.0}},
+               "micro_step_ms": [5.0, 5.0], "host_wait_ms": 1.0}
+    monkeypatch.setattr(bench_mod, "Trainer", CheckpointFake)
+    monkeypatch.setattr(bench_mod, "_driver_version", lambda: "test")
+    monkeypatch.setattr(bench_mod, "profile_step", lambda tr, data: summarize(SYNTH, micro_steps=1, wall_ms=40.0))
+    monkeypatch.setattr(bench_mod, "graphed_step", lambda tr, data: graphed)
+    caplog.set_level(logging.INFO, logger="llmqgen")
+    path = bench_mod.run_bench(plan, steps=1, warmup=0, out_root=tmp_path, profile=True)
+    rec = json.loads(path.read_text())["profile"]
+    assert rec["graphed"] == graphed
+    from llmqgen.plan.cost import step_cost
+    assert rec["predicted_ms"] == pytest.approx(profile.predicted_family_ms(step_cost(plan)))
+    said = "\n".join(r.getMessage() for r in caplog.records)
+    assert "family vs the cost model" in said and "graphed step: 12.0 ms of wall time" in said

@@ -70,3 +70,20 @@ def test_an_unknown_kernel_is_an_error_that_names_it():
                                             "args": {}})
     with pytest.raises(KeyError, match="llmq_new_thing"):
         micro_step_traffic(plan, sched)
+
+
+@pytest.mark.parametrize("fp8", [True, False])
+def test_bytes_per_family_are_the_profiles_families_and_add_up(fp8):
+    from llmqgen.plan.cost import step_cost
+    from llmqgen.plan import calibration as K
+    from llmqgen.runtime.profile import FAMILIES, predicted_family_ms
+    plan = small_plan("qwen2", fp8, recompute=Recompute(swiglu=True))
+    t = traffic(plan)
+    fams = dict(t.by_family)
+    assert sum(fams.values()) == t.bytes and set(fams) <= set(FAMILIES)
+    assert {"swiglu", "rmsnorm", "rope", "crossentropy"} <= set(fams) and ("quantize" in fams) == fp8
+    c = step_cost(plan)
+    launches = plan.batch.grad_accum * t.launches * K.KERNEL_LAUNCH_US * 1e-3
+    assert sum(c.elementwise_ms.values()) + launches == pytest.approx(c.breakdown_ms["elementwise"])
+    pred = predicted_family_ms(c)
+    assert pred["gemm"] == c.breakdown_ms["matmul"] and pred["swiglu"] == c.elementwise_ms["swiglu"]
