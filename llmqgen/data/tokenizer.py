@@ -146,12 +146,22 @@ class Tokenizer:
 
 
 def _load_ranks(path: Path) -> dict[bytes, int]:
+    """A tiktoken BPE file: one `<base64 token> <rank>` per line."""
     ranks = {}
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok)] = int(rank)
+    try:
+        with open(path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        tok, rank = line.split()
+                        ranks[base64.b64decode(tok)] = int(rank)
+                    except ValueError:      # binascii.Error is one too
+                        raise TokenizerError(f"{path} is not a tiktoken BPE file (line {n}: expected "
+                                             "'<base64 token> <rank>')") from None
+    except OSError as e:
+        raise TokenizerError(f"cannot read the tokenizer {path}: {e.strerror or e}") from e
+    if not ranks:
+        raise TokenizerError(f"{path} is not a tiktoken BPE file (no tokens in it)")
     return ranks
 
 
@@ -239,6 +249,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
         return _tiktoken(spec, "qwen2.5", qwen_bpe_file(), QWEN25_SPECIALS)
     path = Path(spec).expanduser()
     if path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise TokenizerError(f"no tokenizer.json in {spec}: give the folder of an HF tokenizer, or "
+                                 "the tokenizer file itself")
         path = path / "tokenizer.json"
     if not path.is_file():
         raise TokenizerError(f"unknown tokenizer {spec!r}: give one of {', '.join(BUILTIN)}, a "

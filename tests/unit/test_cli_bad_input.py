@@ -394,3 +394,22 @@ def test_nits(plan_file, tmp_path):
     offered, known = line.split("did you mean ")[1].split("? Known GPUs: ")
     assert set(offered.split(", ")) <= set(known.split(", ")), line
     assert "--name x-evil" in our_line(invoke("plan", "--name", "../../x/evil", "--out", tmp_path))
+
+
+# --- a second new user's reports -----------------------------------------------------------------------
+@pytest.mark.parametrize("text,needle", [
+    (b"one line\n", "line 1: expected '<base64 token> <rank>'"), (b"", "no tokens in it"),
+    (b"YQ== 0\nabc 1\n", "line 2: expected"), (b"\x7fELF\x02 \x01 \x00\n", "line 1: expected")])
+def test_data_prepare_tokenizer_that_is_not_a_bpe_file(tmp_path, text, needle):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "tok").write_bytes(text)
+    our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "ds", "--tokenizer", tmp_path / "tok"),
+             f"error: {tmp_path / 'tok'} is not a tiktoken BPE file", needle)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_data_prepare_tokenizer_folder_without_tokenizer_json(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "empty").mkdir()
+    our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "ds", "--tokenizer", tmp_path / "empty"),
+             f"no tokenizer.json in {tmp_path / 'empty'}")
