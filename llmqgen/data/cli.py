@@ -49,6 +49,9 @@ def prepare_cmd(inputs, out, tokenizer, field, eval_fraction, shard_tokens, work
     except (PrepareError, ShardError, TokenizerError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except OSError as e:        # reading an input is a PrepareError: what is left is writing the dataset
+        click.echo(f"error: cannot write {out}: {e.strerror or e}", err=True)
+        sys.exit(2)
     click.echo(stats.summary())
     click.echo(f"train: {manifest.tokens('train'):,} tokens, eval: {manifest.tokens('eval'):,} "
                f"tokens, tokenizer {manifest.tokenizer_id} -> {out}")

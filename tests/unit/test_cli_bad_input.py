@@ -413,3 +413,11 @@ def test_data_prepare_tokenizer_folder_without_tokenizer_json(tmp_path):
     (tmp_path / "empty").mkdir()
     our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "ds", "--tokenizer", tmp_path / "empty"),
              f"no tokenizer.json in {tmp_path / 'empty'}")
+
+
+def test_data_prepare_out_that_cannot_be_written(tmp_path):
+    """As export says it (a folder under a file fails as an unwritable folder does, and also as root)."""
+    (tmp_path / "a.txt").write_text("hello world\n")
+    (tmp_path / "f").write_text("")
+    our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "f" / "ds", "--quiet"),
+             f"error: cannot write {tmp_path / 'f' / 'ds'}: Not a directory")
