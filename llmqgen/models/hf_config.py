@@ -53,6 +53,8 @@ def _config_path(path: str | Path) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "config.json"
+    if p.is_dir():
+        raise ValueError(f"{p} is a folder, not a file: give the model directory that holds config.json")
     if not p.is_file():
         raise ValueError(f"{p}: not found. Give a Hugging Face model directory holding config.json "
                          f"(or the config.json itself)")
@@ -198,6 +200,8 @@ def read_hf_config(path: str | Path) -> ModelSpec:
         cfg = json.loads(where.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {where}: {e.strerror or e}") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{where}: not a config.json (a JSON object is expected)")
     arch = _architecture(cfg, where)

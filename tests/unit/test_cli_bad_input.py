@@ -4,6 +4,7 @@ import json
 import re
 import sys
 import types
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -421,3 +422,20 @@ def test_data_prepare_out_that_cannot_be_written(tmp_path):
     (tmp_path / "f").write_text("")
     our_line(invoke("data", "prepare", tmp_path / "a.txt", "--out", tmp_path / "f" / "ds", "--quiet"),
              f"error: cannot write {tmp_path / 'f' / 'ds'}: Not a directory")
+
+
+def test_hf_config_json_unreadable_or_a_folder(tmp_path, monkeypatch):
+    (tmp_path / "dir" / "config.json").mkdir(parents=True)
+    our_line(invoke("plan", "--model", tmp_path / "dir", "--out", tmp_path / "p"),
+             f"{tmp_path / 'dir' / 'config.json'} is a folder, not a file")
+    (tmp_path / "unread").mkdir()
+    (tmp_path / "unread" / "config.json").write_text("{}")
+    real = Path.read_text
+
+    def read_text(self, *a, **k):      # chmod 000 does not stop root
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *a, **k)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    our_line(invoke("plan", "--model", tmp_path / "unread", "--out", tmp_path / "p"),
+             f"error: cannot read {tmp_path / 'unread' / 'config.json'}: Permission denied")
