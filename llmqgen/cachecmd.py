@@ -44,9 +44,12 @@ def entries(root: Path, kind: str) -> list[Path]:
     base = root / kind
     if not base.is_dir():
         return []
-    if kind == "cubin":
-        return sorted(e for d in base.iterdir() if d.is_dir() for e in d.iterdir() if e.is_dir())
-    return sorted(e for e in base.iterdir() if e.is_dir())
+    try:
+        if kind == "cubin":
+            return sorted(e for d in base.iterdir() if d.is_dir() for e in d.iterdir() if e.is_dir())
+        return sorted(e for e in base.iterdir() if e.is_dir())
+    except OSError as e:
+        _fail(f"cannot read {e.filename or base}: {e.strerror or e} (give it read permission, or delete it)")
 
 
 def _fail(message: str) -> None:

@@ -70,3 +70,21 @@ def test_cache_dir_that_is_a_file(tmp_path, monkeypatch):
         r = invoke(*args)
         assert r.exit_code == 2 and r.output.strip().startswith("error: ") and "is a file" in r.output
         assert len(r.output.strip().splitlines()) == 1
+
+
+def test_unreadable_cache_folder_is_one_line(tmp_path, monkeypatch):
+    from pathlib import Path
+    monkeypatch.setenv("LLMQGEN_CACHE_DIR", str(tmp_path))
+    fill(tmp_path)
+    real = Path.iterdir
+
+    def iterdir(self):      # as chmod 000 on cubin/ would, for a user other than root
+        if self.name == "cubin":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    for args in (["cache"], ["cache", "clear", "--yes"]):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert f"error: cannot read {tmp_path / 'cubin'}: Permission denied" in r.output
+    assert (tmp_path / "cubin").exists()
