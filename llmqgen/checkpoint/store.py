@@ -214,12 +214,22 @@ def _refuse_damaged(p: Path, problem: str, root: Path, deep: bool) -> Checkpoint
     return CheckpointError(f"checkpoint {p} is damaged: {problem}; {hint}")
 
 
+def _step_number(which: Union[str, int]) -> int:
+    try:
+        return int(str(which).removeprefix("step-"))
+    except ValueError:
+        raise CheckpointError(f"{which!r} is not a checkpoint: use latest or a step number") from None
+
+
 def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "latest", deep: bool = True) -> Path:
     """An intact checkpoint directory: `path_or_root` itself if it is one (a step directory), else a
     step of a checkpoint root or run directory: "latest" (the newest intact one: damaged newer ones are
     passed over, each logged as a warning) or a step number (refused if damaged)."""
     path = Path(path_or_root)
     if _STEP.match(path.name) and path.is_dir():             # one step directory, named directly
+        if which != "latest" and _step_number(which) != int(_STEP.match(path.name).group(1)):
+            raise CheckpointError(f"{path} is the checkpoint of one step, and step {which} was asked for: "
+                                  f"give the run directory with a step, or the step directory alone")
         problem = verify(path, deep)
         if problem:
             raise _refuse_damaged(path, problem, path.parent, deep)
@@ -246,10 +256,7 @@ def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "lat
             damaged.append((p.name, problem))
         raise CheckpointError(f"{root}: every checkpoint is damaged ("
                               + "; ".join(f"{d}: {why}" for d, why in damaged) + "): start the run again")
-    try:
-        step = int(str(which).removeprefix("step-"))
-    except ValueError:
-        raise CheckpointError(f"{which!r} is not a checkpoint: use latest or a step number") from None
+    step = _step_number(which)
     for s, p in dirs:
         if s == step:
             problem = verify(p, deep)
@@ -307,11 +314,14 @@ class TrainingCheckpoint:
         return int(self.state["step"])
 
     def plan(self):
-        from ..plan.schema import Plan
+        from pydantic import ValidationError
+
+        from ..plan.schema import Plan, validation_summary
         try:
             return Plan.from_json(self.plan_json)
-        except ValueError as e:
-            raise CheckpointError(f"{self.path}: its plan.json is not a plan this llmqgen reads ({e})") from e
+        except ValidationError as e:
+            raise CheckpointError(f"{self.path}: its plan.json is not a plan this llmqgen reads "
+                                  f"({validation_summary(e)})") from None
 
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Masters and Adam moments by checkpoint key, each in its stored dtype and whole shape."""

@@ -82,6 +82,47 @@ def test_export_of_a_damaged_latest_uses_the_newest_intact(run, data, tmp_path):
     assert "at step 2" in res.output
 
 
+
+def _export_refused(*args) -> str:
+    """One `error:` line, exit 2, no traceback."""
+    res = CliRunner().invoke(main, ["export", *map(str, args)])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and res.output.startswith("error: "), res.output
+    return res.output
+
+
+def test_export_of_a_step_directory_refuses_another_step(run, data, tmp_path):
+    out = tmp_path / "r"
+    train(run, data, out, steps=2, warmup=1, checkpoint_every=1)
+    step1 = out / "checkpoints" / "step-000001"
+    assert "step 2 was asked for" in _export_refused(step1, tmp_path / "hf", "--step", "2")
+    assert not (tmp_path / "hf").exists()
+    res = CliRunner().invoke(main, ["export", str(step1), str(tmp_path / "hf"), "--step", "1"])  # agrees: fine
+    assert res.exit_code == 0 and "at step 1" in res.output, res.output
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "0", "-3"])
+def test_export_shard_size_must_be_positive_and_finite(run, data, tmp_path, size):
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    assert "is not a positive number of GiB" in _export_refused(tmp_path / "r", tmp_path / "hf", "--shard-size", size)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_of_a_checkpoint_with_an_incomplete_plan_is_one_line(run, data, tmp_path):
+    import hashlib
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    ck = tmp_path / "r" / "checkpoints" / "step-000001"
+    plan = json.loads((ck / "plan.json").read_text())
+    del plan["batch"]["seq_len"], plan["model"]["hidden_size"]
+    (ck / "plan.json").write_text(json.dumps(plan))
+    state = json.loads((ck / "state.json").read_text())     # recorded as written: not a damaged checkpoint
+    state["files"]["plan.json"] = {"bytes": (ck / "plan.json").stat().st_size,
+                                   "sha256": hashlib.sha256((ck / "plan.json").read_bytes()).hexdigest()}
+    (ck / "state.json").write_text(json.dumps(state))
+    line = _export_refused(tmp_path / "r", tmp_path / "hf")
+    assert "its plan.json is not a plan this llmqgen reads (" in line and "Field required" in line, line
+
+
 # --- damaged checkpoints on resume (issue 14.10) ------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
