@@ -442,10 +442,6 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
               "per kernel family and schedule phase, and the GEMM+attention (floor) share; into the result too.")
 def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile):
     """Run optimizer steps of a plan on synthetic tokens; write bench/results/<gpu>-<plan>.json."""
-    try:
-        from .runtime.bench import run_bench
-    except ImportError as e:
-        _missing_runtime(e)
     p = _plan_from(plan_path, model_name, gpus)
     ranks = None
     if devices:
@@ -455,6 +451,10 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile
             _fail(f"--devices {devices!r}: give one GPU index per rank, comma-separated, e.g. --devices 0,0")
         if min(ranks) < 0:
             _fail(f"--devices {devices!r}: GPU indices count from 0, e.g. --devices {','.join(['0'] * p.num_gpus)}")
+    try:        # after the inputs' checks: without a GPU the runtime's import fails
+        from .runtime.bench import run_bench
+    except ImportError as e:
+        _missing_runtime(e)
     logger.info(f"bench {p.name}: {warmup} warm-up + {steps} timed steps of {p.tokens_per_step:,} tokens")
     try:
         with _gpu_runtime():
@@ -501,10 +501,7 @@ def _run_options(f):
 
 def _check_data(data, spec) -> None:
     """The dataset's token ids must fit the model's vocabulary: said before planning or any GPU work."""
-    try:
-        from .runtime.run import check_dataset, check_vocab
-    except ImportError as e:
-        _missing_runtime(e)
+    from .data.shards import check_dataset, check_vocab
     try:
         if data is None:        # the embedded corpus: known without preparing it
             from .data.tokenizer import load_tokenizer
@@ -518,6 +515,7 @@ def _check_data(data, spec) -> None:
 
 def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
            change, max_bad_steps, init_from, seed):
+    _check_data(data, p.model)          # the inputs first: without a GPU the runtime's import fails
     try:
         from .runtime.run import RunConfig, train
     except ImportError as e:
@@ -528,7 +526,6 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     def given(name, value):     # None: not on the command line (a new run's default, a resumed run's saved value)
         src = ctx.get_parameter_source(name) if ctx else None
         return None if src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) else value
-    _check_data(data, p.model)
     if data is None:
         from .data.corpus import default_corpus
         logger.info("no --data given: training on the embedded default corpus")

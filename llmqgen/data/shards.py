@@ -239,3 +239,20 @@ def open_split(directory: str | os.PathLike, split: str) -> tuple[Manifest, list
                              f"{m.tokenizer_id!r}); re-create the dataset with `llmqgen data prepare`")
         readers.append(r)
     return m, readers
+
+
+def check_vocab(tokenizer: str, vocab: int, model) -> None:
+    """Token ids of a dataset must be ids of the model's embedding (`model`: a ModelSpec; data is a leaf
+    and does not import models): say so before any work."""
+    if vocab > model.vocab_size:
+        name = tokenizer.split(":")[0]
+        family = next((f for p, f in (("qwen", "Qwen"), ("llama", "Llama 3")) if name.lower().startswith(p)),
+                      f"{name}-tokenised")
+        raise ValueError(f"the dataset was tokenised with {name} (vocab {vocab:,} ids); {model.name} has vocab "
+                         f"{model.vocab_size:,}: prepare data with its tokenizer (llmqgen data prepare DOCS "
+                         f"--out DIR --tokenizer PATH) or pick a {family} model")
+
+
+def check_dataset(data: Path, model) -> None:
+    m = read_manifest(data)
+    check_vocab(m.tokenizer_id, m.vocab_size, model)

@@ -22,9 +22,9 @@ from pathlib import Path
 from ..checkpoint.hf import export_hf
 from ..checkpoint.store import TrainingCheckpoint, read_checkpoint, save_checkpoint
 from ..data.loader import EvalLoader, TrainLoader
+from ..data.shards import check_dataset
 from ..metrics import plan_throughput
 from ..models.init import init_params
-from ..models.spec import ModelSpec
 from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord, step_rates
@@ -69,23 +69,6 @@ class RunConfig:
 
 class TrainingStopped(ValueError):
     """The run stopped itself (e.g. non-finite steps in a row) after saving a checkpoint."""
-
-
-def check_vocab(tokenizer: str, vocab: int, model: ModelSpec) -> None:
-    """Token ids of a dataset must be ids of the model's embedding: say so before any work."""
-    if vocab > model.vocab_size:
-        name = tokenizer.split(":")[0]
-        family = next((f for p, f in (("qwen", "Qwen"), ("llama", "Llama 3")) if name.lower().startswith(p)),
-                      f"{name}-tokenised")
-        raise ValueError(f"the dataset was tokenised with {name} (vocab {vocab:,} ids); {model.name} has vocab "
-                         f"{model.vocab_size:,}: prepare data with its tokenizer (llmqgen data prepare DOCS "
-                         f"--out DIR --tokenizer PATH) or pick a {family} model")
-
-
-def check_dataset(data: Path, model: ModelSpec) -> None:
-    from ..data.shards import read_manifest
-    m = read_manifest(data)
-    check_vocab(m.tokenizer_id, m.vocab_size, model)
 
 
 def _saved_settings(ck: TrainingCheckpoint) -> dict:

@@ -219,9 +219,7 @@ def no_driver_runtime(monkeypatch):
     monkeypatch.setitem(sys.modules, "llmqgen.runtime.run", run)
 
 
-def test_bench_run_train_without_a_driver(no_driver_runtime, plan_file, tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    data.mkdir()
+def test_bench_run_train_without_a_driver(no_driver_runtime, plan_file, tmp_path, monkeypatch, data):
     assert our_line(invoke("bench", "--plan", plan_file, "--out", tmp_path / "bench")) == f"error: {NO_DRIVER_RUNTIME}"
     assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run")) \
         == f"error: {NO_DRIVER_RUNTIME}"
@@ -439,3 +437,20 @@ def test_hf_config_json_unreadable_or_a_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", read_text)
     our_line(invoke("plan", "--model", tmp_path / "unread", "--out", tmp_path / "p"),
              f"error: cannot read {tmp_path / 'unread' / 'config.json'}: Permission denied")
+
+
+def test_inputs_are_checked_before_the_driver(monkeypatch, tmp_path):
+    """Without a GPU (no runtime, no driver) each command still names what is wrong with its inputs."""
+    monkeypatch.setattr("llmqgen.cli._driver_present", lambda: False)
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.bench", None)
+    monkeypatch.setitem(sys.modules, "llmqgen.runtime.run", None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notplan.json").write_text("{")
+    (tmp_path / "docs").mkdir()
+    for args, needle in [(["bench", "--plan", "notplan.json"], "is not an llmqgen plan"),
+                         (["bench", "--model", "nosuch"], "unknown model 'nosuch'"),
+                         (["bench", "--model", "0.5b", "--gpus", "1xh200", "--devices", "x"], "--devices 'x'"),
+                         (["train", "--gpus", "3xfoo"], "unknown GPU 'foo'"),
+                         (["train", "--gpus", "1xh200", "--data", "docs"], "docs: no manifest.json"),
+                         (["run", "--plan", "notplan.json"], "is not an llmqgen plan")]:
+        our_line(invoke(*args), needle)
