@@ -40,7 +40,9 @@ def data() -> None:
 @click.option("--quiet", is_flag=True, help="No progress display.")
 def prepare_cmd(inputs, out, tokenizer, field, eval_fraction, shard_tokens, workers, max_tokens,
                 encoding, skip_bad_files, force, quiet) -> None:
-    """Tokenize text files, directories, JSONL or Parquet INPUTS into a dataset directory."""
+    """Tokenize text files, directories, JSONL or Parquet INPUTS into a dataset directory. A directory
+    gives the files under it with a known suffix, leaving out hidden files and folders (.git, .venv);
+    a file given more than once is read once."""
     try:
         manifest, stats = prepare(inputs, out, tokenizer=tokenizer, field=field,
                                   eval_fraction=eval_fraction, shard_tokens=shard_tokens,

@@ -90,17 +90,34 @@ class PrepareStats:
                 f"{self.seconds:.1f} s ({rate:,.0f} tokens/s){skipped}")
 
 
+def _files_under(folder: Path) -> list[Path]:
+    """The files of known suffixes under `folder`, leaving out hidden files and folders (.git, .venv),
+    as most tools do; a folder that cannot be read is an error, as a file that cannot be read is."""
+    def fail(e: OSError):
+        raise PrepareError(f"{e.filename}: cannot read ({e.strerror or e})") from e
+
+    known = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
+    found = []
+    for top, dirs, names in os.walk(folder, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / n for n in names if not n.startswith(".") and Path(n).suffix in known]
+    return sorted(p for p in found if p.is_file())
+
+
 def _expand(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            known = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
-            files += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix in known)
+            files += _files_under(item)
         elif item.is_file():
             files.append(item)
         else:
             raise PrepareError(f"input {item} does not exist: give text/JSONL/Parquet files or "
                                "directories")
+    unique: dict[Path, Path] = {}       # each file once (docs/ docs/a.txt), where it came first
+    for f in files:
+        unique.setdefault(f.resolve(), f)
+    files = list(unique.values())
     if not files:
         raise PrepareError(f"no input files found in {', '.join(map(str, inputs))} (looked for "
                            f"{', '.join(sorted(TEXT_SUFFIXES | JSONL_SUFFIXES))}, .parquet)")

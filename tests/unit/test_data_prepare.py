@@ -1,5 +1,6 @@
 """`data prepare`: inputs of every kind, EOS placement, the split, worker-count independence, CLI."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -95,3 +96,23 @@ def test_cli(inputs, tmp_path):
     res = CliRunner().invoke(data, ["prepare", str(paths[1]), "--out", str(tmp_path / "e"),
                                     "--field", "nope", "--workers", "1"])
     assert res.exit_code != 0 and "--field" in res.output
+
+
+def test_folders_skip_hidden_and_refuse_unreadable_and_files_count_once(tmp_path, monkeypatch):
+    src = tmp_path / "proj"
+    for rel in ("a.py", "sub/b.txt", ".venv/lib/x.py", ".hidden.txt", "sub/.git/c.md"):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text(f"print({rel!r})\n")
+    (tmp_path / ".given.txt").write_text("a hidden file named explicitly is read\n")
+    _, stats = prepare([src, src / "a.py", tmp_path / "proj" / ".." / "proj", tmp_path / ".given.txt"],
+                       tmp_path / "ds", workers=1, progress=False)
+    assert stats.documents == 3         # a.py and sub/b.txt once each, and .given.txt
+    real = os.scandir
+
+    def scandir(path="."):      # as chmod 000 on sub/ would, for a user other than root
+        if os.path.basename(path) == "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PrepareError, match=r"proj/sub: cannot read \(Permission denied\)"):
+        prepare([src], tmp_path / "ds2", workers=1, progress=False)
