@@ -29,7 +29,9 @@ def data() -> None:
               help="Tokens per shard file.")
 @click.option("--workers", default=None, type=int,
               help="Tokenizer processes (default: CPU count, at most 8). Output does not depend on it.")
-@click.option("--max-tokens", default=None, type=int, help="Stop after this many tokens.")
+@click.option("--max-tokens", default=None, type=int,
+              help="Stop at the end of the document that reaches this many tokens: documents are kept "
+                   "whole, so one long document can take the total far past it.")
 @click.option("--encoding", default="utf-8", show_default=True,
               help="How text and JSONL files are decoded, strictly: a codec (utf-8, latin-1, "
                    "cp1252, utf-16...) or auto (by byte-order mark: UTF-16/UTF-32/UTF-8, else UTF-8).")

@@ -116,3 +116,13 @@ def test_folders_skip_hidden_and_refuse_unreadable_and_files_count_once(tmp_path
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(PrepareError, match=r"proj/sub: cannot read \(Permission denied\)"):
         prepare([src], tmp_path / "ds2", workers=1, progress=False)
+
+
+def test_max_tokens_help_says_documents_are_kept_whole(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_text("alpha beta\n" * 2000)
+    res = CliRunner().invoke(data, ["prepare", str(big), "--out", str(tmp_path / "ds"), "--max-tokens", "10",
+                                    "--workers", "1", "--quiet"])
+    assert res.exit_code == 0 and "prepared 1 document, " in res.output and "10 tokens" not in res.output
+    help_text = " ".join(CliRunner().invoke(data, ["prepare", "--help"]).output.split())
+    assert "Stop at the end of the document that reaches this many tokens: documents are kept whole" in help_text
