@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import sys
 from contextlib import contextmanager
@@ -463,17 +464,24 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile
         _fail(str(e))
 
 
+def _not_negative(ctx, param, value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):       # click's FloatRange lets nan and inf through
+        raise click.BadParameter(f"{value} is not a finite number >= 0", param=param)
+    return value
+
+
 def _run_options(f):
     """The options `run` and `train` share (the training loop's)."""
     opts = [
         click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
                      help="A dataset from `llmqgen data prepare` (default: the embedded corpus)."),
         click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimizer steps."),
-        click.option("--lr", type=float, default=3e-4, show_default=True, help="Peak learning rate."),
+        click.option("--lr", type=float, default=3e-4, show_default=True, callback=_not_negative,
+                     help="Peak learning rate."),
         click.option("--warmup", type=click.IntRange(min=0), default=20, show_default=True),
         click.option("--schedule", type=click.Choice(["cosine", "linear", "wsd", "constant"]), default="cosine",
                      show_default=True),
-        click.option("--weight-decay", type=float, default=0.1, show_default=True,
+        click.option("--weight-decay", type=float, default=0.1, show_default=True, callback=_not_negative,
                      help="AdamW weight decay (matrices and embeddings; not norms and biases)."),
         click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Evaluate every N steps (0: never)."),
         click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
@@ -487,7 +495,7 @@ def _run_options(f):
         click.option("--change", "change", multiple=True, metavar="SETTING[,SETTING]",
                      help="With --resume: apply these options although they differ from the saved run "
                           "(steps, lr, warmup, schedule, weight-decay); each change is printed and logged."),
-        click.option("--max-bad-steps", type=int, default=3, show_default=True,
+        click.option("--max-bad-steps", type=click.IntRange(min=1), default=3, show_default=True,
                      help="Steps in a row with a non-finite loss or gradient norm (each skipped, no update) "
                           "before the run checkpoints and stops."),
         click.option("--init-from", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
