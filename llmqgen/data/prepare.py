@@ -514,6 +514,10 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
                         writers["eval"].entries,
                         {s: w.documents for s, w in writers.items()}, [str(p) for p in inputs])
     write_manifest(out, manifest)
+    if eval_fraction > 0 and not manifest.eval:
+        logger.warning(f"the eval split is empty: none of the {doc_index:,} documents fell into the "
+                       f"--eval-fraction {eval_fraction}; `llmqgen run --eval-every` needs one: give more "
+                       "documents or a larger --eval-fraction")
     stats = PrepareStats(doc_index, tokens, sum(len(w.entries) for w in writers.values()),
                          time.perf_counter() - bar.start, skipped)
     return manifest, stats

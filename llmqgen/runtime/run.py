@@ -22,7 +22,7 @@ from pathlib import Path
 from ..checkpoint.hf import export_hf
 from ..checkpoint.store import TrainingCheckpoint, read_checkpoint, save_checkpoint
 from ..data.loader import EvalLoader, TrainLoader
-from ..data.shards import check_dataset
+from ..data.shards import ShardError, check_dataset
 from ..metrics import plan_throughput
 from ..models.init import init_params
 from ..plan.schema import Plan
@@ -151,6 +151,12 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         state = ck.state_tensors()
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
+    if cfg.eval_every:      # an eval split too small for one evaluation: said now, not at the first one
+        try:
+            EvalLoader(cfg.data, B, T, num_ranks=plan.num_gpus)
+        except ShardError as e:
+            raise ShardError(f"--eval-every {cfg.eval_every}: {e} (or prepare the data with a larger "
+                             "--eval-fraction, or leave out --eval-every)") from None
     for line in run_header(plan, s["steps"], cfg.out):
         logger.info(line)
     sched = LRSchedule(peak=s["lr"], warmup_steps=min(s["warmup"], s["schedule_steps"]),

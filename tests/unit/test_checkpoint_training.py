@@ -123,6 +123,19 @@ def test_export_of_a_checkpoint_with_an_incomplete_plan_is_one_line(run, data, t
     assert "its plan.json is not a plan this llmqgen reads (" in line and "Field required" in line, line
 
 
+
+def test_eval_on_an_empty_eval_split_fails_before_training(run, tmp_path):
+    from llmqgen.data.shards import ShardError, read_manifest, write_manifest
+    data = tiny_data(tmp_path / "noeval")
+    m = read_manifest(data)
+    m.eval, m.documents["eval"] = [], 0
+    write_manifest(data, m)
+    with pytest.raises(ShardError, match="--eval-every 2: .*the eval split has 0 tokens.*--eval-fraction"):
+        train(run, data, tmp_path / "r", steps=3, warmup=1, eval_every=2)
+    assert not (tmp_path / "r" / "log.jsonl").exists()
+    train(run, data, tmp_path / "r2", steps=1, warmup=0)        # without evaluation: runs
+
+
 # --- damaged checkpoints on resume (issue 14.10) ------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])

@@ -126,3 +126,12 @@ def test_max_tokens_help_says_documents_are_kept_whole(tmp_path):
     assert res.exit_code == 0 and "prepared 1 document, " in res.output and "10 tokens" not in res.output
     help_text = " ".join(CliRunner().invoke(data, ["prepare", "--help"]).output.split())
     assert "Stop at the end of the document that reaches this many tokens: documents are kept whole" in help_text
+
+
+def test_empty_eval_split_is_warned_about(tmp_path, caplog):
+    (tmp_path / "a.txt").write_text("one small document\n")
+    prepare([tmp_path / "a.txt"], tmp_path / "ds", workers=1, progress=False)      # 1% of one document: none
+    assert any("the eval split is empty" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    caplog.clear()
+    prepare([tmp_path / "a.txt"], tmp_path / "ds0", eval_fraction=0.0, workers=1, progress=False)   # asked for
+    assert not any("eval split" in r.getMessage() for r in caplog.records)
