@@ -76,16 +76,23 @@ def test_nondeterministic_backward_matches_torch(dev):
     check_against_torch(SHAPES[1], deterministic=False)
 
 
-def check_against_torch(shape, deterministic):
-    c = Case(shape, Attention(shape, deterministic=deterministic))
+def backward_twice(c, second=None):
+    """Forward and backward of case `c` on torch's stream, then the backward again (through `second`, another
+    Attention, when given) into a NaN-filled dqkv; returns the first backward's dqkv."""
     stream = torch.cuda.current_stream().cuda_stream
     c.forward(stream)
     c.backward(stream)
     torch.cuda.synchronize()
     first = c.dqkv.clone()
     c.dqkv.fill_(float("nan"))
-    c.backward(stream)
+    c.backward(stream, second)
     torch.cuda.synchronize()
+    return first
+
+
+def check_against_torch(shape, deterministic):
+    c = Case(shape, Attention(shape, deterministic=deterministic))
+    first = backward_twice(c)
     o_ref, lse_ref, dqkv_ref = c.reference()
     assert rel(c.o, o_ref) < 2e-2
     assert rel(c.lse, lse_ref) < 1e-3
@@ -127,14 +134,7 @@ def test_backward_in_chunks_is_bit_identical(dev, shape):
     full-batch backward's gradient bit for bit (each sequence's gradient is computed alone either way)."""
     whole, halves = Attention(shape), Attention(shape, bwd_chunks=2)
     c = Case(shape, whole)
-    stream = torch.cuda.current_stream().cuda_stream
-    c.forward(stream)
-    c.backward(stream)
-    torch.cuda.synchronize()
-    full = c.dqkv.clone()
-    c.dqkv.fill_(float("nan"))
-    c.backward(stream, halves)
-    torch.cuda.synchronize()
+    full = backward_twice(c, halves)
     print(f"\n  {shape}: backward workspace {whole.bwd.workspace} -> {halves.bwd.workspace} bytes in 2 chunks; "
           f"max |diff| {(c.dqkv.float() - full.float()).abs().max().item():.3g}")
     assert halves.bwd.workspace <= whole.bwd.workspace
