@@ -35,6 +35,12 @@ from .refs import Ref, Scalar
 from .schema import Plan
 
 
+# The micro-step's sections in the order they run: (name, once per layer?, layers in reverse?) — the runtime
+# binds them so (runtime/rank.py), the cost model counts them so (plan/traffic.py).
+MICRO_SECTIONS = (("prologue", False, False), ("layer_forward", True, False), ("head", False, False),
+                  ("layer_backward", True, True), ("epilogue", False, False))
+
+
 def build_schedule(plan: Plan) -> dict:
     """The plan's schedule.json as a dict: {"schema", "plan", "layers", "scalars", "fp8_slots", "init",
     "layer_init", "micro_step": {section: [op]}, "eval", "optimizer_step": {section: [op]}}; every op a

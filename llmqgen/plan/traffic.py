@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .block import plan_fp8_groups
+from .schedule import MICRO_SECTIONS
 from .schema import Plan
 
-# A micro-step's sections in order, with how often each runs: once, or once per layer.
-MICRO_SECTIONS = (("prologue", False), ("layer_forward", True), ("head", False), ("layer_backward", True),
-                  ("epilogue", False))
 # Operations the cost model times elsewhere (GEMMs, attention, transfers, collectives) or that move nothing
 # worth counting (waits); of those, the ones that launch nothing on the compute stream.
 NOT_ELEMENTWISE = {"linear", "attention_forward", "attention_backward", "copy", "copy_wait", "collective", "await",
@@ -53,7 +51,7 @@ def micro_step_traffic(plan: Plan, schedule: dict) -> MicroStepTraffic:
     rule = kernel_bytes(plan)
     L = plan.model.num_layers
     launches, fams = 0, {}
-    for section, per_layer in MICRO_SECTIONS:
+    for section, per_layer, _ in MICRO_SECTIONS:
         for op in schedule["micro_step"][section]:
             for o, times in _runs(op, L if per_layer else 1):
                 launches += 0 if o["op"] in NO_LAUNCH else times

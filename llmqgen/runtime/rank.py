@@ -28,6 +28,7 @@ from ..codegen.kernel import Kernel
 from ..compile.build_folder import BuildFolder
 from ..plan.memory import DTYPE_BYTES
 from ..plan.refs import at, parse_ref, resolve_tag, split_index
+from ..plan.schedule import MICRO_SECTIONS
 from . import driver
 from .arena import Arena
 from .attention import Attention, AttnShape
@@ -274,9 +275,9 @@ class Rank:
 
     # --- programs ------------------------------------------------------------------------------------
     def _micro_sections(self):
-        ms, L = self.sched["micro_step"], self.L
-        return ([(ms["prologue"], [None])] + [(ms["layer_forward"], list(range(L))), (ms["head"], [None]),
-                (ms["layer_backward"], list(reversed(range(L)))), (ms["epilogue"], [None])])
+        ms, layers = self.sched["micro_step"], list(range(self.L))
+        return [(ms[name], (layers[::-1] if backward else layers) if per_layer else [None])
+                for name, per_layer, backward in MICRO_SECTIONS]
 
     def program(self, sections, extra=None) -> list[Item]:
         """Bind sections [(ops, layers)] into items; a collective ends the run of operations before it.
