@@ -6,7 +6,9 @@ the generator (codegen/context.py hands these constants to the templates: no .j2
 the schedule and the runtime (which address into the rows) all read one definition.
 
 - Arena: every row starts on ARENA_ALIGN bytes (cuBLASLt and cuDNN assume 256-byte aligned operands).
-- FP8 stats (row stats.fp8): one FP8_SLOT_BYTES slot per FP8 tensor, amax at byte 0, descale at byte 16.
+- FP8 stats (row stats.fp8): one FP8_SLOT_BYTES slot per FP8 tensor, amax at byte 0, descale at byte 16;
+  under delayed scaling the max of the slot's amax history at byte 4 (0 until the history holds one),
+  the history itself in row stats.amax_history (amax_history floats per activation slot, newest first).
   The descale is a cuBLASLt A/B scale pointer, which must be 16-byte aligned: cuBLASLt on Hopper
   (cuBLAS 13) accepts a misaligned one in the heuristic query and then fails the matmul with
   NOT_SUPPORTED (DESIGN.md, "Matmuls"). Slots: ACT_SLOTS of every layer, then WEIGHT_SLOTS of every
@@ -33,6 +35,7 @@ def align(n: int) -> int:
 FP8_SLOT_BYTES = 32
 FP8_AMAX_OFFSET = 0
 FP8_DESCALE_OFFSET = 16
+FP8_HISTORY_MAX_OFFSET = 4
 ACT_SLOTS = ("ln1", "att", "ln2", "h", "d_down", "d_gu", "d_att_out", "d_qkv")
 WEIGHT_SLOTS = ("qkv", "attn_out", "gate_up", "down")
 
@@ -42,12 +45,17 @@ def fp8_slot_count(num_layers: int) -> int:
     return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + 1
 
 
+def act_slot_count(num_layers: int) -> int:
+    """The activation/gradient slots, which come first (the amax history covers these)."""
+    return len(ACT_SLOTS) * num_layers
+
+
 def fp8_slot_index(name: str, layer: int, num_layers: int) -> int:
     """Slot of tensor `name` ("ln1", "w_qkv", "sink") of `layer`; ValueError for an unknown name."""
     if name == "sink":
         return fp8_slot_count(num_layers) - 1
     if name.startswith("w_"):
-        return len(ACT_SLOTS) * num_layers + layer * len(WEIGHT_SLOTS) + WEIGHT_SLOTS.index(name[2:])
+        return act_slot_count(num_layers) + layer * len(WEIGHT_SLOTS) + WEIGHT_SLOTS.index(name[2:])
     return layer * len(ACT_SLOTS) + ACT_SLOTS.index(name)
 
 

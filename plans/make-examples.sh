@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 export LLMQGEN_PLANS_DIR=plans     # the examples live in plans/ (user plans default to ./llmqgen-plans/)
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --name qwen2.5-0.5b-fp8-1xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-0.5b-bf16-1xh200 "$@" >/dev/null
+llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --set precision.scaling=delayed \
+  --name qwen2.5-0.5b-fp8-1xh200-delayed "$@" >/dev/null
 for m in 1.5b 7b; do
   llmqgen plan --model qwen2.5-$m --gpus 1xH200 --host-mem 256G --name qwen2.5-$m-fp8-1xh200 "$@" >/dev/null
   llmqgen plan --model qwen2.5-$m --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-$m-bf16-1xh200 "$@" >/dev/null

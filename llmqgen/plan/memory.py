@@ -12,8 +12,8 @@ from enum import Enum
 from functools import lru_cache
 from math import prod
 
-from ..layout import (FP8_SLOT_BYTES, SCALAR_COUNT, align, attention_stats_bytes, flash_unsupported, fp8_slot_count,
-                      norm_partials_bytes, staging_elems, token_rows)
+from ..layout import (FP8_SLOT_BYTES, SCALAR_COUNT, act_slot_count, align, attention_stats_bytes, flash_unsupported,
+                      fp8_slot_count, norm_partials_bytes, staging_elems, token_rows)
 from .block import saved_values
 from .calibration import ATTN_WORKSPACE_MIN, COMM_PIECE, CONTEXT_RESERVE, CUBLAS_WORKSPACE, GRADNORM_PARTIALS
 from ..hardware.spec import GpuSpec
@@ -301,6 +301,9 @@ def _small_state(t: _Table, m: ModelSpec, p: Precision, B: int, T: int, N: int, 
     if p.matmul == "e4m3":
         t.add(RowKind.STATS, "fp8", "uint8", (fp8_slot_count(m.num_layers) * FP8_SLOT_BYTES,),
               note="amax / descale slots")
+    if p.matmul == "e4m3" and p.scaling == "delayed":
+        t.add(RowKind.STATS, "amax_history", "fp32", (act_slot_count(m.num_layers) * p.amax_history,),
+              note=f"the last {p.amax_history} micro-steps' amaxes")
     t.add(RowKind.STATS, "scalars", "fp32", (SCALAR_COUNT,), note="loss, norm, clip scale, hyper-parameters")
     t.add(RowKind.STATS, "gradnorm", "fp32", (GRADNORM_PARTIALS * N,), shard=None,
           note="one block of partials per GPU")

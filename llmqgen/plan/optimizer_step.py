@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from math import prod
 
-from ..layout import ACT_SLOTS, FP8_SLOT_BYTES, WEIGHT_SLOTS, gradnorm_partials
+from ..layout import FP8_SLOT_BYTES, WEIGHT_SLOTS, act_slot_count, gradnorm_partials
 from .block import site_of
 from .emit import Emitter
 from .layer_ops import quantize
@@ -139,7 +139,7 @@ def each(e: Emitter, fn, per_layer: bool) -> None:
 def optimizer(e: Emitter) -> list[dict]:
     """Zero the weights' amaxes; layer 0's streamed states in; AdamW on the whole-model tensors."""
     if e.fp8:
-        e.add("memset", "optimizer", dst=Ref("stats.fp8", offset=len(ACT_SLOTS) * e.L * FP8_SLOT_BYTES),
+        e.add("memset", "optimizer", dst=Ref("stats.fp8", offset=act_slot_count(e.L) * FP8_SLOT_BYTES),
               bytes=len(WEIGHT_SLOTS) * e.L * FP8_SLOT_BYTES)
     move_states(e, "0", True)
     each(e, adamw, False)
@@ -159,7 +159,7 @@ def publish(e: Emitter) -> list[dict]:
     """One amax for all GPUs; the whole-model tensors' work copies."""
     if e.opt_shard and e.fp8:
         e.add("collective", "optimizer", kind="all_reduce_max", dtype="fp32", overlap=False,
-              region=Ref("stats.fp8", offset=len(ACT_SLOTS) * e.L * FP8_SLOT_BYTES),
+              region=Ref("stats.fp8", offset=act_slot_count(e.L) * FP8_SLOT_BYTES),
               bytes=len(WEIGHT_SLOTS) * e.L * FP8_SLOT_BYTES)
     each(e, publish_tensor, False)
     return e.take()

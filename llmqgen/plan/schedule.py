@@ -26,7 +26,7 @@ dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . 
 """
 from __future__ import annotations
 
-from ..layout import ACT_SLOTS, FP8_SLOT_BYTES, SCALARS, WEIGHT_SLOTS, fp8_slot_count, num_unique_index
+from ..layout import ACT_SLOTS, FP8_SLOT_BYTES, SCALARS, WEIGHT_SLOTS, act_slot_count, fp8_slot_count, num_unique_index
 from .block import block_ops, recomputed
 from .emit import Emitter
 from .layer_ops import block_backward, block_op
@@ -87,9 +87,12 @@ def fetch_grads(e: Emitter, phase: str, target: str, after=(), skip=()) -> None:
 # ---- the micro-step ---------------------------------------------------------------------------------
 
 def prologue(e: Emitter) -> list[dict]:
-    """Zero the activations' amaxes, bring layer 0's weights, embed the tokens."""
-    if e.fp8:
-        e.add("memset", "forward", dst=Ref("stats.fp8"), bytes=len(ACT_SLOTS) * e.L * FP8_SLOT_BYTES)
+    """Zero the activations' amaxes (delayed scaling: into their history first), bring layer 0's weights,
+    embed the tokens."""
+    if e.fp8 and e.plan.precision.scaling == "delayed":
+        e.kernel("llmq_amax_roll", "forward", stats=Ref("stats.fp8"), history=Ref("stats.amax_history"))
+    elif e.fp8:
+        e.add("memset", "forward", dst=Ref("stats.fp8"), bytes=act_slot_count(e.L) * FP8_SLOT_BYTES)
     if e.zero3:
         e.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
               skip_layers=[], tensors=[[Ref(f"weights.{n}", "0"), False] for n in e.layer_tensors],

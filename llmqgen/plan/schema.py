@@ -21,6 +21,7 @@ SCHEMA_VERSION = 1
 MatmulDtype = Literal["e4m3", "bf16"]
 GradDtype = Literal["e4m3", "e5m2", "bf16"]
 StateDtype = Literal["bf16", "fp32"]
+Scaling = Literal["current", "delayed"]
 
 
 class _Frozen(BaseModel):
@@ -33,6 +34,12 @@ class Precision(_Frozen):
     master: StateDtype = "bf16"        # master weights (bf16 with stochastic rounding, or fp32)
     adam_m: StateDtype = "bf16"
     adam_v: StateDtype = "bf16"
+    # FP8 scales of activations and their gradients: "current" (per tensor, from this micro-step's amax: an
+    # amax pass before the bytes where no producer records one) or "delayed" (from the max of the last
+    # `amax_history` micro-steps' amaxes, as Transformer Engine's DelayedScaling: producers write fp8 in one
+    # pass and record the amax for later; values beyond the scale saturate). Weights: current scaling always.
+    scaling: Scaling = "current"
+    amax_history: int = Field(default=16, ge=1, le=1024)
 
     @model_validator(mode="after")
     def _grad_follows_matmul(self):
@@ -43,6 +50,8 @@ class Precision(_Frozen):
             object.__setattr__(self, "gradient", "bf16")
         if self.matmul == "e4m3" and self.gradient == "bf16":
             raise ValueError("FP8 matmuls need FP8 activation gradients: gradient must be e4m3 or e5m2")
+        if self.matmul == "bf16" and self.scaling == "delayed":
+            raise ValueError("delayed scaling is a recipe for FP8 matmuls: drop precision.scaling or use e4m3 matmuls")
         return self
 
 

@@ -179,7 +179,11 @@ def implied_by(flag: str) -> set[str]:
 
 
 def check_pin_conflicts(pins: dict[str, Any]) -> None:
-    """Refuse pins that contradict each other through the recompute implications, in one line."""
+    """Refuse pins that contradict each other through the recompute implications, and an amax history
+    without the delayed scaling that reads it, in one line."""
+    if "precision.amax_history" in pins and pins.get("precision.scaling") != "delayed":
+        raise ValueError("--set precision.amax_history is the length of delayed scaling's amax history: add "
+                         "--set precision.scaling=delayed, or drop it")
     for flag in Recompute.model_fields:
         if pins.get(f"recompute.{flag}") is not True:
             continue

@@ -8,7 +8,13 @@ transposed site `llmq_transpose_fp8_<s>` fp8 [R,K] -> fp8 [K,R].
 Each quantizer reads amax from the tensor's stats slot (float 0), scales by FMAX/amax with saturation
 and writes the descale amax/FMAX (1 when amax == 0) at float 4 (byte 16) for cuBLASLt. A non-zero amax
 below FMAX * FLT_MIN is raised to it, so that the scale stays finite (the torchao float8 recipe floors
-amax likewise; without it a bf16-subnormal amax gives scale +inf and 0 * inf = NaN bytes)."""
+amax likewise; without it a bf16-subnormal amax gives scale +inf and 0 * inf = NaN bytes).
+
+Delayed scaling (precision.scaling): `llmq_amax_roll` opens each micro-step, pushing every activation
+slot's amax into its history and putting the history's max at float 1. A slot with a non-zero max is warm:
+its quantizers scale by that max and record the amax of what they read at float 0, and its amax-only
+kernels return at once. A cold slot (no history yet: the first micro-step, after a resume) is scaled
+currently, as above."""
 from __future__ import annotations
 
 from ...layout import grid_stride_blocks
@@ -102,6 +108,13 @@ def kernels(ctx: dict) -> list[Kernel]:
                    (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
                    doc="out = sat_e4m3(in * FMAX/amax) over this GPU's shard; stats[4] = amax/FMAX", meta=meta),
         ]
+    if ctx["FP8_DELAYED"]:
+        n = ctx["FP8_ACT_SLOTS"]
+        out.append(Kernel("llmq_amax_roll", (cdiv(n, FLAT_THREADS), 1, 1), (FLAT_THREADS, 1, 1),
+                          (("stats", "float*"), ("history", "float*")),
+                          doc=f"per activation slot (of {n}): history <- [amax, history[:-1]] (a non-finite amax "
+                              "as 0), history max -> stats[1], amax -> 0",
+                          meta=dict(slots=n, history=ctx["AMAX_HISTORY"])))
     for s in transpose_sites(ctx):
         out.append(Kernel(f"llmq_transpose_fp8_{s['name']}", (cdiv(s["K"], TILE), cdiv(s["R"], TILE), 1),
                           (TILE_THREADS, 1, 1), (("out_t", "uint8_t*"), ("in", "const uint8_t*")),

@@ -1,0 +1,103 @@
+"""Delayed scaling as a plan option (precision.scaling=delayed), on the CPU: what the plan, memory table,
+schedule, program and cost model hold; the bad inputs. The kernels and training: tests/gpu/test_delayed_scaling.py."""
+import pytest
+from click.testing import CliRunner
+
+from llmqgen.cli import main
+from llmqgen.codegen.render import render
+from llmqgen.hardware.catalog import resolve_gpu
+from llmqgen.hardware.spec import Inventory
+from llmqgen.layout import FP8_SLOT_BYTES, act_slot_count
+from llmqgen.models.catalog import resolve_model
+from llmqgen.plan.memory import memory_table
+from llmqgen.plan.schedule import build_schedule
+from llmqgen.plan.schema import Precision
+from llmqgen.plan.solver import solve
+from llmqgen.plan.traffic import kernel_bytes, micro_step_traffic
+
+
+def _plans(history=16):
+    inv = Inventory(gpu=resolve_gpu("h200"), count=1, host_mem_bytes=256 << 30)
+    model = resolve_model("qwen2.5-0.5b")
+    pins = {"batch.micro_batch": 16}
+    current = solve(model, inv, pins=pins)
+    delayed = solve(model, inv, pins={**pins, "precision.scaling": "delayed",
+                                      "precision.amax_history": history})
+    return current, delayed
+
+
+@pytest.fixture(scope="module")
+def plans():
+    return _plans(history=8)
+
+
+def test_the_plan_names_its_recipe_and_keeps_everything_else(plans):
+    current, delayed = plans
+    assert delayed.name == current.name.replace("-mb16", "-scaling-delayed-amax-history-8-mb16")
+    assert delayed.precision.scaling == "delayed" and current.precision.scaling == "current"
+    assert delayed.batch == current.batch and delayed.recompute == current.recompute
+
+
+def test_memory_holds_the_history(plans):
+    current, delayed = plans
+    rows = {r.name: r for r in memory_table(delayed)}
+    L = delayed.model.num_layers
+    assert rows["stats.amax_history"].bytes == act_slot_count(L) * 8 * 4
+    assert "stats.amax_history" not in {r.name for r in memory_table(current)}
+
+
+def test_the_micro_step_opens_by_rolling_the_history(plans):
+    current, delayed = plans
+    first = build_schedule(delayed)["micro_step"]["prologue"][0]
+    assert first == {"op": "kernel", "kernel": "llmq_amax_roll", "phase": "forward",
+                     "args": {"stats": "stats.fp8", "history": "stats.amax_history"}}
+    memset = build_schedule(current)["micro_step"]["prologue"][0]
+    assert memset["op"] == "memset" and memset["bytes"] == act_slot_count(current.model.num_layers) * FP8_SLOT_BYTES
+
+
+def test_the_program_has_the_roll_and_the_warm_paths(plans):
+    current, delayed = plans
+    d, c = render(delayed, "sm_90"), render(current, "sm_90")
+    assert "constexpr bool DELAYED = true;" in d.source and "constexpr bool DELAYED = false;" in c.source
+    assert "llmq_amax_roll" in {k.name for k in d.kernels} and "llmq_amax_roll" not in {k.name for k in c.kernels}
+    roll = next(k for k in d.kernels if k.name == "llmq_amax_roll")
+    assert roll.meta == {"slots": act_slot_count(delayed.model.num_layers), "history": 8}
+    assert "scaling=delayed (amax history 8)" in "\n".join(d.source.splitlines()[:12])
+
+
+def test_the_cost_model_drops_exactly_the_amax_passes(plans):
+    current, delayed = plans
+    t_cur = micro_step_traffic(current, build_schedule(current))
+    t_del = micro_step_traffic(delayed, build_schedule(delayed))
+    rule = kernel_bytes(current)
+    sched = build_schedule(current)["micro_step"]
+    passes = [op["kernel"] for sec in ("layer_forward", "layer_backward") for op in sched[sec]
+              if op["op"] == "kernel" and ("amax" in op["kernel"])]
+    assert sorted(passes) == sorted(["llmq_swiglu_forward_amax", "llmq_swiglu_backward_amax",
+                                     *(k for k in passes if k.startswith("llmq_amax_"))])
+    assert len([k for k in passes if k.startswith("llmq_amax_")]) == 2      # attention output, d_down
+    L = current.model.num_layers
+    amax_bytes = L * sum(rule(k) for k in passes)
+    roll = kernel_bytes(delayed)("llmq_amax_roll")
+    assert t_cur.bytes - amax_bytes + roll - act_slot_count(L) * FP8_SLOT_BYTES == t_del.bytes
+    assert t_del.launches == t_cur.launches          # the passes still launch (and return at once)
+    assert delayed.estimate.tokens_per_s > 1.05 * current.estimate.tokens_per_s
+
+
+def test_bf16_plans_have_no_recipe():
+    with pytest.raises(ValueError, match="delayed scaling is a recipe for FP8 matmuls"):
+        Precision(matmul="bf16", scaling="delayed")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--set", "precision.amax_history=8"], "add --set precision.scaling=delayed"),
+    (["--dtype", "bf16", "--set", "precision.scaling=delayed"], "delayed scaling is a recipe for FP8 matmuls"),
+    (["--set", "precision.scaling=delayed", "--set", "precision.amax_history=0"], "amax_history"),
+    (["--set", "precision.scaling=late"], "precision.scaling"),
+])
+def test_bad_recipe_pins_get_one_line(tmp_path, args, needle):
+    r = CliRunner().invoke(main, ["plan", "--model", "0.5b", "--gpus", "1xH200", "--out", str(tmp_path), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], r.output
+    assert not list(tmp_path.iterdir())
