@@ -30,6 +30,8 @@ from ..plan.traffic import kernel_bytes, kernel_family, op_bytes
 from . import driver
 
 FLOOR_FAMILIES = ("gemm", "lm_head gemm", "attention")
+# A family the cost model predicts below this (launches only: delayed scaling's idle amax passes) gets no ratio.
+RATIO_FLOOR_MS = 0.5
 PHASES = ("forward", "recompute", "backward", "LM head", "optimizer", "collectives", "copies")
 FAMILIES = ("gemm", "lm_head gemm", "attention", "bias_grad", "quantize", "transpose", "amax", "rmsnorm",
             "swiglu", "rope", "crossentropy", "embedding", "adamw", "gradnorm", "cast", "copy", "copy wait",
@@ -173,8 +175,9 @@ def format_profile(report: dict, step_ms: float | None = None) -> str:
     pred = report.get("predicted_ms")
     if pred:        # the cost model's time per family (bench adds it), beside this step's
         lines += ["", f"  {'family vs the cost model':<26} {'GPU ms':>10} {'predicted':>10} {'ratio':>6}"]
-        lines += [f"  {r['name']:<26} {r['ms']:>10.3f} {pred[r['name']]:>10.3f} {r['ms'] / pred[r['name']]:>5.2f}x"
-                  for r in report["families"] if pred.get(r["name"])]
+        lines += [f"  {r['name']:<26} {r['ms']:>10.3f} {pred[r['name']]:>10.3f} " + (
+                  f"{r['ms'] / pred[r['name']]:>5.2f}x" if pred[r["name"]] >= RATIO_FLOOR_MS else f"{'-':>6}")
+                  for r in report["families"] if r["name"] in pred]
     scale = []
     if report.get("wall_ms") is not None:
         scale.append(f"the eager step took {report['wall_ms']:.1f} ms of wall time")
