@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import math
 import os
 import sys
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from typing import Optional
 import click
 
 from . import __version__
+from .cliargs import finite_number
 from .plan import calibration as K
 
 # User plans go to a folder of the current directory (or $LLMQGEN_PLANS_DIR, or `plan --out`); the
@@ -464,10 +464,7 @@ def bench(plan_path, model_name, gpus, steps, warmup, out_root, devices, profile
         _fail(str(e))
 
 
-def _not_negative(ctx, param, value: float) -> float:
-    if not (math.isfinite(value) and value >= 0):       # click's FloatRange lets nan and inf through
-        raise click.BadParameter(f"{value} is not a finite number >= 0", param=param)
-    return value
+_not_negative = finite_number(0, inclusive=True, what="a finite number >= 0")
 
 
 def _run_options(f):

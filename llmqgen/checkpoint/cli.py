@@ -1,24 +1,18 @@
 """`llmqgen export CHECKPOINT OUT_DIR`: a training checkpoint -> a Hugging Face model directory."""
 from __future__ import annotations
 
-import math
 import sys
 
 import click
 import ml_dtypes
 import numpy as np
 
+from ..cliargs import finite_number
 from .hf import HFCheckpointError, export_hf
 from .safetensors import SafetensorsError
 from .store import CheckpointError, read_checkpoint
 
 _DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype("<f4"), "f16": np.dtype("<f2")}
-
-
-def _positive(ctx, param, value: float) -> float:
-    if not (math.isfinite(value) and value > 0):        # FloatRange lets nan and inf through
-        raise click.BadParameter(f"{value} is not a positive number of GiB, e.g. 5", param=param)
-    return value
 
 
 @click.command("export")
@@ -27,7 +21,7 @@ def _positive(ctx, param, value: float) -> float:
 @click.option("--step", default="latest", show_default=True,
               help="Which checkpoint of a run: latest (the newest intact one) or a step number.")
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="bf16", show_default=True)
-@click.option("--shard-size", default=5.0, show_default=True, type=float, callback=_positive,
+@click.option("--shard-size", default=5.0, show_default=True, type=float, callback=finite_number(0, inclusive=False, what="a positive number of GiB, e.g. 5"),
               help="GiB per safetensors file; larger models get an index.")
 def export(checkpoint, out_dir, step, dtype, shard_size) -> None:
     """Write CHECKPOINT as an HF model in OUT_DIR. CHECKPOINT: a run directory (runs/<plan>), its

@@ -27,7 +27,7 @@ import pytest
 import llmqgen
 
 ROOT = Path(llmqgen.__file__).resolve().parent
-LAYERS = [{"llmqgen"}, {"models", "hardware", "layout", "data"}, {"metrics"}, {"plan"}, {"codegen", "checkpoint"},
+LAYERS = [{"llmqgen"}, {"models", "hardware", "layout", "data", "cliargs"}, {"metrics"}, {"plan"}, {"codegen", "checkpoint"},
           {"compile"}, {"runtime"}, {"cli"}]
 COMMAND_LINE = {"cli", "cachecmd", "__main__"}
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
