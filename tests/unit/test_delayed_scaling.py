@@ -101,3 +101,18 @@ def test_bad_recipe_pins_get_one_line(tmp_path, args, needle):
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], r.output
     assert not list(tmp_path.iterdir())
+
+
+def test_a_current_scaling_plan_names_the_option_and_its_gain(plans):
+    current, delayed = plans
+    gain = 100 * (current.estimate.step_ms / _estimate_with(current, "delayed") - 1)
+    assert current.estimate.reasons["precision"].endswith(
+        f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, amax from history)")
+    assert "pinned by the user" in delayed.estimate.reasons["precision"]
+    assert "faster predicted" not in delayed.estimate.reasons["precision"]
+
+
+def _estimate_with(plan, scaling):
+    from llmqgen.plan.cost import step_cost
+    return step_cost(plan.model_copy(update={"precision": plan.precision.model_copy(update={"scaling": scaling})})
+                     ).step_ms
