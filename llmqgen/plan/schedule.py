@@ -55,7 +55,7 @@ def build_schedule(plan: Plan) -> dict:
             "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": FP8_SLOT_BYTES,
                           "count": fp8_slot_count(e.L)},
             "init": init(e), "layer_init": layer_init(e), "micro_step": micro,
-            "eval": {"head": [op for op in micro["head"] if op["phase"] == "forward"]},
+            "eval": {"head": eval_head(e, micro["head"])},
             "optimizer_step": step}
 
 
@@ -87,11 +87,9 @@ def fetch_grads(e: Emitter, phase: str, target: str, after=(), skip=()) -> None:
 # ---- the micro-step ---------------------------------------------------------------------------------
 
 def prologue(e: Emitter) -> list[dict]:
-    """Zero the activations' amaxes (delayed scaling: into their history first), bring layer 0's weights,
+    """Zero the activations' amaxes (delayed scaling: zero already, see `epilogue`), bring layer 0's weights,
     embed the tokens."""
-    if e.fp8 and e.plan.precision.scaling == "delayed":
-        e.kernel("llmq_amax_roll", "forward", stats=Ref("stats.fp8"), history=Ref("stats.amax_history"))
-    elif e.fp8:
+    if e.fp8 and not e.delayed:
         e.add("memset", "forward", dst=Ref("stats.fp8"), bytes=act_slot_count(e.L) * FP8_SLOT_BYTES)
     if e.zero3:
         e.add("collective", "forward", kind="all_gather", dtype="uint8", overlap=False, tag="w[0]",
@@ -189,17 +187,30 @@ def layer_backward(e: Emitter) -> list[dict]:
 
 
 def epilogue(e: Emitter) -> list[dict]:
+    """The embedding's gradient; delayed scaling: the micro-step's amaxes into their history (and zeroed)."""
     e.kernel("llmq_embedding_backward", "backward", dwte=Ref("grads.embedding"), dx=Ref("work.d_res"),
              tokens=Ref("tokens.inputs"), sorted_pos=Ref("tokens.sorted_pos"), seg_start=Ref("tokens.segments"),
              num_segments=Ref("tokens.segments", offset=4 * num_unique_index(e.BT)))
+    if e.delayed:
+        e.kernel("llmq_amax_roll", "backward", stats=Ref("stats.fp8"), history=Ref("stats.amax_history"))
     return e.take()
+
+
+def eval_head(e: Emitter, head: list[dict]) -> list[dict]:
+    """Evaluation's head: the training head's forward operations; delayed scaling: then the amaxes the
+    evaluation recorded are dropped, so that it leaves the history (and training) as it was."""
+    ops = [op for op in head if op["phase"] == "forward"]
+    if e.delayed:
+        e.kernel("llmq_amax_clear", "forward", stats=Ref("stats.fp8"))
+        ops += e.take()
+    return ops
 
 # ---- reading a schedule ----------------------------------------------------------------------------
 
 def iter_ops(schedule: dict):
     """Every operation of a schedule (branches of branch_on_layer included)."""
     sections = [schedule["init"], schedule["layer_init"], *schedule["micro_step"].values(),
-                *schedule["optimizer_step"].values()]
+                *schedule["optimizer_step"].values(), *schedule["eval"].values()]
     for section in sections:
         for op in section:
             if op["op"] == "branch_on_layer":

@@ -3,7 +3,7 @@
   descale as with current scaling at amax A, and records the true amax; amax-only passes of a warm slot do nothing;
 - training: the first micro-step (no history) is bit-identical to current scaling; later (warm) micro-steps'
   gradients match the fp32 PyTorch model as closely as current scaling's; block recompute stays bit-identical;
-  a resumed run (history not saved) starts cold and still trains."""
+  evaluating leaves training bit-identical."""
 import sys
 import tempfile
 from pathlib import Path
@@ -32,7 +32,7 @@ def _stats(amax=0.0, history_max=0.0):
     return torch.tensor([amax, history_max, 0, 0, float("nan"), 0, 0, 0], dtype=torch.float32, device="cuda")
 
 
-def test_roll_pushes_the_amax_into_the_history(built):
+def test_roll_pushes_the_amax_into_the_history_and_clear_drops_it(built):
     ctx, prog = built
     n = ctx["FP8_ACT_SLOTS"]
     rng = np.random.default_rng(0)
@@ -50,6 +50,11 @@ def test_roll_pushes_the_amax_into_the_history(built):
     np.testing.assert_array_equal(got[:, 1], want.max(1))
     np.testing.assert_array_equal(got[:, 2:], slots[:, 2:])        # the descale and the rest untouched
     assert got[3, 1] == 0.0
+    stats.copy_(torch.tensor(slots, device="cuda"))
+    prog.launch("llmq_amax_clear", stats)                          # after an evaluation: amaxes dropped
+    cleared = slots.copy()
+    cleared[:, 0] = 0.0
+    np.testing.assert_array_equal(stats.cpu().numpy(), cleared)
 
 
 def _cases(ctx, prog):
@@ -191,3 +196,28 @@ def test_recompute_is_bit_identical_and_training_learns():
     print(f"\n  delayed losses {[f'{x:.4f}' for x in plain[0]]}")
     assert plain == block
     assert all(np.isfinite(plain[0])) and plain[0][-1] < plain[0][0] - 0.3
+
+
+def test_eval_leaves_training_alone():
+    """An evaluation between steps records amaxes of its own forward; they are dropped (llmq_amax_clear), so
+    the run's history, and so its training, are those of a run without it."""
+    from test_trainer import batches
+    plan = small_plan("qwen2", True, scaling="delayed", amax_history=H, grad_accum=2)
+    data = batches(plan, 2, seed=1, motif=True)
+    states, evals = [], []
+    for with_eval in (True, False):
+        tr = _trainer(plan)
+        try:
+            for step in range(4):
+                tr.accumulate(data)
+                if with_eval and step in (0, 2):
+                    evals.append(tr.eval_loss(batches(plan, 1, seed=7)))
+                tr.optimizer_step(3e-3)
+            states.append(tr.state_tensors())
+        finally:
+            tr.close()
+    print(f"\n  eval losses {evals}")
+    assert len(evals) == 2 and all(np.isfinite(evals))
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert np.array_equal(states[0][k].view(np.uint8), states[1][k].view(np.uint8)), k

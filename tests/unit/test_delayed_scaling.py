@@ -46,20 +46,26 @@ def test_memory_holds_the_history(plans):
     assert "stats.amax_history" not in {r.name for r in memory_table(current)}
 
 
-def test_the_micro_step_opens_by_rolling_the_history(plans):
+def test_the_micro_step_closes_by_rolling_the_history_and_eval_leaves_it(plans):
     current, delayed = plans
-    first = build_schedule(delayed)["micro_step"]["prologue"][0]
-    assert first == {"op": "kernel", "kernel": "llmq_amax_roll", "phase": "forward",
-                     "args": {"stats": "stats.fp8", "history": "stats.amax_history"}}
-    memset = build_schedule(current)["micro_step"]["prologue"][0]
+    d, c = build_schedule(delayed), build_schedule(current)
+    assert d["micro_step"]["epilogue"][-1] == {"op": "kernel", "kernel": "llmq_amax_roll", "phase": "backward",
+                                                "args": {"stats": "stats.fp8", "history": "stats.amax_history"}}
+    assert not any(op["op"] == "memset" for op in d["micro_step"]["prologue"])
+    assert d["eval"]["head"][-1] == {"op": "kernel", "kernel": "llmq_amax_clear", "phase": "forward",
+                                     "args": {"stats": "stats.fp8"}}
+    assert d["eval"]["head"][:-1] == [op for op in d["micro_step"]["head"] if op["phase"] == "forward"]
+    memset = c["micro_step"]["prologue"][0]      # current scaling: zeroed as each micro-step opens
     assert memset["op"] == "memset" and memset["bytes"] == act_slot_count(current.model.num_layers) * FP8_SLOT_BYTES
+    assert c["eval"]["head"] == [op for op in c["micro_step"]["head"] if op["phase"] == "forward"]
 
 
 def test_the_program_has_the_roll_and_the_warm_paths(plans):
     current, delayed = plans
     d, c = render(delayed, "sm_90"), render(current, "sm_90")
     assert "constexpr bool DELAYED = true;" in d.source and "constexpr bool DELAYED = false;" in c.source
-    assert "llmq_amax_roll" in {k.name for k in d.kernels} and "llmq_amax_roll" not in {k.name for k in c.kernels}
+    assert {"llmq_amax_roll", "llmq_amax_clear"} <= {k.name for k in d.kernels}
+    assert not {"llmq_amax_roll", "llmq_amax_clear"} & {k.name for k in c.kernels}
     roll = next(k for k in d.kernels if k.name == "llmq_amax_roll")
     assert roll.meta == {"slots": act_slot_count(delayed.model.num_layers), "history": 8}
     assert "scaling=delayed (amax history 8)" in "\n".join(d.source.splitlines()[:12])

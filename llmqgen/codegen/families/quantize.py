@@ -10,8 +10,9 @@ and writes the descale amax/FMAX (1 when amax == 0) at float 4 (byte 16) for cuB
 below FMAX * FLT_MIN is raised to it, so that the scale stays finite (the torchao float8 recipe floors
 amax likewise; without it a bf16-subnormal amax gives scale +inf and 0 * inf = NaN bytes).
 
-Delayed scaling (precision.scaling): `llmq_amax_roll` opens each micro-step, pushing every activation
-slot's amax into its history and putting the history's max at float 1. A slot with a non-zero max is warm:
+Delayed scaling (precision.scaling): `llmq_amax_roll` closes each micro-step, pushing every activation
+slot's amax into its history, putting the history's max at float 1 and zeroing the amax; `llmq_amax_clear`
+closes an evaluation, dropping the amaxes it recorded. A slot with a non-zero max is warm:
 its quantizers scale by that max and record the amax of what they read at float 0, and its amax-only
 kernels return at once. A cold slot (no history yet: the first micro-step, after a resume) is scaled
 currently, as above."""
@@ -115,6 +116,9 @@ def kernels(ctx: dict) -> list[Kernel]:
                           doc=f"per activation slot (of {n}): history <- [amax, history[:-1]] (a non-finite amax "
                               "as 0), history max -> stats[1], amax -> 0",
                           meta=dict(slots=n, history=ctx["AMAX_HISTORY"])))
+        out.append(Kernel("llmq_amax_clear", (cdiv(n, FLAT_THREADS), 1, 1), (FLAT_THREADS, 1, 1),
+                          (("stats", "float*"),), doc=f"per activation slot (of {n}): amax -> 0, the history kept",
+                          meta=dict(slots=n)))
     for s in transpose_sites(ctx):
         out.append(Kernel(f"llmq_transpose_fp8_{s['name']}", (cdiv(s["K"], TILE), cdiv(s["R"], TILE), 1),
                           (TILE_THREADS, 1, 1), (("out_t", "uint8_t*"), ("in", "const uint8_t*")),
