@@ -14,7 +14,9 @@ from harness import small_plan  # noqa: E402  (the project's tiny plan; torch is
 from llmqgen.codegen import render as R  # noqa: E402
 from llmqgen.codegen.context import build_context  # noqa: E402
 
-FAMILIES = ("embedding", "rmsnorm", "rope", "quantize", "swiglu")   # the order of codegen/families
+from llmqgen.codegen.families import FAMILIES as _ORDER  # noqa: E402
+
+FAMILIES = tuple(f for f in _ORDER if f in ("embedding", "rmsnorm", "rope", "quantize", "swiglu"))  # in their order
 
 def family(name: str):
     return importlib.import_module(f"llmqgen.codegen.families.{name}")

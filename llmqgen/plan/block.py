@@ -109,13 +109,16 @@ LINEARS = {"qkv": Linear("qkv", "ln1", "ln1", "d_qkv"), "attn_out": Linear("attn
 # (ln1, ln2: quantized after their norm; att: amax then quantize, cuDNN gives no amax) and wgrad's transpose;
 # output-gradient slots: dual (d_down's amax too: the layer above's residual gradient has none). SwiGLU writes
 # h and d_gu in fp8 itself (codegen/families/swiglu.py): those slots convert nothing but h's transpose.
-# Site order is the quantize family's: the first site of a shape names its kernels.
+# Site order is the quantize family's: the first site of a shape names its kernels. Under delayed scaling the
+# norms write ln1 and ln2 in e4m3 themselves once their slot is warm: their quantize runs only while it is cold
+# ("quantize_cold"; DELAYED_CONVERSIONS).
 FP8_CONVERSIONS = {
     "ln1": ("ln1", ("quantize", "transpose")), "att": ("att", ("amax", "quantize", "quantize_t")),
     "ln2": ("ln2", ("quantize", "transpose")), "h": ("swiglu", ("transpose",)),
     "d_qkv": ("d_qkv", ("dual",)), "d_att_out": ("d_att_out", ("dual",)), "d_gu": ("d_gate_up", ()),
     "d_down": ("d_down", ("amax", "dual")),
 }
+DELAYED_CONVERSIONS = {"ln1": ("quantize_cold", "transpose"), "ln2": ("quantize_cold", "transpose")}
 WEIGHT_SITES = {"w_qkv": "qkv", "w_attn_out": "att_out", "w_gate_up": "gate_up", "w_down": "down"}
 
 
@@ -130,10 +133,11 @@ def site_of(slot: str) -> str:
     return WEIGHT_SITES.get(slot) or FP8_CONVERSIONS[slot][0]
 
 
-def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: str, sharded_optimizer: bool
-              ) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
+def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: str, sharded_optimizer: bool,
+              delayed: bool = False) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
     """(site, rows, cols, source dtype, fp8 dtype, conversions) of every tensor an FP8 matmul reads;
-    source dtypes "bf16" or "float" (an fp32 master), fp8 dtypes "e4m3"/"e5m2" (grad: the gradients')."""
+    source dtypes "bf16" or "float" (an fp32 master), fp8 dtypes "e4m3"/"e5m2" (grad: the gradients');
+    `delayed`: delayed scaling's conversions."""
     w = "float" if master == "fp32" else "bf16"
     shapes = {"ln1": (BT, C, "bf16", "e4m3"), "att": (BT, QDIM, "bf16", "e4m3"), "ln2": (BT, C, "bf16", "e4m3"),
               "h": (BT, F, "bf16", "e4m3"), "d_qkv": (BT, QKV, "bf16", grad), "d_att_out": (BT, C, "bf16", grad),
@@ -141,6 +145,7 @@ def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: s
               "w_qkv": (QKV, C, w, "e4m3"), "w_attn_out": (C, QDIM, w, "e4m3"),
               "w_gate_up": (2 * F, C, w, "e4m3"), "w_down": (C, F, w, "e4m3")}
     conv = {slot: c for slot, (_, c) in FP8_CONVERSIONS.items()}
+    conv.update(DELAYED_CONVERSIONS if delayed else {})
     conv.update({slot: weight_conversions(sharded_optimizer) for slot in WEIGHT_SITES})
     return [(site_of(slot), *shape, conv[slot]) for slot, shape in shapes.items()]
 
@@ -240,7 +245,7 @@ def fp8_groups(sites: list[tuple[str, int, int, str, str, tuple[str, ...]]]) -> 
             g["sites"].append(site)
             g["conversions"] += [c for c in conv if c in kinds and c not in g["conversions"]]
         return [g for g in out.values() if g["conversions"]]
-    return (dedupe(lambda R, K, s, d: (R, K, s, d), ("amax", "quantize", "quantize_t", "dual")),
+    return (dedupe(lambda R, K, s, d: (R, K, s, d), ("amax", "quantize", "quantize_cold", "quantize_t", "dual")),
             dedupe(lambda R, K, s, d: (R, K), ("transpose",)))
 
 
@@ -250,7 +255,8 @@ def plan_fp8_groups(plan: Plan) -> tuple[list[dict], list[dict]]:
         return [], []
     m, p = plan.model, plan.precision
     return fp8_groups(fp8_sites(plan.batch.micro_batch * plan.batch.seq_len, m.hidden_size, m.intermediate_size,
-                                m.q_dim, m.qkv_dim, p.gradient, p.master, sharded_optimizer(plan)))
+                                m.q_dim, m.qkv_dim, p.gradient, p.master, sharded_optimizer(plan),
+                                p.scaling == "delayed"))
 
 
 def sharded_optimizer(plan: Plan) -> bool:

@@ -65,9 +65,12 @@ class Emitter:
         """The amax argument of a kernel whose output feeds no FP8 matmul."""
         return {"amax": Fp8Ref("sink", None)} if self.fp8 else {}
 
-    def norm_out(self, which: str) -> Ref:
-        """Where a norm writes: bf16 scratch before e4m3 in FP8 plans."""
-        return Ref("work.ln") if self.fp8 else Ref(f"act.{which}", "l")
+    def norm_out(self, which: str) -> dict:
+        """Where a norm writes (its y argument): bf16 scratch before e4m3 in FP8 plans; under delayed scaling
+        also y_q, the e4m3 row it writes instead once the slot is warm."""
+        if not self.fp8:
+            return {"y": Ref(f"act.{which}", "l")}
+        return {"y": Ref("work.ln"), **({"y_q": Ref(f"act.{which}", "l")} if self.delayed else {})}
 
     # --- operations ----------------------------------------------------------------------------------
     def value(self, v):

@@ -26,10 +26,10 @@ def linear_forward(e: Emitter, name: str, phase: str, y: Ref) -> None:
 def norm_ln1(e: Emitter, phase: str, from_saved: bool) -> None:
     """ln1 = rmsnorm(res): in forward with the residual add (not at layer 0); recomputed from the saved rstd,
     or (block recompute) anew from the saved block input."""
-    args = dict(weight=e.weight("ln1"), y=e.norm_out("ln1"), rstd=Ref("act.rstd1", "l"), **e.amax("ln1"))
+    args = dict(weight=e.weight("ln1"), **e.norm_out("ln1"), rstd=Ref("act.rstd1", "l"), **e.amax("ln1"))
     if from_saved:
         e.kernel("llmq_rmsnorm_recompute_ln1", phase, res=e.res, weight=e.weight("ln1"),
-                 rstd=Ref("act.rstd1", "l"), y=e.norm_out("ln1"), **e.amax("ln1"))
+                 rstd=Ref("act.rstd1", "l"), **e.norm_out("ln1"), **e.amax("ln1"))
     elif phase == "forward":
         e.add("branch_on_layer", phase,
               first=[{"op": "kernel", "kernel": "llmq_rmsnorm_forward_ln1_first", "args": {"res_in": e.res, **args}}],
@@ -40,20 +40,20 @@ def norm_ln1(e: Emitter, phase: str, from_saved: bool) -> None:
     else:
         e.kernel("llmq_rmsnorm_forward_ln1_first", phase, res_in=e.res, **args)
     if e.fp8:
-        quantize(e, "", "ln1", phase, Ref("work.ln"), out=Ref("act.ln1", "l"))
+        quantize(e, "cold_" if e.delayed else "", "ln1", phase, Ref("work.ln"), out=Ref("act.ln1", "l"))
 
 
 def norm_ln2(e: Emitter, phase: str, from_saved: bool) -> None:
     """res2 = res + attention-out, ln2 = rmsnorm(res2); or ln2 alone from the saved res2 and rstd."""
     if from_saved:
         e.kernel("llmq_rmsnorm_recompute_ln2", phase, res=Ref("act.res2", "l"), weight=e.weight("ln2"),
-                 rstd=Ref("act.rstd2", "l"), y=e.norm_out("ln2"), **e.amax("ln2"))
+                 rstd=Ref("act.rstd2", "l"), **e.norm_out("ln2"), **e.amax("ln2"))
     else:
         e.kernel("llmq_rmsnorm_forward_ln2", phase, res_out=Ref("act.res2", "l"), res_in=e.res,
-                 delta=Ref("work.branch"), weight=e.weight("ln2"), y=e.norm_out("ln2"), rstd=Ref("act.rstd2", "l"),
+                 delta=Ref("work.branch"), weight=e.weight("ln2"), **e.norm_out("ln2"), rstd=Ref("act.rstd2", "l"),
                  **e.amax("ln2"))
     if e.fp8:
-        quantize(e, "", "ln2", phase, Ref("work.ln"), out=Ref("act.ln2", "l"))
+        quantize(e, "cold_" if e.delayed else "", "ln2", phase, Ref("work.ln"), out=Ref("act.ln2", "l"))
 
 
 def rope(e: Emitter, phase: str) -> None:

@@ -6,10 +6,11 @@ from .refs import row_ref
 
 # Kernel arguments a kernel only writes, by kernel-name prefix (every other argument is read, or read
 # and written; the first matching prefix counts: longer ones first). A row is killed by an operation only if
-# all its references there are such writes.
+# all its references there are such writes. A norm's y and y_q (delayed scaling) are written one or the other:
+# each dies there all the same (the cold path's quantize writes y_q next).
 KERNEL_WRITES = {
     "llmq_quantize_": ("out", "out_t"), "llmq_transpose_fp8_": ("out_t",),
-    "llmq_rmsnorm_forward_": ("res_out", "y", "rstd"), "llmq_rmsnorm_recompute_": ("y",),
+    "llmq_rmsnorm_forward_": ("res_out", "y", "y_q", "rstd"), "llmq_rmsnorm_recompute_": ("y", "y_q"),
     "llmq_rmsnorm_backward_": ("dx", "dw_partial"), "llmq_rope_forward": ("out", "rstd"),
     "llmq_rope_backward": ("dw_partial",), "llmq_swiglu_forward": ("h",),
     "llmq_swiglu_backward_dual": ("out", "out_t"), "llmq_swiglu_backward": ("d_gate_up",),

@@ -23,7 +23,9 @@ H = 4       # the tests' amax history: short, so that rolling it out is quick
 
 @pytest.fixture(scope="module")
 def built():
-    ctx = S.plan_ctx("qwen2", True, current_device().arch, scaling="delayed", amax_history=H)
+    from llmqgen.plan.schema import Recompute     # norm recompute: the recompute kernels too
+    ctx = S.plan_ctx("qwen2", True, current_device().arch, scaling="delayed", amax_history=H,
+                     recompute=Recompute(norm=True))
     res, kernels = S.compile_ctx(ctx)
     return ctx, KernelProgram(res.cubin, kernels)
 
@@ -98,6 +100,47 @@ def test_warm_quantizers_scale_by_the_history_and_record_the_amax(built):
             assert warm[0].item() == true_amax, name        # recorded for the history
             assert cold[0].item() == A                      # current scaling records nothing
         print(f"  {name}: warm bytes = current scaling's, amax {true_amax:.4f} recorded")
+
+
+def test_warm_norms_write_e4m3_and_the_cold_quantize_waits(built):
+    """Each norm with an fp8 output: cold, it writes bf16 y and its amax (then llmq_quantize_cold_* converts y);
+    warm, it writes y_q instead: the bytes that quantize makes of the cold y at the history's amax."""
+    ctx, prog = built
+    torch.manual_seed(2)
+    BT, C, eps = ctx["BT"], ctx["C"], ctx["EPS"]
+    norms = [k for k in prog.kernels.values() if k.meta.get("fp8_out")]
+    assert {k.name for k in norms} == {"llmq_rmsnorm_forward_ln1_first", "llmq_rmsnorm_forward_ln1",
+                                       "llmq_rmsnorm_forward_ln2", "llmq_rmsnorm_recompute_ln1",
+                                       "llmq_rmsnorm_recompute_ln2"}
+    cold_q = next(k.name for k in prog.kernels.values() if k.name.startswith("llmq_quantize_cold_")
+                  and k.meta["rows"] == BT and k.meta["cols"] == C)
+    res, delta = torch.randn(BT, C, device="cuda").bfloat16(), torch.randn(BT, C, device="cuda").bfloat16()
+    weight = (torch.randn(C, device="cuda") * 0.5 + 1).bfloat16()
+    rstd = torch.rsqrt(res.float().pow(2).mean(-1) + eps)
+    for k in norms:
+        def args(stats):
+            t = {"res_out": torch.empty_like(res), "res_in": res, "res": res, "delta": delta, "weight": weight,
+                 "y": torch.full_like(res, float("nan")), "y_q": torch.full((BT * C,), 0xFF, dtype=torch.uint8,
+                                                                             device="cuda"),
+                 "rstd": rstd.clone() if "recompute" in k.name else torch.empty_like(rstd), "amax": stats}
+            return t, [t[a] for a, _ in k.args]
+        cold, cold_args = args(_stats())
+        prog.launch(k.name, *cold_args)
+        assert (cold["y_q"] == 0xFF).all() and not cold["y"].isnan().any(), k.name
+        amax = cold["amax"][0].item()
+        assert amax == cold["y"].float().abs().max().item()
+        for A in (amax * 0.5, amax * 2):
+            want = torch.full((BT * C,), 0xFF, dtype=torch.uint8, device="cuda")
+            prog.launch(cold_q, want, cold["y"], _stats(amax=A))                 # cold: the quantize converts
+            warm, warm_args = args(_stats(history_max=A))
+            prog.launch(k.name, *warm_args)
+            assert torch.equal(warm["y_q"], want), f"{k.name}: warm e4m3 bytes differ from quantizing its bf16 y"
+            assert warm["y"].isnan().all(), f"{k.name}: warm, bf16 y is not written"
+            assert warm["amax"][0].item() == amax and warm["amax"][4].item() == pytest.approx(A / 448.0, rel=1e-6)
+            untouched = torch.full_like(want, 0xFF)
+            prog.launch(cold_q, untouched, cold["y"], warm["amax"])               # warm: the quantize waits
+            assert (untouched == 0xFF).all()
+        print(f"  {k.name}: warm e4m3 = quantize(cold bf16 y)")
 
 
 def test_warm_amax_passes_do_nothing(built):
@@ -193,8 +236,9 @@ def test_recompute_is_bit_identical_and_training_learns():
     base = dict(scaling="delayed", amax_history=H, L=3, grad_accum=2)
     plain = _train(small_plan("qwen2", True, **base))
     block = _train(small_plan("qwen2", True, recompute=Recompute(block=True), **base))
+    norm = _train(small_plan("qwen2", True, recompute=Recompute(norm=True), **base))
     print(f"\n  delayed losses {[f'{x:.4f}' for x in plain[0]]}")
-    assert plain == block
+    assert plain == block == norm
     assert all(np.isfinite(plain[0])) and plain[0][-1] < plain[0][0] - 0.3
 
 

@@ -71,23 +71,38 @@ def test_the_program_has_the_roll_and_the_warm_paths(plans):
     assert "scaling=delayed (amax history 8)" in "\n".join(d.source.splitlines()[:12])
 
 
-def test_the_cost_model_drops_exactly_the_amax_passes(plans):
+def test_the_cost_model_drops_exactly_the_amax_passes_and_the_norms_quantize(plans):
     current, delayed = plans
     t_cur = micro_step_traffic(current, build_schedule(current))
     t_del = micro_step_traffic(delayed, build_schedule(delayed))
     rule = kernel_bytes(current)
     sched = build_schedule(current)["micro_step"]
-    passes = [op["kernel"] for sec in ("layer_forward", "layer_backward") for op in sched[sec]
-              if op["op"] == "kernel" and ("amax" in op["kernel"])]
+    layer_ops = [op for sec in ("layer_forward", "layer_backward") for op in sched[sec] if op["op"] == "kernel"]
+    layer_kernels = [op["kernel"] for op in layer_ops]
+    passes = [k for k in layer_kernels if "amax" in k]
     assert sorted(passes) == sorted(["llmq_swiglu_forward_amax", "llmq_swiglu_backward_amax",
                                      *(k for k in passes if k.startswith("llmq_amax_"))])
     assert len([k for k in passes if k.startswith("llmq_amax_")]) == 2      # attention output, d_down
-    L = current.model.num_layers
-    amax_bytes = L * sum(rule(k) for k in passes)
+    m, b = current.model, current.batch
+    L, BT, C = m.num_layers, b.micro_batch * b.seq_len, m.hidden_size
+    ln_quantize = [op["kernel"] for op in layer_ops if op["args"].get("out") in ("act.ln1[l]", "act.ln2[l]")]
+    assert len(ln_quantize) == 2
+    removed = sum(rule(k) for k in passes + ln_quantize) + 2 * BT * C       # norms: y in 1 byte, not 2
     roll = kernel_bytes(delayed)("llmq_amax_roll")
-    assert t_cur.bytes - amax_bytes + roll - act_slot_count(L) * FP8_SLOT_BYTES == t_del.bytes
-    assert t_del.launches == t_cur.launches          # the passes still launch (and return at once)
+    assert t_cur.bytes - L * removed + roll - act_slot_count(L) * FP8_SLOT_BYTES == t_del.bytes
+    assert t_del.launches == t_cur.launches          # the skipped kernels still launch (and return at once)
     assert delayed.estimate.tokens_per_s > 1.05 * current.estimate.tokens_per_s
+
+
+def test_warm_norms_write_e4m3_and_their_quantize_runs_cold_only(plans):
+    _, delayed = plans
+    layer = build_schedule(delayed)["micro_step"]["layer_forward"]
+    kernels = [op for op in layer if op["op"] == "kernel"]
+    ln2 = next(op for op in kernels if op["kernel"] == "llmq_rmsnorm_forward_ln2")
+    assert ln2["args"]["y"] == "work.ln" and ln2["args"]["y_q"] == "act.ln2[l]"
+    assert any(op["kernel"].startswith("llmq_quantize_cold_") and op["args"]["out"] == "act.ln2[l]" for op in kernels)
+    assert not any(op["kernel"].startswith("llmq_quantize_") and not op["kernel"].startswith("llmq_quantize_cold_")
+                   and op["args"].get("out", "").startswith("act.ln") for op in kernels)
 
 
 def test_bf16_plans_have_no_recipe():

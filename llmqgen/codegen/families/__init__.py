@@ -14,9 +14,9 @@ from types import ModuleType
 
 FAMILIES = [
     "embedding",
+    "quantize",     # before rmsnorm and swiglu: their FP8 outputs use the quantize helpers
     "rmsnorm",
     "rope",
-    "quantize",     # before swiglu: its FP8 backward uses the quantize helpers
     "swiglu",
     "crossentropy",
     "adamw",

@@ -41,7 +41,7 @@ def _sharded(ctx: dict) -> bool:
 def site_shapes(ctx: dict) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
     """plan/block.py's fp8_sites of the plan: (site, rows, cols, source dtype, fp8 dtype, conversions)."""
     return fp8_sites(ctx["BT"], ctx["C"], ctx["F"], ctx["QDIM"], ctx["QKV"], ctx["GRAD_DTYPE"],
-                     "fp32" if ctx["MASTER_FP32"] else "bf16", _sharded(ctx))
+                     "fp32" if ctx["MASTER_FP32"] else "bf16", _sharded(ctx), ctx["FP8_DELAYED"])
 
 
 def _groups(ctx: dict) -> tuple[list[dict], list[dict]]:
@@ -89,6 +89,10 @@ def kernels(ctx: dict) -> list[Kernel]:
             "quantize": Kernel(f"llmq_quantize_{name}", flat(R * K // 16),
                                (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
                                doc=f"out = sat_{s['dst']}(in * FMAX/amax) [R,K]; stats[4] = amax/FMAX", meta=meta),
+            "quantize_cold": Kernel(f"llmq_quantize_cold_{name}", flat(R * K // 16),
+                                    (FLAT_THREADS, 1, 1), (("out", "uint8_t*"), ("in", src), ("stats", "float*")),
+                                    doc="quantize while the slot is cold (delayed scaling: warm, the producer wrote "
+                                        "out itself)", meta=meta),
             "quantize_t": Kernel(f"llmq_quantize_t_{name}", tiles, (TILE_THREADS, 1, 1),
                                  (("out_t", "uint8_t*"), ("in", src), ("stats", "float*")),
                                  doc=f"out_t = sat_{s['dst']}(in * FMAX/amax)^T [K,R]; stats[4] = amax/FMAX",
