@@ -245,7 +245,8 @@ def main(ctx):
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Pin the sequences per GPU per micro-step.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Pin any plan input, e.g. --set recompute.ffn=true --set offload.residual=true.")
+              help="Pin any plan input, e.g. --set recompute.ffn=true --set offload.residual=true "
+                   "--set precision.scaling=delayed.")
 @click.option("--name", default=None, help="Plan name (default: <model>-<dtype>-<gpus>).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Where the plan file goes (default: ${PLANS_ENV}, else ./{PLANS_DIR}/).")
@@ -521,6 +522,13 @@ def _check_data(data, spec) -> None:
 def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
            change, max_bad_steps, init_from, seed):
     _check_data(data, p.model)          # the inputs first: without a GPU the runtime's import fails
+    out_dir = out_dir or Path("runs") / p.name
+    if resume:                          # the checkpoint exists (its hashes are checked when it is read)
+        from .checkpoint.store import CheckpointError, resolve
+        try:
+            resolve(out_dir / "checkpoints", int(resume) if resume.isdigit() else resume, deep=False)
+        except CheckpointError as e:
+            _fail(str(e))
     try:
         from .runtime.run import RunConfig, train
     except ImportError as e:
@@ -536,7 +544,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
         logger.info("no --data given: training on the embedded default corpus")
         data = default_corpus()         # says what the corpus is
     changes = tuple(c.strip().replace("-", "_") for item in change for c in item.split(",") if c.strip())
-    cfg = RunConfig(data=data, out=out_dir or Path("runs") / p.name, steps=given("steps", steps),
+    cfg = RunConfig(data=data, out=out_dir, steps=given("steps", steps),
                     lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
                     checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,

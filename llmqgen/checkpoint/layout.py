@@ -4,7 +4,8 @@ and loads the state, and for every reader of a checkpoint (resume, `llmqgen expo
 A checkpoint stores, per parameter instance (`layers.3.qkv`, `embedding`, ...), the master weight
 (`master.<name>`; the work copy where it serves as master) and the Adam moments (`adam_m.<name>`,
 `adam_v.<name>`), each a whole tensor in the dtype of its row of the plan's memory table. Checkpoints
-of llmqgen <= 0.x stored them as flat uint8 byte views; `decode` reads both.
+of llmqgen <= 0.x stored them as flat uint8 byte views; `decode` reads both. Plans with delayed FP8 scaling
+add GPU 0's amax history (AMAX_HISTORY_KEY, fp32 [activation slots, amax_history]), optional on reading.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ..plan.schema import MemRow, Plan
 
 KINDS = ("params", "adam_m", "adam_v")
 PREFIX = {"params": "master", "adam_m": "adam_m", "adam_v": "adam_v"}     # checkpoint key prefix of each kind
+AMAX_HISTORY_KEY = "fp8.amax_history"
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp32": np.dtype(np.float32),
           "e4m3": np.dtype(ml_dtypes.float8_e4m3fn), "e5m2": np.dtype(ml_dtypes.float8_e5m2)}
 
@@ -67,6 +69,8 @@ def decode(tensors: Mapping[str, np.ndarray], plan: Plan, where: str = "checkpoi
             raise LayoutError(f"{where}: tensor {key} is {a.dtype.name} {list(a.shape)}, its plan stores "
                               f"{dtype.name} {list(shape)}")
         out[key] = a.reshape(shape)
+    if AMAX_HISTORY_KEY in tensors:
+        out[AMAX_HISTORY_KEY] = np.asarray(tensors[AMAX_HISTORY_KEY], np.float32)
     return out
 
 

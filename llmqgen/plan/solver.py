@@ -135,8 +135,14 @@ def _takes(field) -> str:
         return "true or false"
     if get_origin(ann) is Literal:
         return "one of " + ", ".join(map(str, get_args(ann)))
+    ge, le = _bounds(field)
+    return (f"an integer {ge}..{le}" if le is not None else f"an integer >= {ge}") if ge is not None else "an integer"
+
+
+def _bounds(field) -> tuple[Any, Any]:
+    """(ge, le) of an integer plan input's Field constraints (None where unbounded)."""
     ge = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
-    return f"an integer >= {ge}" if ge is not None else "an integer"
+    return ge, next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
 
 
 def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +152,9 @@ def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
         field = fields.get(key)
         shown = str(value).lower() if isinstance(value, bool) else value
         if field is None:
-            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            leaf = key.rpartition(".")[2]
+            close = ([k for k in fields if k.rpartition(".")[2] == leaf]
+                     or difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6))
             hint = f"did you mean {' or '.join(close)}? " if close else ""
             raise ValueError(f"--set {key}={shown}: {key!r} is not a plan input; {hint}valid keys: {_valid_keys()}")
         ann = field.annotation
@@ -156,8 +164,9 @@ def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
             ok = isinstance(value, str) and value.lower() in get_args(ann)
             value = value.lower() if ok else value
         else:
-            ge = next((m.ge for m in field.metadata if getattr(m, "ge", None) is not None), None)
-            ok = isinstance(value, int) and not isinstance(value, bool) and (ge is None or value >= ge)
+            ge, le = _bounds(field)
+            ok = (isinstance(value, int) and not isinstance(value, bool) and (ge is None or value >= ge)
+                  and (le is None or value <= le))
         if not ok:
             raise ValueError(f"--set {key}={shown}: {key} takes {_takes(field)}")
         out[key] = value
@@ -182,8 +191,8 @@ def check_pin_conflicts(pins: dict[str, Any]) -> None:
     """Refuse pins that contradict each other through the recompute implications, and an amax history
     without the delayed scaling that reads it, in one line."""
     if "precision.amax_history" in pins and pins.get("precision.scaling") != "delayed":
-        raise ValueError("--set precision.amax_history is the length of delayed scaling's amax history: add "
-                         "--set precision.scaling=delayed, or drop it")
+        raise ValueError("--set precision.amax_history is the length of delayed scaling's amax history (FP8 "
+                         "plans): add --set precision.scaling=delayed, or drop it")
     for flag in Recompute.model_fields:
         if pins.get(f"recompute.{flag}") is not True:
             continue
@@ -223,7 +232,8 @@ def _keeps_pins(plan: Plan, pins: dict[str, Any]) -> bool:
 
 # Short forms of pins in plan names (qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block).
 _NAME_SHORT = {"batch.micro_batch": "mb", "batch.grad_accum": "ga", "batch.seq_len": "seq",
-               "lm_head_chunks": "lmc", "attn_bwd_chunks": "abc"}
+               "lm_head_chunks": "lmc", "attn_bwd_chunks": "abc", "precision.amax_history": "ah",
+               "precision.scaling": ""}       # -delayed, -current
 _NAME_GROUPS = {"recompute": "rc", "offload": "off"}
 
 
@@ -365,6 +375,11 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         notes["precision"] = (f"bf16 matmuls: {model.name}'s {', '.join(bad)} are not multiples of "
                               f"{FP8_GRAIN}, as FP8 matmuls need")
     fp8 = dtype == "e4m3"
+    if not fp8 and pins.get("precision.scaling") == "delayed":
+        why = (f"{model.name}'s widths are not multiples of {FP8_GRAIN}" if bad and gpu.fp8_tflops else
+               f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "--dtype bf16 was given")
+        raise ValueError(f"--set precision.scaling=delayed scales FP8 matmuls, and this plan has none ({why}): "
+                         f"drop it" + (" or use --dtype e4m3" if why.startswith("--dtype") else ""))
     seq_len = pins.pop("batch.seq_len", seq_len)
     if seq_len < 16:
         raise ValueError(f"--seq-len {seq_len}: a sequence needs at least 16 tokens")
@@ -686,17 +701,20 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         whole = section is None or len(mine) == len(section.model_fields)
         why[key] = f"{head}: {said} pinned by the user" + ("" if whole or not rest.strip() else
                                                             f", the rest chosen ({rest.strip()})")
-    if p.fp8 and p.precision.scaling == "current":
-        why["precision"] += f"; {_delayed_hint(best)}"
+    if p.fp8 and p.precision.scaling == "delayed":
+        why["precision"] += (f"; delayed scaling, amax history {p.precision.amax_history} micro-steps (current "
+                             f"scaling: {-_recipe_gain(best, 'current'):.1f}% slower predicted)")
+    elif p.fp8 and "precision.scaling" not in pins:
+        why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {_recipe_gain(best, 'delayed'):.1f}% "
+                             f"faster predicted, amax from history)")
     return why
 
 
-def _delayed_hint(best: Scored) -> str:
-    """What the same plan would predict with delayed scaling (an option: current scaling stays the default)."""
+def _recipe_gain(best: Scored, scaling: str) -> float:
+    """How much faster (%) the cost model predicts the same plan under the other FP8 scaling recipe."""
     p = best.plan
-    alt = step_cost(p.model_copy(update={"precision": p.precision.model_copy(update={"scaling": "delayed"})}))
-    gain = 100 * (best.cost.step_ms / alt.step_ms - 1)
-    return f"current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, amax from history)"
+    alt = step_cost(p.model_copy(update={"precision": p.precision.model_copy(update={"scaling": scaling})}))
+    return 100 * (best.cost.step_ms / alt.step_ms - 1)
 
 
 def _plans(inv: Inventory, again: dict) -> bool:

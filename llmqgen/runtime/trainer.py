@@ -22,9 +22,10 @@ from math import prod
 
 import numpy as np
 
-from ..checkpoint.layout import KINDS, PREFIX, instances
+from ..checkpoint.layout import AMAX_HISTORY_KEY, KINDS, PREFIX, instances
 from ..codegen.families import adamw as adamw_family
 from ..compile.build_folder import BuildFolder, open_build
+from ..layout import FP8_HISTORY_MAX_OFFSET, FP8_SLOT_BYTES, act_slot_count, fp8_slot_count
 from ..plan.schema import Plan
 from . import driver
 from .collectives import CopyEngine, Nccl
@@ -208,9 +209,44 @@ class Trainer:
     def state_tensors(self) -> dict[str, np.ndarray]:
         """Masters and Adam moments as whole tensors in their stored dtypes (checkpoint/layout.py); with
         the step they resume the run bit-exactly (work copies and FP8 weight scales are made from the
-        masters, gradients are zero between steps, activations are rebuilt), at any GPU count."""
-        return {f"{PREFIX[what]}.{key}": np.ascontiguousarray(self._whole(row, i, prod(shape), dtype)).reshape(shape)
-                for what in KINDS for key, row, i, shape, dtype in self._instances(what)}
+        masters, gradients are zero between steps, activations are rebuilt), at any GPU count. Delayed
+        scaling adds GPU 0's amax history (exact on one GPU; see _load_amax_history)."""
+        out = {f"{PREFIX[what]}.{key}": np.ascontiguousarray(self._whole(row, i, prod(shape), dtype)).reshape(shape)
+               for what in KINDS for key, row, i, shape, dtype in self._instances(what)}
+        if self._delayed:
+            rk, n = self.ranks[0], act_slot_count(self.plan.model.num_layers)
+            out[AMAX_HISTORY_KEY] = rk.download(rk.ptr("stats.amax_history[0]", None), np.float32,
+                                                (n, self.plan.precision.amax_history))
+        return out
+
+    @property
+    def _delayed(self) -> bool:
+        return self.plan.fp8 and self.plan.precision.scaling == "delayed"
+
+    def _load_amax_history(self, tensors: dict[str, np.ndarray]) -> None:
+        """Delayed scaling: the checkpoint's amax history into every GPU's, its max into each activation
+        slot, so that the next micro-step scales as the uninterrupted run's would (on several GPUs from GPU
+        0's history for the first amax_history micro-steps). A history of another length keeps its newest
+        entries; none (a checkpoint of a current-scaling run) leaves the slots cold: current scaling until
+        the first micro-step ends."""
+        h = tensors.get(AMAX_HISTORY_KEY)
+        if not self._delayed or h is None:
+            return
+        L, H = self.plan.model.num_layers, self.plan.precision.amax_history
+        n = act_slot_count(L)
+        h = np.asarray(h, np.float32)
+        if h.ndim != 2 or h.shape[0] != n:
+            raise ValueError(f"checkpoint tensor {AMAX_HISTORY_KEY} is {list(h.shape)}, this plan has {n} "
+                             f"activation slots: it was written for another model")
+        hist = np.zeros((n, H), np.float32)
+        hist[:, :min(H, h.shape[1])] = h[:, :H]
+        floats = FP8_SLOT_BYTES // 4
+        for rk in self.ranks:
+            rk.upload(rk.ptr("stats.amax_history[0]", None), hist)
+            ptr = rk.ptr("stats.fp8[0]", None)
+            slots = rk.download(ptr, np.float32, (fp8_slot_count(L), floats))
+            slots[:n, FP8_HISTORY_MAX_OFFSET // 4] = hist.max(1)
+            rk.upload(ptr, slots)
 
     def load_state_tensors(self, tensors: dict[str, np.ndarray], step: int) -> None:
         """State tensors as `state_tensors` gives them (or as checkpoint.store.TrainingCheckpoint
@@ -231,6 +267,7 @@ class Trainer:
                     rk.write_raw(row, i, a.reshape(-1))
         self._execute([rk.load_program() for rk in self.ranks])
         self._sync()
+        self._load_amax_history(tensors)
         self.step_count = step
 
     # --- a training step --------------------------------------------------------------------------

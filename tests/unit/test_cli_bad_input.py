@@ -231,6 +231,12 @@ def test_bench_run_train_without_a_driver(no_driver_runtime, plan_file, tmp_path
     assert our_line(invoke("train", "--gpus", "1xh200", "--data", data, "--steps", 1)) == f"error: {NO_DRIVER_RUNTIME}"
 
 
+def test_a_resume_without_a_checkpoint_is_said_before_the_driver(no_driver_runtime, plan_file, tmp_path, data):
+    for which in ("latest", "5"):
+        line = our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run", "--resume", which))
+        assert "no checkpoint" in line and NO_DRIVER_RUNTIME not in line, line
+
+
 def test_missing_cuda_library_is_one_line(monkeypatch, plan_file):
     def fail(*a, **k):
         raise DynamicLibNotFoundError("Failure finding libcublasLt.so")

@@ -33,7 +33,7 @@ def plans():
 
 def test_the_plan_names_its_recipe_and_keeps_everything_else(plans):
     current, delayed = plans
-    assert delayed.name == current.name.replace("-mb16", "-scaling-delayed-amax-history-8-mb16")
+    assert delayed.name == current.name.replace("-mb16", "-delayed-ah8-mb16")
     assert delayed.precision.scaling == "delayed" and current.precision.scaling == "current"
     assert delayed.batch == current.batch and delayed.recompute == current.recompute
 
@@ -112,28 +112,42 @@ def test_bf16_plans_have_no_recipe():
 
 @pytest.mark.parametrize("args,needle", [
     (["--set", "precision.amax_history=8"], "add --set precision.scaling=delayed"),
-    (["--dtype", "bf16", "--set", "precision.scaling=delayed"], "delayed scaling is a recipe for FP8 matmuls"),
-    (["--set", "precision.scaling=delayed", "--set", "precision.amax_history=0"], "amax_history"),
-    (["--set", "precision.scaling=late"], "precision.scaling"),
+    (["--dtype", "bf16", "--set", "precision.scaling=delayed"],
+     "scales FP8 matmuls, and this plan has none (--dtype bf16 was given): drop it or use --dtype e4m3"),
+    (["--gpus", "1x3090", "--set", "precision.scaling=delayed"],
+     "has none (NVIDIA GeForce RTX 3090 has no FP8 tensor cores): drop it"),
+    (["--set", "precision.scaling=delayed", "--set", "precision.amax_history=0"], "takes an integer 1..1024"),
+    (["--set", "precision.scaling=delayed", "--set", "precision.amax_history=2000"], "takes an integer 1..1024"),
+    (["--set", "precision.scaling=late"], "precision.scaling takes one of current, delayed"),
+    (["--set", "scaling=delayed"], "did you mean precision.scaling?"),
 ])
 def test_bad_recipe_pins_get_one_line(tmp_path, args, needle):
-    r = CliRunner().invoke(main, ["plan", "--model", "0.5b", "--gpus", "1xH200", "--out", str(tmp_path), *args])
+    gpus = [] if "--gpus" in args else ["--gpus", "1xH200"]
+    r = CliRunner().invoke(main, ["plan", "--model", "0.5b", *gpus, "--out", str(tmp_path), *args])
     assert r.exit_code == 2 and "Traceback" not in r.output, r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], r.output
     assert not list(tmp_path.iterdir())
 
 
-def test_a_current_scaling_plan_names_the_option_and_its_gain(plans):
+def test_each_recipe_names_the_other_and_its_predicted_difference(plans):
     current, delayed = plans
     gain = 100 * (current.estimate.step_ms / _estimate_with(current, "delayed") - 1)
     assert current.estimate.reasons["precision"].endswith(
         f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, amax from history)")
-    assert "pinned by the user" in delayed.estimate.reasons["precision"]
-    assert "faster predicted" not in delayed.estimate.reasons["precision"]
+    slower = -100 * (delayed.estimate.step_ms / _estimate_with(delayed, "current") - 1)
+    assert delayed.estimate.reasons["precision"].endswith(
+        f"pinned by the user, the rest chosen (1979 vs 989 TFLOP/s BF16 on NVIDIA H200); delayed scaling, amax "
+        f"history 8 micro-steps (current scaling: {slower:.1f}% slower predicted)")
 
 
 def _estimate_with(plan, scaling):
     from llmqgen.plan.cost import step_cost
     return step_cost(plan.model_copy(update={"precision": plan.precision.model_copy(update={"scaling": scaling})})
                      ).step_ms
+
+
+def test_pinning_current_scaling_suggests_nothing():
+    inv = Inventory(gpu=resolve_gpu("h200"), count=1, host_mem_bytes=256 << 30)
+    plan = solve(resolve_model("qwen2.5-0.5b"), inv, pins={"precision.scaling": "current"})
+    assert "delayed" not in plan.estimate.reasons["precision"] and "current" not in plan.name  # the default
