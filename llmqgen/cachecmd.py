@@ -112,10 +112,11 @@ def clear(yes, only):
     if not yes:
         try:
             ok = click.confirm(f"delete {names} under {root}, {human(size)}?", default=False)
-        except click.Abort:
-            ok = False
-        if not ok:
+        except click.Abort:             # no answer (no terminal, EOF): a script meant to clear did not
             _fail("nothing cleared: answer y, or pass --yes")
+        if not ok:                      # the user said no: nothing to report as an error
+            click.echo("nothing cleared")
+            return
     for t in targets:
         try:
             shutil.rmtree(t) if t.is_dir() else t.unlink()

@@ -472,7 +472,7 @@ def _run_options(f):
     """The options `run` and `train` share (the training loop's)."""
     opts = [
         click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-                     help="A dataset from `llmqgen data prepare` (default: the embedded corpus)."),
+                     help="A dataset from `llmqgen data prepare` (default: the embedded corpus; on --resume, the run's own)."),
         click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True, help="Optimizer steps."),
         click.option("--lr", type=float, default=3e-4, show_default=True, callback=_not_negative,
                      help="Peak learning rate."),
@@ -521,7 +521,13 @@ def _check_data(data, spec) -> None:
 
 def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
            change, max_bad_steps, init_from, seed):
-    _check_data(data, p.model)          # the inputs first: without a GPU the runtime's import fails
+    if change and not resume:
+        _fail(f"--change {','.join(change)} changes a resumed run's saved settings: add --resume, or leave it out")
+    if init_from and resume:
+        _fail("--init-from and --resume conflict: a resumed run continues from its checkpoint's weights; give one "
+              "of them")
+    if data is not None or not resume:  # the inputs first: without a GPU the runtime's import fails
+        _check_data(data, p.model)      # (a resumed run's own dataset is checked once it is read)
     out_dir = out_dir or Path("runs") / p.name
     if resume:                          # the checkpoint exists (its hashes are checked when it is read)
         from .checkpoint.store import CheckpointError, resolve
@@ -539,7 +545,7 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     def given(name, value):     # None: not on the command line (a new run's default, a resumed run's saved value)
         src = ctx.get_parameter_source(name) if ctx else None
         return None if src in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP) else value
-    if data is None:
+    if data is None and not resume:     # a resumed run reads its own dataset (runtime/run.py: run_dataset)
         from .data.corpus import default_corpus
         logger.info("no --data given: training on the embedded default corpus")
         data = default_corpus()         # says what the corpus is

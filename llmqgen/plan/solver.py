@@ -375,11 +375,14 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         notes["precision"] = (f"bf16 matmuls: {model.name}'s {', '.join(bad)} are not multiples of "
                               f"{FP8_GRAIN}, as FP8 matmuls need")
     fp8 = dtype == "e4m3"
+    if pins.get("peer_copies") and not gpu.peer_access:
+        raise ValueError(f"--set peer_copies=true: {gpu.display_name} has no peer access (GPUs of its kind cannot "
+                         f"copy to each other directly): drop it, the copies go through pinned host memory")
     if not fp8 and pins.get("precision.scaling") == "delayed":
         why = (f"{model.name}'s widths are not multiples of {FP8_GRAIN}" if bad and gpu.fp8_tflops else
-               f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "--dtype bf16 was given")
+               f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "bf16 matmuls were asked for")
         raise ValueError(f"--set precision.scaling=delayed scales FP8 matmuls, and this plan has none ({why}): "
-                         f"drop it" + (" or use --dtype e4m3" if why.startswith("--dtype") else ""))
+                         f"drop it" + (" or ask for e4m3 matmuls" if why.startswith("bf16") else ""))
     seq_len = pins.pop("batch.seq_len", seq_len)
     if seq_len < 16:
         raise ValueError(f"--seq-len {seq_len}: a sequence needs at least 16 tokens")
@@ -678,7 +681,8 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
                       f"{gpu.display_name}" if p.fp8 else
                       "bf16 matmuls" + ("" if gpu.fp8_tflops else f": {gpu.display_name} has no FP8 tensor cores")),
         "batch": (f"{p.batch.micro_batch} x {p.batch.seq_len} tokens per micro-step, {p.batch.grad_accum} "
-                  f"micro-steps: {p.tokens_per_step:,} tokens per optimizer step"),
+                  f"micro-step{'s' if p.batch.grad_accum != 1 else ''}: {p.tokens_per_step:,} tokens per optimizer "
+                  f"step"),
         "recompute": _recompute_reason(best, fitting, act),
         "offload": _offload_reason(best, fitting),
         "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
@@ -687,6 +691,8 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
                         if p.num_gpus == 1 else
                         f"NCCL: {p.inventory.nodes} machines" if p.collectives == "nccl" else
                         "copy engines, peer copies (no SMs spent)" if p.peer_copies else
+                        "copy engines through pinned host memory: peer copies off (--set peer_copies=false)"
+                        if gpu.peer_access else
                         f"copy engines through pinned host memory: {gpu.display_name} has no peer access"),
     }
     if p.num_gpus > 1:
@@ -702,12 +708,17 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         why[key] = f"{head}: {said} pinned by the user" + ("" if whole or not rest.strip() else
                                                             f", the rest chosen ({rest.strip()})")
     if p.fp8 and p.precision.scaling == "delayed":
-        why["precision"] += (f"; delayed scaling, amax history {p.precision.amax_history} micro-steps (current "
-                             f"scaling: {-_recipe_gain(best, 'current'):.1f}% slower predicted)")
-    elif p.fp8 and "precision.scaling" not in pins:
-        why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {_recipe_gain(best, 'delayed'):.1f}% "
-                             f"faster predicted, amax from history)")
+        H = p.precision.amax_history
+        why["precision"] += (f"; delayed scaling, amax history {H} micro-step{'s' if H != 1 else ''} (current "
+                             f"scaling: {_faster_or_slower(_recipe_gain(best, 'current'))} predicted)")
+    elif p.fp8 and "precision.scaling" not in pins and (gain := _recipe_gain(best, "delayed")) >= 0.05:
+        why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, "
+                             f"amax from history)")
     return why
+
+
+def _faster_or_slower(gain: float) -> str:
+    return f"{gain:.1f}% faster" if gain >= 0.05 else f"{-gain:.1f}% slower" if gain <= -0.05 else "the same"
 
 
 def _recipe_gain(best: Scored, scaling: str) -> float:

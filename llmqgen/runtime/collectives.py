@@ -158,6 +158,9 @@ class CopyEngine(_Collectives):
         super().__init__(ranks)
         self.N = len(ranks)
         self.peer = peer and _enable_peer_access(ranks)
+        if peer and not self.peer and "comm.host" not in ranks[0].rows:
+            raise ValueError("the plan counts on peer copies between the GPUs, which this machine does not allow: "
+                             "plan again with --set peer_copies=false (copies through pinned host memory)")
         recv = ranks[0].rows["comm.recv"].bytes
         self.piece = recv // (2 * (self.N - 1)) // VEC * VEC       # bytes of one piece of one sender
         # host-staged pieces: sender s's pinned slots [half k][slot j]; read_done[s][k][r]: r's last copy-in

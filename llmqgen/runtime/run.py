@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint.hf import export_hf
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RunConfig:
-    data: Path
+    data: Path | None                  # None: a resumed run's own dataset (a new run needs one)
     out: Path
     steps: int | None = None
     lr: float | None = None
@@ -80,6 +80,29 @@ def _saved_settings(ck: TrainingCheckpoint) -> dict:
     saved = {"steps": old.get("total"), "lr": old.get("peak"), "warmup": old.get("warmup"),
              "schedule": old.get("kind"), "seed": st.get("seed")}
     return {k: v for k, v in saved.items() if v is not None}
+
+
+def run_dataset(given: Path | None, ck: TrainingCheckpoint | None) -> Path:
+    """The dataset a run reads: a new run's `given` one; a resumed run's own (its read position belongs to
+    it), which a given --data must name, unless the saved one is not there any more (moved). Raises
+    ValueError for another dataset on resume, or a resumed run's vanished dataset without --data."""
+    saved = (ck.state.get("run") or {}).get("data") if ck is not None else None
+    if saved is None:                   # a new run (or a checkpoint older than the saved dataset)
+        if given is None:
+            raise ValueError("no dataset: give --data DIR (made by `llmqgen data prepare`)")
+        return given
+    saved = Path(saved)
+    if given is None:
+        if not saved.exists():
+            raise ValueError(f"{ck.path.name}'s run read {saved}, which is not there any more: give --data "
+                             f"with its new place")
+        return saved
+    if saved.exists() and given.resolve() != saved.resolve():
+        raise ValueError(f"resuming {ck.path.name} would change the dataset ({saved} -> {given}): the saved "
+                         f"read position belongs to {saved}; leave --data out, or start a new run (another --out)")
+    if not saved.exists():
+        logger.info(f"the run's dataset {saved} is not there any more: reading {given} in its place")
+    return given
 
 
 def settle(cfg: RunConfig, ck: TrainingCheckpoint | None) -> tuple[dict, list[str], dict]:
@@ -149,6 +172,7 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         which = int(cfg.resume) if cfg.resume.isdigit() else cfg.resume
         ck = read_checkpoint(cfg.out / "checkpoints", which, expect=plan.model)
         state = ck.state_tensors()
+    cfg = replace(cfg, data=run_dataset(cfg.data, ck))
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
     if cfg.eval_every:      # an eval split too small for one evaluation: said now, not at the first one

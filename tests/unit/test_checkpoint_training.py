@@ -332,3 +332,39 @@ def test_cli_resume_keeps_saved_settings_unless_changed(run, data, tmp_path):
     assert r.exit_code == 0, r.output
     assert "changing lr 0.001 -> 0.0005 from step 2 (--change lr)" in r.output
     assert [s for s, _ in FakeTrainer.lrs] == [2, 3]       # the saved 4 steps, not the option's default 300
+
+
+def test_cli_resume_reads_the_runs_own_dataset(run, data, tmp_path):
+    """A resume without --data reads the dataset the run read (not the embedded corpus); another --data is
+    refused, since the saved read position belongs to the run's own; a dataset that has moved is given anew."""
+    import shutil
+    plan = tmp_path / "p.json"
+    plan.write_text(tiny_plan().to_json())
+    own = tmp_path / "own"
+    shutil.copytree(data, own)
+    base = ["run", "--plan", str(plan), "--out", str(tmp_path / "r")]
+    r = CliRunner().invoke(main, base + ["--data", str(own), "--steps", "4", "--warmup", "1", "--checkpoint-every", "2"])
+    assert r.exit_code == 0, r.output
+
+    def saved_data(step):
+        state = json.loads((tmp_path / "r" / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        return state["run"]["data"]
+    FakeTrainer.reset()
+    r = CliRunner().invoke(main, base + ["--resume", "latest", "--steps", "6", "--checkpoint-every", "2"])
+    assert r.exit_code == 0, r.output
+    assert saved_data(6) == str(own) and "default corpus" not in r.output
+    other = tiny_data(tmp_path / "other")
+    r = CliRunner().invoke(main, base + ["--resume", "latest", "--steps", "8", "--data", str(other)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1] == (
+        f"error: resuming step-000006 would change the dataset ({own} -> {other}): the saved read position "
+        f"belongs to {own}; leave --data out, or start a new run (another --out)")
+    moved = tmp_path / "moved"
+    own.rename(moved)
+    r = CliRunner().invoke(main, base + ["--resume", "latest", "--steps", "8"])
+    assert r.exit_code == 2 and f"read {own}, which is not there any more: give --data with its new place" in r.output
+    FakeTrainer.reset()
+    r = CliRunner().invoke(main, base + ["--resume", "latest", "--steps", "8", "--data", str(moved),
+                                         "--checkpoint-every", "2"])
+    assert r.exit_code == 0, r.output
+    assert saved_data(8) == str(moved)

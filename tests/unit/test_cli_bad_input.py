@@ -237,6 +237,14 @@ def test_a_resume_without_a_checkpoint_is_said_before_the_driver(no_driver_runti
         assert "no checkpoint" in line and NO_DRIVER_RUNTIME not in line, line
 
 
+def test_resume_only_options_without_resume_and_init_from_with_it(no_driver_runtime, plan_file, tmp_path, data):
+    base = ["run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run"]
+    assert "changes a resumed run's saved settings: add --resume" in our_line(invoke(*base, "--change", "lr"))
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    assert "--init-from and --resume conflict" in our_line(invoke(*base, "--resume", "latest", "--init-from", hf))
+
+
 def test_missing_cuda_library_is_one_line(monkeypatch, plan_file):
     def fail(*a, **k):
         raise DynamicLibNotFoundError("Failure finding libcublasLt.so")

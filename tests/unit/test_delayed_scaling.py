@@ -113,7 +113,7 @@ def test_bf16_plans_have_no_recipe():
 @pytest.mark.parametrize("args,needle", [
     (["--set", "precision.amax_history=8"], "add --set precision.scaling=delayed"),
     (["--dtype", "bf16", "--set", "precision.scaling=delayed"],
-     "scales FP8 matmuls, and this plan has none (--dtype bf16 was given): drop it or use --dtype e4m3"),
+     "scales FP8 matmuls, and this plan has none (bf16 matmuls were asked for): drop it or ask for e4m3 matmuls"),
     (["--gpus", "1x3090", "--set", "precision.scaling=delayed"],
      "has none (NVIDIA GeForce RTX 3090 has no FP8 tensor cores): drop it"),
     (["--set", "precision.scaling=delayed", "--set", "precision.amax_history=0"], "takes an integer 1..1024"),

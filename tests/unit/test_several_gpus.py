@@ -100,3 +100,14 @@ def test_sharded_optimizer_updates_shards_and_zeroes_whole_gradients():
 def test_zero1_moves_fewer_bytes_than_zero0_in_fp8():
     c0, c1 = step_cost(plan(zero=0, gpu="4090")), step_cost(plan(zero=1, gpu="4090"))
     assert c1.breakdown_ms["collectives"] < c0.breakdown_ms["collectives"]
+
+
+def test_peer_copies_pinned_on_or_off():
+    """Pinned on for GPUs without peer access: refused (the runtime would have no host path); pinned off where
+    the GPUs have it: the reason names the pin, not a missing capability."""
+    from llmqgen.plan.solver import solve
+    with pytest.raises(ValueError, match="RTX 4090 has no peer access .*: drop it"):
+        solve(resolve_model("qwen2.5-0.5b"), parse_inventory("2x4090", "256G"), pins={"peer_copies": True})
+    off = solve(resolve_model("qwen2.5-0.5b"), parse_inventory("2xH200", "256G"), pins={"peer_copies": False})
+    assert off.estimate.reasons["collectives"] == ("copy engines through pinned host memory: peer copies off "
+                                                   "(--set peer_copies=false)")
