@@ -627,7 +627,9 @@ def _offload_reason(best: Scored, fitting: list[Scored]) -> str:
     names = best.plan.offload.names()
     top = fitting[0] if fitting else best
     if not names:
-        why = "none: everything fits on the GPU"
+        p = best.plan
+        why = ("none but the block weights, streamed from pinned host memory (sharded weights on one GPU)"
+               if p.num_gpus == 1 and p.sharding.weights else "none: everything fits on the GPU")
         if top is not best and top.plan.offload.names():
             why += (f"; offloading {'+'.join(top.plan.offload.names())} would be {_faster(top, best)}, "
                     f"under the {100 * K.OFFLOAD_MARGIN:.0f}% margin that offload must win by")

@@ -111,3 +111,8 @@ def test_peer_copies_pinned_on_or_off():
     off = solve(resolve_model("qwen2.5-0.5b"), parse_inventory("2xH200", "256G"), pins={"peer_copies": False})
     assert off.estimate.reasons["collectives"] == ("copy engines through pinned host memory: peer copies off "
                                                    "(--set peer_copies=false)")
+
+
+def test_one_gpu_weight_streaming_is_named_in_the_offload_reason():
+    p = solve(resolve_model("qwen2.5-0.5b"), parse_inventory("1xH200", "256G"), pins={"sharding.weights": True})
+    assert p.estimate.reasons["offload"].startswith("none but the block weights, streamed from pinned host memory")
