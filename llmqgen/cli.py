@@ -572,14 +572,18 @@ def run(plan_path, **kw):
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="0.5b", show_default=True)
-@click.option("--gpus", default="auto", show_default=True)
-@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None)
+@click.option("--model", "model_name", default="0.5b", show_default=True,
+              help="Catalog name (qwen2.5-7b, llama3.1-8b, 32b...) or a local Hugging Face model directory.")
+@click.option("--gpus", default="auto", show_default=True, help="GPUs, e.g. 4x4090, 1xH200, or auto (NVML).")
+@click.option("--host-mem", default=None, help="Host RAM, e.g. 128G (default: detected for auto, else assumed).")
+@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
+              help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores).")
 @click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True)
 @click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True)
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Pin any plan input, as for `llmqgen plan`.")
 @_run_options
-def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
+def train_cmd(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, sets, **kw):
     """Plan + build + run in one go, with sensible defaults."""
     from .models.catalog import resolve_model
     from .plan.solver import NoFitError, solve
@@ -589,7 +593,7 @@ def train_cmd(model_name, gpus, dtype, seq_len, tokens_per_step, sets, **kw):
         _fail(str(e))
     _check_data(kw["data"], spec)
     try:
-        p = solve(spec, _inventory(gpus, None), seq_len=seq_len,
+        p = solve(spec, _inventory(gpus, host_mem), seq_len=seq_len,
                   tokens_per_step=tokens_per_step, dtype="e4m3" if dtype == "fp8" else dtype,
                   pins=_plan_pins(sets, seq_len=seq_len))
     except (NoFitError, ValueError) as e:

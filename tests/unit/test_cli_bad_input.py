@@ -237,6 +237,17 @@ def test_a_resume_without_a_checkpoint_is_said_before_the_driver(no_driver_runti
         assert "no checkpoint" in line and NO_DRIVER_RUNTIME not in line, line
 
 
+def test_train_takes_host_mem(no_driver_runtime, tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    r = invoke("train", "--gpus", "1x4090", "--host-mem", "256G", "--data", data, "--steps", 1)
+    assert our_line(r) == f"error: {NO_DRIVER_RUNTIME}"
+    (plan,) = (tmp_path / "llmqgen-plans").glob("*.json")
+    assert json.loads(plan.read_text())["inventory"]["host_mem_bytes"] == 256 << 30
+    assert our_line(invoke("train", "--gpus", "1x4090", "--host-mem", "12Q", "--data", data)).startswith(
+        "error: --host-mem 12Q: size '12Q' not understood")
+
+
 def test_resume_only_options_without_resume_and_init_from_with_it(no_driver_runtime, plan_file, tmp_path, data):
     base = ["run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run"]
     assert "changes a resumed run's saved settings: add --resume" in our_line(invoke(*base, "--change", "lr"))
