@@ -386,7 +386,7 @@ def build(plan_path, model_name, gpus, arch, out_root):
             p = solve(resolve_model(model_name or "0.5b"), _inventory(gpus or "1xH200", None))
         except (NoFitError, ValueError) as e:
             _fail(str(e))
-        source = f"solved for --model {model_name or '0.5b'} --gpus {gpus or '1xH200'}"
+        source = f"solved for --model {model_name or '0.5b'} --gpus {gpus or '1xH200'}, saved as {_save_plan(p)}"
     else:
         plan_path = plan_path or _newest_plan()
         p = _load_plan(plan_path)
@@ -598,13 +598,20 @@ def train_cmd(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, sets,
                   pins=_plan_pins(sets, seq_len=seq_len))
     except (NoFitError, ValueError) as e:
         _fail(str(e))
+    _save_plan(p)
+    _train(p, **kw)
+
+
+def _save_plan(p) -> Path:
+    """A plan solved by another command than `plan` into plans_dir(), where `run`, `bench` and `build` find
+    the newest."""
     path = plans_dir() / f"{p.name}.json"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(p.to_json())
     except OSError as e:
         _fail(f"cannot write the plan to {path}: {e.strerror or e} (set {PLANS_ENV} to another folder)")
-    _train(p, **kw)
+    return path
 
 
 def _register_subcommands() -> None:

@@ -76,3 +76,13 @@ def test_library_records_print_plainly_on_rank_zero_only(capsys, monkeypatch):
     handlers = list(logging.getLogger("llmqgen").handlers)
     assert run("models").exit_code == 0
     assert logging.getLogger("llmqgen").handlers == handlers
+
+
+def test_build_model_saves_the_plan_it_solves_for_run(tmp_path, monkeypatch):
+    """`build --model` solves a plan; it lands in the plans folder, where `run` and `bench` take the newest."""
+    monkeypatch.setenv("LLMQGEN_PLANS_DIR", str(tmp_path / "plans"))
+    monkeypatch.setenv("LLMQGEN_CACHE_DIR", str(tmp_path / "cache"))
+    r = run("build", "--model", "0.5b", "--gpus", "1x4090", "--out", str(tmp_path / "build"))
+    assert r.exit_code == 0, r.output
+    saved = tmp_path / "plans" / "qwen2.5-0.5b-e4m3-1x4090.json"
+    assert f"saved as {saved}" in r.output and json.loads(saved.read_text())["name"] == saved.stem
