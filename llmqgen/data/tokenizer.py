@@ -253,6 +253,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
             raise TokenizerError(f"no tokenizer.json in {spec}: give the folder of an HF tokenizer, or "
                                  "the tokenizer file itself")
         path = path / "tokenizer.json"
+    if not path.is_file() and (path.suffix in (".json", ".tiktoken") or len(path.parts) > 1):
+        raise TokenizerError(f"tokenizer file {spec} does not exist: check the path, or give one of "
+                             f"{', '.join(BUILTIN)}")
     if not path.is_file():
         raise TokenizerError(f"unknown tokenizer {spec!r}: give one of {', '.join(BUILTIN)}, a "
                              "tokenizer.json (or its directory), or a *.tiktoken BPE file")

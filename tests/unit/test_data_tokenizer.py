@@ -63,8 +63,14 @@ def test_hf_tokenizer_without_eos(tmp_path):
 
 
 def test_unknown_tokenizer():
-    with pytest.raises(TokenizerError, match="qwen2.5"):
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'no-such-tokenizer': give one of qwen2.5"):
         load_tokenizer("no-such-tokenizer")
+
+
+@pytest.mark.parametrize("spec", ["/nonexist/tokenizer.json", "my.tiktoken", "some/dir"])
+def test_a_missing_tokenizer_file_is_named_as_missing(spec):
+    with pytest.raises(TokenizerError, match=f"tokenizer file {spec} does not exist: check the path"):
+        load_tokenizer(spec)
 
 
 # ---- special-token strings inside documents are text, for every kind of tokenizer ----------------
