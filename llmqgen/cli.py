@@ -232,16 +232,32 @@ def main(ctx):
     ctx.with_resource(terminal_logging())
 
 
+def _solve_options(gpus: str):
+    """The options `plan` and `train` solve a plan from (`gpus`: the --gpus default)."""
+    opts = [
+        click.option("--model", "model_name", default="0.5b", show_default=True,
+                     help="Catalog name (qwen2.5-7b, llama3.1-8b, 32b...) or a local Hugging Face model directory."),
+        click.option("--gpus", default=gpus, show_default=True, help="GPUs, e.g. 4x4090, 1xH200, or auto (NVML)."),
+        click.option("--host-mem", default=None,
+                     help="Host RAM, e.g. 128G (default: detected for auto, else assumed)."),
+        click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
+                     help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores)."),
+        click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True),
+        click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True,
+                     help="Tokens per optimizer step over all GPUs."),
+    ]
+    return lambda f: _with_options(f, opts)
+
+
+def _with_options(f, opts: list):
+    """`f` with click options `opts`, shown in this order in --help."""
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 @main.command()
-@click.option("--model", "model_name", default="0.5b", show_default=True,
-              help="Catalog name (qwen2.5-7b, llama3.1-8b, 32b...) or a local Hugging Face model directory.")
-@click.option("--gpus", default="1xH200", show_default=True, help="GPUs, e.g. 4x4090, 1xH200, or auto (NVML).")
-@click.option("--host-mem", default=None, help="Host RAM, e.g. 128G (default: detected for auto, else assumed).")
-@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
-              help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores).")
-@click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True)
-@click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True,
-              help="Tokens per optimizer step over all GPUs.")
+@_solve_options("1xH200")
 @click.option("--micro-batch", type=click.IntRange(min=1), default=None,
               help="Pin the sequences per GPU per micro-step.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -500,9 +516,7 @@ def _run_options(f):
                      help="Start from a local Hugging Face model directory instead of random weights."),
         click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True),
     ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+    return _with_options(f, opts)
 
 
 def _check_data(data, spec) -> None:
@@ -572,14 +586,7 @@ def run(plan_path, **kw):
 
 
 @main.command("train")
-@click.option("--model", "model_name", default="0.5b", show_default=True,
-              help="Catalog name (qwen2.5-7b, llama3.1-8b, 32b...) or a local Hugging Face model directory.")
-@click.option("--gpus", default="auto", show_default=True, help="GPUs, e.g. 4x4090, 1xH200, or auto (NVML).")
-@click.option("--host-mem", default=None, help="Host RAM, e.g. 128G (default: detected for auto, else assumed).")
-@click.option("--dtype", type=click.Choice(["e4m3", "fp8", "bf16"]), default=None,
-              help="Matmul precision (default: e4m3 where the GPU has FP8 tensor cores).")
-@click.option("--seq-len", type=click.IntRange(min=16), default=1024, show_default=True)
-@click.option("--tokens-per-step", type=click.IntRange(min=1), default=524288, show_default=True)
+@_solve_options("auto")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Pin any plan input, as for `llmqgen plan`.")
 @_run_options
