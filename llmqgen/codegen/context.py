@@ -48,7 +48,7 @@ def summary_lines(plan: Plan, arch: str) -> list[str]:
         f"Hq={m.num_heads} Hkv={m.num_kv_heads} D={m.head_dim} V={m.vocab_size}",
         f"gpus {plan.inventory.label} ({gpu.display_name}, {gpu.sm_count} SMs), target {arch}",
         f"precision matmul={p.matmul} grad={p.gradient} master={p.master} adam_m={p.adam_m} adam_v={p.adam_v}"
-        + (f" scaling=delayed (amax history {p.amax_history})" if p.scaling == "delayed" else ""),
+        + (f" scaling=delayed (amax history {p.amax_history})" if p.delayed else ""),
         f"batch B={b.micro_batch} T={b.seq_len} accum={b.grad_accum} -> {plan.tokens_per_step} tokens/step",
         f"recompute {','.join(plan.recompute.names()) or 'none'}; offload {','.join(plan.offload.names()) or 'none'}; "
         f"ZeRO-{plan.sharding.zero}; collectives {plan.collectives}",
@@ -108,7 +108,7 @@ def build_context(plan: Plan, arch: str) -> dict:
         "FP8_DESCALE_OFFSET": FP8_DESCALE_OFFSET,
         "FP8_DESCALE_FLOAT": (FP8_DESCALE_OFFSET - FP8_AMAX_OFFSET) // 4,
         # delayed scaling: the activation slots' amax history (its max this many floats on in a slot)
-        "FP8_DELAYED": plan.fp8 and p.scaling == "delayed",
+        "FP8_DELAYED": p.delayed,
         "FP8_HISTORY_MAX_FLOAT": (FP8_HISTORY_MAX_OFFSET - FP8_AMAX_OFFSET) // 4,
         "AMAX_HISTORY": p.amax_history,
         "FP8_ACT_SLOTS": act_slot_count(m.num_layers),

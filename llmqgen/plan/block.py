@@ -256,7 +256,7 @@ def plan_fp8_groups(plan: Plan) -> tuple[list[dict], list[dict]]:
     m, p = plan.model, plan.precision
     return fp8_groups(fp8_sites(plan.batch.micro_batch * plan.batch.seq_len, m.hidden_size, m.intermediate_size,
                                 m.q_dim, m.qkv_dim, p.gradient, p.master, sharded_optimizer(plan),
-                                p.scaling == "delayed"))
+                                p.delayed))
 
 
 def sharded_optimizer(plan: Plan) -> bool:

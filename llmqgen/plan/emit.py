@@ -18,7 +18,7 @@ class Emitter:
     def __init__(self, plan: Plan):
         m, sh, off, N = plan.model, plan.sharding, plan.offload, plan.num_gpus
         self.plan, self.m, self.fp8, self.L = plan, m, plan.fp8, m.num_layers
-        self.delayed = plan.fp8 and plan.precision.scaling == "delayed"
+        self.delayed = plan.precision.delayed
         self.C, self.BT = m.hidden_size, plan.batch.micro_batch * plan.batch.seq_len
         self.rows = {r.name: r for r in memory_table(plan)}   # from the inputs: a saved estimate may predate us
         self.ops: list[dict] = []

@@ -301,7 +301,7 @@ def _small_state(t: _Table, m: ModelSpec, p: Precision, B: int, T: int, N: int, 
     if p.matmul == "e4m3":
         t.add(RowKind.STATS, "fp8", "uint8", (fp8_slot_count(m.num_layers) * FP8_SLOT_BYTES,),
               note="amax / descale slots")
-    if p.matmul == "e4m3" and p.scaling == "delayed":
+    if p.delayed:
         t.add(RowKind.STATS, "amax_history", "fp32", (act_slot_count(m.num_layers) * p.amax_history,),
               note=f"the last {p.amax_history} micro-steps' amaxes")
     t.add(RowKind.STATS, "scalars", "fp32", (SCALAR_COUNT,), note="loss, norm, clip scale, hyper-parameters")

@@ -54,6 +54,11 @@ class Precision(_Frozen):
             raise ValueError("delayed scaling is a recipe for FP8 matmuls: drop precision.scaling or use e4m3 matmuls")
         return self
 
+    @property
+    def delayed(self) -> bool:
+        """FP8 with delayed scaling (the validator above keeps it off BF16 plans)."""
+        return self.scaling == "delayed"
+
 
 class Batch(_Frozen):
     micro_batch: int = Field(ge=1)     # sequences per GPU per micro-step

@@ -709,7 +709,7 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         whole = section is None or len(mine) == len(section.model_fields)
         why[key] = f"{head}: {said} pinned by the user" + ("" if whole or not rest.strip() else
                                                             f", the rest chosen ({rest.strip()})")
-    if p.fp8 and p.precision.scaling == "delayed":
+    if p.precision.delayed:
         H = p.precision.amax_history
         why["precision"] += (f"; delayed scaling, amax history {H} micro-step{'s' if H != 1 else ''} (current "
                              f"scaling: {_faster_or_slower(_recipe_gain(best, 'current'))} predicted)")

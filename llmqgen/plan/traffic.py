@@ -120,16 +120,18 @@ def kernel_bytes(plan: Plan):
         ("llmq_rmsnorm_backward_", BT * (4 * 2 * C + 4)),     # dy, res, d_res, dx; rstd
         ("llmq_rmsnorm_dweight_", 0),                         # per-block partials: kilobytes
     )
-    if plan.precision.scaling == "delayed":    # warm slots (every micro-step but the first): amax passes and the
-        exact.update({"llmq_swiglu_forward_amax": 0, "llmq_swiglu_backward_amax": 0,   # norms' quantize return at
-                      "llmq_amax_roll": act_slot_count(m.num_layers) * (2 * FP8_SLOT_BYTES    # once; the norms write
+    # Delayed scaling, warm slots (every micro-step but the first): the amax passes and the norms' quantize
+    # return at once, the norms write y in e4m3, the roll reads and writes each slot and its history.
+    if plan.precision.delayed:
+        exact.update({"llmq_swiglu_forward_amax": 0, "llmq_swiglu_backward_amax": 0,
+                      "llmq_amax_roll": act_slot_count(m.num_layers) * (2 * FP8_SLOT_BYTES
                                                                           + 2 * 4 * plan.precision.amax_history),
-                      "llmq_rmsnorm_forward_ln1_first": BT * (2 * C + C + 4),         # y in e4m3
+                      "llmq_rmsnorm_forward_ln1_first": BT * (2 * C + C + 4),
                       "llmq_rmsnorm_forward_ln1": BT * (3 * 2 * C + C + 4),
                       "llmq_rmsnorm_forward_ln2": BT * (3 * 2 * C + C + 4),
                       "llmq_rmsnorm_recompute_ln1": BT * (2 * C + C + 4),
                       "llmq_rmsnorm_recompute_ln2": BT * (2 * C + C + 4)})
-    amax_pass = 0 if plan.precision.scaling == "delayed" else 1
+    amax_pass = 0 if plan.precision.delayed else 1
     quant, transpose = plan_fp8_groups(plan)
     fp8 = {}
     for g in quant:

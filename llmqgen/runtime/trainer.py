@@ -221,7 +221,7 @@ class Trainer:
 
     @property
     def _delayed(self) -> bool:
-        return self.plan.fp8 and self.plan.precision.scaling == "delayed"
+        return self.plan.precision.delayed
 
     def _load_amax_history(self, tensors: dict[str, np.ndarray]) -> None:
         """Delayed scaling: the checkpoint's amax history into every GPU's, its max into each activation
