@@ -12,7 +12,8 @@ the schedule and the runtime (which address into the rows) all read one definiti
   The descale is a cuBLASLt A/B scale pointer, which must be 16-byte aligned: cuBLASLt on Hopper
   (cuBLAS 13) accepts a misaligned one in the heuristic query and then fails the matmul with
   NOT_SUPPORTED (DESIGN.md, "Matmuls"). Slots: ACT_SLOTS of every layer, then WEIGHT_SLOTS of every
-  layer, then one sink for amaxes nobody reads.
+  layer, then HEAD_SLOTS (an FP8 LM head's input, weight and logit gradient; current scaling always),
+  then one sink for amaxes nobody reads.
 - Scalars (row stats.scalars): SCALAR_COUNT fp32 values the CUDA graphs read from device memory, so a
   replay picks up new values; SCALARS names them.
 - Tokens: the four int32 token rows of a micro-batch, and their pinned staging copy (the rows back to back).
@@ -38,11 +39,12 @@ FP8_DESCALE_OFFSET = 16
 FP8_HISTORY_MAX_OFFSET = 4
 ACT_SLOTS = ("ln1", "att", "ln2", "h", "d_down", "d_gu", "d_att_out", "d_qkv")
 WEIGHT_SLOTS = ("qkv", "attn_out", "gate_up", "down")
+HEAD_SLOTS = ("head_x", "head_w", "head_dy")
 
 
 def fp8_slot_count(num_layers: int) -> int:
-    """Activation/gradient slots per layer, weight slots per layer, and one sink for unused amax."""
-    return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + 1
+    """Activation/gradient slots per layer, weight slots per layer, the LM head's, and one sink for unused amax."""
+    return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + len(HEAD_SLOTS) + 1
 
 
 def act_slot_count(num_layers: int) -> int:
@@ -51,9 +53,12 @@ def act_slot_count(num_layers: int) -> int:
 
 
 def fp8_slot_index(name: str, layer: int, num_layers: int) -> int:
-    """Slot of tensor `name` ("ln1", "w_qkv", "sink") of `layer`; ValueError for an unknown name."""
+    """Slot of tensor `name` ("ln1", "w_qkv", "head_x", "sink") of `layer` (the head's and the sink: no
+    layer); ValueError for an unknown name."""
     if name == "sink":
         return fp8_slot_count(num_layers) - 1
+    if name in HEAD_SLOTS:
+        return (len(ACT_SLOTS) + len(WEIGHT_SLOTS)) * num_layers + HEAD_SLOTS.index(name)
     if name.startswith("w_"):
         return act_slot_count(num_layers) + layer * len(WEIGHT_SLOTS) + WEIGHT_SLOTS.index(name[2:])
     return layer * len(ACT_SLOTS) + ACT_SLOTS.index(name)

@@ -109,6 +109,7 @@ def build_context(plan: Plan, arch: str) -> dict:
         "FP8_DESCALE_FLOAT": (FP8_DESCALE_OFFSET - FP8_AMAX_OFFSET) // 4,
         # delayed scaling: the activation slots' amax history (its max this many floats on in a slot)
         "FP8_DELAYED": p.delayed,
+        "FP8_HEAD": p.fp8_head,
         "FP8_HISTORY_MAX_FLOAT": (FP8_HISTORY_MAX_OFFSET - FP8_AMAX_OFFSET) // 4,
         "AMAX_HISTORY": p.amax_history,
         "FP8_ACT_SLOTS": act_slot_count(m.num_layers),

@@ -120,6 +120,10 @@ FP8_CONVERSIONS = {
 }
 DELAYED_CONVERSIONS = {"ln1": ("quantize_cold", "transpose"), "ln2": ("quantize_cold", "transpose")}
 WEIGHT_SITES = {"w_qkv": "qkv", "w_attn_out": "att_out", "w_gate_up": "gate_up", "w_down": "down"}
+# An FP8 LM head (precision.lm_head): the input's amax over the micro-step (slot head_x), each chunk's e4m3
+# copy and transpose (site head_xc, slot head_x), the weight's amax, copy and transpose, made each micro-step
+# from the bf16 work copy (slot head_w). The cross-entropy kernels write the e5m2 logit gradient both ways.
+HEAD_SITES = ("head_x", "head_xc", "head_w")
 
 
 def weight_conversions(sharded_optimizer: bool) -> tuple[str, ...]:
@@ -129,15 +133,18 @@ def weight_conversions(sharded_optimizer: bool) -> tuple[str, ...]:
 
 
 def site_of(slot: str) -> str:
-    """FP8 slot -> the quantize family's site ("h" -> "swiglu", "w_down" -> "down")."""
+    """FP8 slot -> the quantize family's site ("h" -> "swiglu", "w_down" -> "down", "head_x" -> "head_x")."""
+    if slot in HEAD_SITES:
+        return slot
     return WEIGHT_SITES.get(slot) or FP8_CONVERSIONS[slot][0]
 
 
 def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: str, sharded_optimizer: bool,
-              delayed: bool = False) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
+              delayed: bool = False, head: tuple[int, int] | None = None
+              ) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
     """(site, rows, cols, source dtype, fp8 dtype, conversions) of every tensor an FP8 matmul reads;
     source dtypes "bf16" or "float" (an fp32 master), fp8 dtypes "e4m3"/"e5m2" (grad: the gradients');
-    `delayed`: delayed scaling's conversions."""
+    `delayed`: delayed scaling's conversions; `head`: (chunk rows, vocabulary) of an FP8 LM head."""
     w = "float" if master == "fp32" else "bf16"
     shapes = {"ln1": (BT, C, "bf16", "e4m3"), "att": (BT, QDIM, "bf16", "e4m3"), "ln2": (BT, C, "bf16", "e4m3"),
               "h": (BT, F, "bf16", "e4m3"), "d_qkv": (BT, QKV, "bf16", grad), "d_att_out": (BT, C, "bf16", grad),
@@ -147,6 +154,11 @@ def fp8_sites(BT: int, C: int, F: int, QDIM: int, QKV: int, grad: str, master: s
     conv = {slot: c for slot, (_, c) in FP8_CONVERSIONS.items()}
     conv.update(DELAYED_CONVERSIONS if delayed else {})
     conv.update({slot: weight_conversions(sharded_optimizer) for slot in WEIGHT_SITES})
+    if head:
+        rows, V = head
+        shapes.update({"head_x": (BT, C, "bf16", "e4m3"), "head_xc": (rows, C, "bf16", "e4m3"),
+                       "head_w": (V, C, "bf16", "e4m3")})
+        conv.update({"head_x": ("amax",), "head_xc": ("dual",), "head_w": ("amax", "dual")})
     return [(site_of(slot), *shape, conv[slot]) for slot, shape in shapes.items()]
 
 
@@ -222,13 +234,15 @@ def _layer_gemms(m: ModelSpec, BT: int, r: Recompute, dt: str) -> tuple[Gemm, ..
 
 
 def head_gemms(plan: Plan) -> list[Gemm]:
-    """The LM head's BF16 GEMMs of a micro-step: forward, dgrad and wgrad of each chunk of token rows."""
-    return list(_head_gemms(plan.model, plan.batch.micro_batch * plan.batch.seq_len, plan.lm_head_chunks))
+    """The LM head's GEMMs of a micro-step (BF16, or e4m3 with precision.lm_head "fp8"): forward, dgrad and
+    wgrad of each chunk of token rows."""
+    return list(_head_gemms(plan.model, plan.batch.micro_batch * plan.batch.seq_len, plan.lm_head_chunks,
+                            "e4m3" if plan.precision.fp8_head else "bf16"))
 
 
 @lru_cache(maxsize=4096)
-def _head_gemms(m: ModelSpec, BT: int, chunks: int) -> tuple[Gemm, ...]:
-    return tuple(Gemm(phase, p, "lm_head", BT // chunks, m.vocab_size, m.hidden_size, "bf16")
+def _head_gemms(m: ModelSpec, BT: int, chunks: int, dt: str) -> tuple[Gemm, ...]:
+    return tuple(Gemm(phase, p, "lm_head", BT // chunks, m.vocab_size, m.hidden_size, dt)
                  for _ in range(chunks)
                  for phase, p in (("forward", "forward"), ("backward", "dgrad"), ("backward", "wgrad")))
 
@@ -254,9 +268,10 @@ def plan_fp8_groups(plan: Plan) -> tuple[list[dict], list[dict]]:
     if not plan.fp8:
         return [], []
     m, p = plan.model, plan.precision
-    return fp8_groups(fp8_sites(plan.batch.micro_batch * plan.batch.seq_len, m.hidden_size, m.intermediate_size,
-                                m.q_dim, m.qkv_dim, p.gradient, p.master, sharded_optimizer(plan),
-                                p.delayed))
+    BT = plan.batch.micro_batch * plan.batch.seq_len
+    head = (BT // plan.lm_head_chunks, m.vocab_size) if p.fp8_head else None
+    return fp8_groups(fp8_sites(BT, m.hidden_size, m.intermediate_size, m.q_dim, m.qkv_dim, p.gradient, p.master,
+                                sharded_optimizer(plan), p.delayed, head))
 
 
 def sharded_optimizer(plan: Plan) -> bool:

@@ -75,7 +75,8 @@ def step_cost(plan: Plan) -> StepCost:
 
     Per micro-step of micro_batch x seq_len tokens per GPU: the block GEMMs the schedule runs (forward,
     dgrad, wgrad, and those backward recomputes: plan/block.py's layer_gemms) at the matmul dtype's dense
-    TFLOP/s times a size-dependent efficiency, the LM head in `lm_head_chunks` BF16 GEMMs, causal attention
+    TFLOP/s times a size-dependent efficiency, the LM head in `lm_head_chunks` GEMMs (BF16, or FP8 with
+    precision.lm_head), causal attention
     (its forward twice when recomputed), elementwise kernels as the bytes the schedule's kernels move
     (plan/traffic.py) over memory bandwidth, and launches; offload over PCIe and per-layer collectives overlap with
     compute up to `calibration.OFFLOAD_OVERLAP`, the rest is exposed. Per step: `grad_accum` micro-steps,
@@ -102,11 +103,12 @@ def step_cost(plan: Plan) -> StepCost:
         k: v * (K.ATTN_EFF_HEAD_DIM_64 if m.head_dim <= 64 else 1.0) for k, v in K.ATTN_EFF.items()}
 
     # --- one micro-step ----------------------------------------------------------------------
-    # the GEMMs the schedule runs (plan/block.py): a layer's times L, the LM head's chunks in BF16
+    # the GEMMs the schedule runs (plan/block.py): a layer's times L, the LM head's chunks
     t_gemm = L * sum(n * gemm_seconds(2.0 * M * Nn * Kk, rate, mm, gpu.consumer)
                      for (_, M, Nn, Kk, _), n in gemm_runs(layer_gemms(plan)).items())
-    t_head = sum(n * gemm_seconds(2.0 * M * Nn * Kk, gpu.bf16_tflops, "bf16", gpu.consumer)
-                 for (_, M, Nn, Kk, _), n in gemm_runs(head_gemms(plan)).items())
+    t_head = sum(n * gemm_seconds(2.0 * M * Nn * Kk, gpu.fp8_tflops if dt == "e4m3" else gpu.bf16_tflops, dt,
+                                  gpu.consumer)
+                 for (_, M, Nn, Kk, dt), n in gemm_runs(head_gemms(plan)).items())
 
     f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
     t_att_f = f_att / (gpu.bf16_tflops * 1e12 * attn_eff["fwd"])

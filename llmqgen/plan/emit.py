@@ -5,7 +5,7 @@ they are emitted, then the strings of schedule.json."""
 from __future__ import annotations
 
 from ..layout import ACT_SLOTS, WEIGHT_SLOTS
-from .block import plan_fp8_groups, sharded_optimizer, site_of
+from .block import HEAD_SITES, plan_fp8_groups, sharded_optimizer, site_of
 from .memory import memory_table, param_tensors
 from .refs import Fp8Ref, Ref, Scalar, Seed
 from .schema import Plan
@@ -18,7 +18,7 @@ class Emitter:
     def __init__(self, plan: Plan):
         m, sh, off, N = plan.model, plan.sharding, plan.offload, plan.num_gpus
         self.plan, self.m, self.fp8, self.L = plan, m, plan.fp8, m.num_layers
-        self.delayed = plan.precision.delayed
+        self.delayed, self.fp8_head = plan.precision.delayed, plan.precision.fp8_head
         self.C, self.BT = m.hidden_size, plan.batch.micro_batch * plan.batch.seq_len
         self.rows = {r.name: r for r in memory_table(plan)}   # from the inputs: a saved estimate may predate us
         self.ops: list[dict] = []
@@ -35,7 +35,7 @@ class Emitter:
         quant, transpose = plan_fp8_groups(plan)
         q = {s: g["name"] for g in quant for s in g["sites"]}
         t = {s: g["name"] for g in transpose for s in g["sites"]}
-        slots = ACT_SLOTS + tuple(f"w_{n}" for n in WEIGHT_SLOTS)
+        slots = ACT_SLOTS + tuple(f"w_{n}" for n in WEIGHT_SLOTS) + HEAD_SITES
         self.site = {s: q[site_of(s)] for s in slots if site_of(s) in q}       # slot -> its quantize kernels
         self.tsite = {s: t[site_of(s)] for s in slots if site_of(s) in t}      # slot -> its transpose kernel
 

@@ -233,7 +233,7 @@ def _step_rows(m: ModelSpec, p: Precision, B: int, T: int, r: Recompute, offload
     t = _Table(N)
     _activations(t, m, p, B, T, r, offload_residual)
     _layer_scratch(t, m, p, B, T, gpu)
-    _lm_head(t, m, B * T, lm_head_chunks)
+    _lm_head(t, m, p, B * T, lm_head_chunks)
     _small_state(t, m, p, B, T, N, attn_bwd_chunks)
     return tuple(t.rows)
 
@@ -283,14 +283,23 @@ def _layer_scratch(t: _Table, m: ModelSpec, p: Precision, B: int, T: int, gpu: G
              note="flash-attention fallback: rowsum(dO*O)")
 
 
-def _lm_head(t: _Table, m: ModelSpec, BT: int, chunks: int) -> None:
-    """LM head: final norm, a chunk of logits overwritten by its gradient, per-token loss and LSE."""
+def _lm_head(t: _Table, m: ModelSpec, p: Precision, BT: int, chunks: int) -> None:
+    """LM head: final norm, a chunk of logits overwritten by its gradient, per-token loss and LSE. An FP8 head
+    (precision.lm_head): the e4m3 weight, a chunk's e4m3 input and its e5m2 logit gradient, each with its
+    transpose (the gradient's are written while the logits are read: beside them)."""
     C, V, H = m.hidden_size, m.vocab_size, RowKind.LMHEAD
     rows = -(-BT // chunks)
     t.add(H, "x", "bf16", (BT, C), lifetime="shared", note="final residual")
     t.add(H, "ln", "bf16", (BT, C), lifetime="shared")
     t.add(H, "rstd", "fp32", (BT,), lifetime="shared")
     t.add(H, "logits", "bf16", (rows, V), lifetime="shared", note=f"{chunks} chunk(s)")
+    if p.fp8_head:
+        t.add(H, "w_q", "e4m3", (V, C), lifetime="shared", note="made each micro-step from the bf16 weight")
+        t.add(H, "w_qt", "e4m3", (C, V), lifetime="shared")
+        t.add(H, "x_q", "e4m3", (rows, C), lifetime="shared", note="a chunk's input")
+        t.add(H, "x_qt", "e4m3", (C, rows), lifetime="shared")
+        t.add(H, "dlogits_q", "e5m2", (rows, V), lifetime="shared", note="a chunk's logit gradient")
+        t.add(H, "dlogits_qt", "e5m2", (V, rows), lifetime="shared")
     t.add(H, "losses", "fp32", (BT,), lifetime="shared")
     t.add(H, "lse", "fp32", (BT,), lifetime="shared")
 

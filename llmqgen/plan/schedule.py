@@ -26,12 +26,13 @@ dgrad, wgrad) in the row-major convention of runtime/blas.py: y[M,N] = x[M,K] . 
 """
 from __future__ import annotations
 
-from ..layout import ACT_SLOTS, FP8_SLOT_BYTES, SCALARS, WEIGHT_SLOTS, act_slot_count, fp8_slot_count, num_unique_index
+from ..layout import (ACT_SLOTS, FP8_SLOT_BYTES, HEAD_SLOTS, SCALARS, WEIGHT_SLOTS, act_slot_count, fp8_slot_count,
+                      fp8_slot_index, num_unique_index)
 from .block import block_ops, recomputed
 from .emit import Emitter
 from .layer_ops import block_backward, block_op
 from .optimizer_step import gather, gradnorm, init, layer_init, layer_optimizer, layer_publish, optimizer, publish
-from .refs import Ref, Scalar
+from .refs import Fp8Ref, Ref, Scalar
 from .schema import Plan
 
 
@@ -52,8 +53,8 @@ def build_schedule(plan: Plan) -> dict:
     step = {"gradnorm": gradnorm(e), "optimizer": optimizer(e), "layer_optimizer": layer_optimizer(e),
             "publish": publish(e), "layer_publish": layer_publish(e), "gather": gather(e)}
     return {"schema": 1, "plan": plan.name, "layers": e.L, "scalars": SCALARS,
-            "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "bytes": FP8_SLOT_BYTES,
-                          "count": fp8_slot_count(e.L)},
+            "fp8_slots": {"act": list(ACT_SLOTS), "weights": list(WEIGHT_SLOTS), "head": list(HEAD_SLOTS),
+                          "bytes": FP8_SLOT_BYTES, "count": fp8_slot_count(e.L)},
             "init": init(e), "layer_init": layer_init(e), "micro_step": micro,
             "eval": {"head": eval_head(e, micro["head"])},
             "optimizer_step": step}
@@ -119,17 +120,25 @@ def layer_forward(e: Emitter) -> list[dict]:
 
 def lm_head(e: Emitter) -> list[dict]:
     """Final norm, then per chunk of token rows the logits, the loss and its gradient (in place), dgrad
-    and wgrad; the loss summed; the final norm's backward."""
+    and wgrad; the loss summed; the final norm's backward. An FP8 head (precision.lm_head) first makes the
+    weight's e4m3 copies and takes the input's amax; per chunk it quantizes the input and writes the e5m2
+    gradient (and its transpose, for wgrad) beside the logits."""
     m, C, plan = e.m, e.C, e.plan
     head_w = Ref("weights.embedding" if m.tie_embeddings else "weights.lm_head")
     head_g = Ref("grads.embedding" if m.tie_embeddings else "grads.lm_head")
     e.kernel("llmq_rmsnorm_forward_final", "forward", res_out=Ref("lmhead.x"), res_in=Ref("act.res2", str(e.L - 1)),
              delta=Ref("work.branch"), weight=Ref("weights.final_norm"), y=Ref("lmhead.ln"), rstd=Ref("lmhead.rstd"))
+    if e.fp8_head:
+        _fp8_head_inputs(e, head_w)
     rows = e.BT // plan.lm_head_chunks
     for c in range(plan.lm_head_chunks):
         at_row = c * rows
+        ln = Ref("lmhead.ln", offset=at_row * C * 2)
+        if e.fp8_head:
+            _fp8_head_chunk(e, ln, head_g, rows, at_row)
+            continue
         e.add("linear", "forward", **{"pass": "forward", "layer_name": "lm_head", "M": rows, "N": m.vocab_size,
-              "K": C, "x": Ref("lmhead.ln", offset=at_row * C * 2), "w": head_w, "y": Ref("lmhead.logits"),
+              "K": C, "x": ln, "w": head_w, "y": Ref("lmhead.logits"),
               "dtype": "bf16", "bias": None, "x_scale": None, "w_scale": None, "accumulate": False})
         e.kernel("llmq_crossentropy_fused", "forward", logits=Ref("lmhead.logits"), targets=Ref("tokens.targets"),
                  losses=Ref("lmhead.losses"), lse=Ref("lmhead.lse"), grad_scale=Scalar("grad_scale"), row_offset=at_row)
@@ -138,7 +147,7 @@ def lm_head(e: Emitter) -> list[dict]:
         e.add("linear", "backward", **{"pass": "dgrad", **common, "dy": Ref("lmhead.logits"), "w": head_w,
               "dx": Ref("work.d_ln", offset=at_row * C * 2), "w_scale": None, "accumulate": False})
         e.add("linear", "backward", **{"pass": "wgrad", **common, "dy": Ref("lmhead.logits"),
-              "x": Ref("lmhead.ln", offset=at_row * C * 2), "dw": head_g, "x_scale": None, "accumulate": True})
+              "x": ln, "dw": head_g, "x_scale": None, "accumulate": True})
     e.kernel("llmq_loss_reduce", "forward", losses=Ref("lmhead.losses"), scale=Scalar("grad_scale"),
              acc=Scalar("loss"))
     e.kernel("llmq_rmsnorm_backward_final", "backward", dx=Ref("work.d_res"), dy=Ref("work.d_ln"), res=Ref("lmhead.x"),
@@ -146,6 +155,43 @@ def lm_head(e: Emitter) -> list[dict]:
              **e.sink())
     e.kernel("llmq_rmsnorm_dweight_final", "backward", dw=Ref("grads.final_norm"), dw_partial=Ref("work.norm_partials"))
     return e.take()
+
+
+def _fp8_head_inputs(e: Emitter, head_w: Ref) -> None:
+    """The head's slots zeroed (current scaling, every micro-step); the weight's e4m3 copy and transpose from
+    its bf16 work copy; the amax of the whole micro-step's input (one scale for every chunk)."""
+    first = fp8_slot_index(HEAD_SLOTS[0], 0, e.L)
+    e.add("memset", "forward", dst=Ref("stats.fp8", offset=first * FP8_SLOT_BYTES),
+          bytes=len(HEAD_SLOTS) * FP8_SLOT_BYTES)
+    e.kernel(f"llmq_amax_{e.site['head_w']}", "forward", **{"in": head_w}, stats=Fp8Ref("head_w", None))
+    e.kernel(f"llmq_quantize_dual_{e.site['head_w']}", "forward", out=Ref("lmhead.w_q"), out_t=Ref("lmhead.w_qt"),
+             **{"in": head_w}, stats=Fp8Ref("head_w", None))
+    e.kernel(f"llmq_amax_{e.site['head_x']}", "forward", **{"in": Ref("lmhead.ln")}, stats=Fp8Ref("head_x", None))
+
+
+def _fp8_head_chunk(e: Emitter, ln: Ref, head_g: Ref, rows: int, at_row: int) -> None:
+    """One chunk of an FP8 head: input in e4m3 (both ways), logits, loss and LSE, the e5m2 logit gradient
+    (both ways), dgrad and wgrad."""
+    m, C = e.m, e.C
+    descale = lambda slot: Fp8Ref(slot, None, descale=True)      # noqa: E731
+    e.kernel(f"llmq_quantize_dual_{e.site['head_xc']}", "forward", out=Ref("lmhead.x_q"), out_t=Ref("lmhead.x_qt"),
+             **{"in": ln}, stats=Fp8Ref("head_x", None))
+    e.add("linear", "forward", **{"pass": "forward", "layer_name": "lm_head", "M": rows, "N": m.vocab_size,
+          "K": C, "x": Ref("lmhead.x_q"), "w": Ref("lmhead.w_q"), "y": Ref("lmhead.logits"), "dtype": "e4m3",
+          "bias": None, "x_scale": descale("head_x"), "w_scale": descale("head_w"), "accumulate": False})
+    e.kernel("llmq_crossentropy_stats", "forward", logits=Ref("lmhead.logits"), targets=Ref("tokens.targets"),
+             losses=Ref("lmhead.losses"), lse=Ref("lmhead.lse"), row_offset=at_row)
+    e.kernel("llmq_crossentropy_dual", "backward", out=Ref("lmhead.dlogits_q"), out_t=Ref("lmhead.dlogits_qt"),
+             logits=Ref("lmhead.logits"), targets=Ref("tokens.targets"), lse=Ref("lmhead.lse"),
+             grad_scale=Scalar("grad_scale"), stats=Fp8Ref("head_dy", None), row_offset=at_row)
+    common = {"layer_name": "lm_head", "M": rows, "N": m.vocab_size, "K": C, "dtype": "e4m3",
+              "grad_dtype": "e5m2", "dy_scale": descale("head_dy")}
+    e.add("linear", "backward", **{"pass": "dgrad", **common, "dy": Ref("lmhead.dlogits_q"),
+          "w": Ref("lmhead.w_qt"), "dx": Ref("work.d_ln", offset=at_row * C * 2), "w_scale": descale("head_w"),
+          "accumulate": False})
+    e.add("linear", "backward", **{"pass": "wgrad", **common, "dy": Ref("lmhead.dlogits_qt"), "x": Ref("lmhead.x_qt"),
+          "dw": head_g, "x_scale": descale("head_x"), "accumulate": True})
+
 
 def backward_streams(e: Emitter) -> None:
     """What layer l's backward needs that is elsewhere: its weights, block input and gradients so far."""

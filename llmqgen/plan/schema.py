@@ -22,6 +22,7 @@ MatmulDtype = Literal["e4m3", "bf16"]
 GradDtype = Literal["e4m3", "e5m2", "bf16"]
 StateDtype = Literal["bf16", "fp32"]
 Scaling = Literal["current", "delayed"]
+HeadDtype = Literal["bf16", "fp8"]
 
 
 class _Frozen(BaseModel):
@@ -40,6 +41,12 @@ class Precision(_Frozen):
     # pass and record the amax for later; values beyond the scale saturate). Weights: current scaling always.
     scaling: Scaling = "current"
     amax_history: int = Field(default=16, ge=1, le=1024)
+    # The LM head's three GEMMs: "bf16" (the usual choice: DeepSeek-V3's FP8 recipe keeps the output head in
+    # BF16) or "fp8": e4m3 input and weight, an e5m2 logit gradient whatever `gradient` says (its
+    # probabilities reach far below e4m3's range), each scaled per tensor by its current amax (the logit
+    # gradient by its exact bound, the loss's gradient scale: softmax minus one-hot lies in [-1, 1]). Twice the
+    # tensor-core rate on the largest GEMMs of small models; tests/gpu's learning check measures its loss.
+    lm_head: HeadDtype = "bf16"
 
     @model_validator(mode="after")
     def _grad_follows_matmul(self):
@@ -52,12 +59,19 @@ class Precision(_Frozen):
             raise ValueError("FP8 matmuls need FP8 activation gradients: gradient must be e4m3 or e5m2")
         if self.matmul == "bf16" and self.scaling == "delayed":
             raise ValueError("delayed scaling is a recipe for FP8 matmuls: drop precision.scaling or use e4m3 matmuls")
+        if self.matmul == "bf16" and self.lm_head == "fp8":
+            raise ValueError("an FP8 LM head needs FP8 (e4m3) matmuls: drop precision.lm_head or use e4m3 matmuls")
         return self
 
     @property
     def delayed(self) -> bool:
         """FP8 with delayed scaling (the validator above keeps it off BF16 plans)."""
         return self.scaling == "delayed"
+
+    @property
+    def fp8_head(self) -> bool:
+        """The LM head's GEMMs in FP8 (the validator above keeps it off BF16 plans)."""
+        return self.lm_head == "fp8"
 
 
 class Batch(_Frozen):

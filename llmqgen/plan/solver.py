@@ -233,7 +233,7 @@ def _keeps_pins(plan: Plan, pins: dict[str, Any]) -> bool:
 # Short forms of pins in plan names (qwen2.5-0.5b-e4m3-1xh200-mb16-rc-block).
 _NAME_SHORT = {"batch.micro_batch": "mb", "batch.grad_accum": "ga", "batch.seq_len": "seq",
                "lm_head_chunks": "lmc", "attn_bwd_chunks": "abc", "precision.amax_history": "ah",
-               "precision.scaling": ""}       # -delayed, -current
+               "precision.scaling": "", "precision.lm_head": "head-"}       # -delayed, -current; -head-fp8
 _NAME_GROUPS = {"recompute": "rc", "offload": "off"}
 
 
@@ -712,10 +712,18 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
     if p.precision.delayed:
         H = p.precision.amax_history
         why["precision"] += (f"; delayed scaling, amax history {H} micro-step{'s' if H != 1 else ''} (current "
-                             f"scaling: {_faster_or_slower(_recipe_gain(best, 'current'))} predicted)")
-    elif p.fp8 and "precision.scaling" not in pins and (gain := _recipe_gain(best, "delayed")) >= 0.05:
+                             f"scaling: {_faster_or_slower(_precision_gain(best, scaling='current'))} predicted)")
+    elif p.fp8 and "precision.scaling" not in pins and (gain := _precision_gain(best, scaling="delayed")) >= 0.05:
         why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, "
                              f"amax from history)")
+    if p.precision.fp8_head:
+        why["precision"] += (f"; FP8 LM head (BF16: {_faster_or_slower(_precision_gain(best, lm_head='bf16'))} "
+                             f"predicted)")
+    elif p.fp8 and "precision.lm_head" not in pins and (gain := _precision_gain(best, lm_head="fp8")) >= 0.05:
+        alt = p.model_copy(update={"precision": p.precision.model_copy(update={"lm_head": "fp8"})})
+        fits = _fits(_score(alt.model_dump()))      # its gradient's e5m2 copies need room beside the logits
+        why["precision"] += (f"; BF16 LM head (--set precision.lm_head=fp8: {gain:.1f}% faster predicted"
+                             + (")" if fits else " where a plan with it fits)"))
     return why
 
 
@@ -723,10 +731,11 @@ def _faster_or_slower(gain: float) -> str:
     return f"{gain:.1f}% faster" if gain >= 0.05 else f"{-gain:.1f}% slower" if gain <= -0.05 else "the same"
 
 
-def _recipe_gain(best: Scored, scaling: str) -> float:
-    """How much faster (%) the cost model predicts the same plan under the other FP8 scaling recipe."""
+def _precision_gain(best: Scored, **update) -> float:
+    """How much faster (%) the cost model predicts the same plan with another FP8 recipe (`update`: precision
+    fields, e.g. scaling="delayed" or lm_head="fp8")."""
     p = best.plan
-    alt = step_cost(p.model_copy(update={"precision": p.precision.model_copy(update={"scaling": scaling})}))
+    alt = step_cost(p.model_copy(update={"precision": p.precision.model_copy(update=update)}))
     return 100 * (best.cost.step_ms / alt.step_ms - 1)
 
 

@@ -14,7 +14,8 @@ KERNEL_WRITES = {
     "llmq_rmsnorm_backward_": ("dx", "dw_partial"), "llmq_rope_forward": ("out", "rstd"),
     "llmq_rope_backward": ("dw_partial",), "llmq_swiglu_forward": ("h",),
     "llmq_swiglu_backward_dual": ("out", "out_t"), "llmq_swiglu_backward": ("d_gate_up",),
-    "llmq_embedding_forward": ("x",), "llmq_crossentropy_fused": ("losses", "lse"), "llmq_rope_table": ("table",),
+    "llmq_embedding_forward": ("x",), "llmq_crossentropy_fused": ("losses", "lse"),
+    "llmq_crossentropy_stats": ("losses", "lse"), "llmq_crossentropy_dual": ("out", "out_t"), "llmq_rope_table": ("table",),
     "llmq_cast_f32_bf16": ("dst",),
 }
 # Other operations: the fields they only write (a linear's output unless it accumulates), and scratch

@@ -67,8 +67,8 @@ def op_bytes(op: dict, rule) -> int:
     """Bytes one schedule operation (not a branch) moves as an elementwise operation: 0 for those timed
     otherwise (NOT_ELEMENTWISE); `rule`: kernel_bytes(plan). Raises KeyError for an operation or kernel
     without a rule."""
-    if op["op"] == "kernel":
-        return rule(op["kernel"])
+    if op["op"] == "kernel":     # the LM head's FP8 slots are scaled currently under every recipe
+        return rule(op["kernel"], str(op["args"].get("stats", "")).startswith("fp8:head_"))
     if op["op"] == "bias_grad":             # ones . dy: the gradient read once
         return 2 * op["rows"] * op["cols"]
     if op["op"] == "memset":                # FP8 stats; a layer's gradient buffer (ZeRO-2)
@@ -90,12 +90,14 @@ def _runs(op: dict, times: int):
 
 
 def kernel_bytes(plan: Plan):
-    """kernel name -> bytes one launch of that micro-step kernel moves, for the plan's shapes (KeyError for
-    a kernel without a rule, e.g. the optimizer's, which plan/cost.py times from the state's size)."""
+    """(kernel name, cold) -> bytes one launch of that micro-step kernel moves, for the plan's shapes (KeyError
+    for a kernel without a rule, e.g. the optimizer's, which plan/cost.py times from the state's size);
+    `cold`: an amax pass of a slot that delayed scaling does not cover (the LM head's)."""
     m, b = plan.model, plan.batch
     BT, C, F, QKV, V = b.micro_batch * b.seq_len, m.hidden_size, m.intermediate_size, m.qkv_dim, m.vocab_size
     QK = (m.num_heads + m.num_kv_heads) * m.head_dim          # the rotated part of qkv
     heads = m.num_heads + m.num_kv_heads
+    RC = BT // plan.lm_head_chunks
     exact = {
         "llmq_embedding_forward": BT * (2 * 2 * C + 4),       # wte rows read, x written, token ids
         "llmq_embedding_backward": BT * (3 * 2 * C + 12),     # dx read, at most one dwte row read+written a token
@@ -111,7 +113,9 @@ def kernel_bytes(plan: Plan):
         "llmq_swiglu_backward": BT * 2 * (3 * F + 2 * F),
         "llmq_swiglu_backward_amax": BT * 2 * 3 * F,
         "llmq_swiglu_backward_dual": BT * (2 * 3 * F + 2 * 2 * F),
-        "llmq_crossentropy_fused": (BT // plan.lm_head_chunks) * (3 * 2 * V + 12),   # read twice, written once
+        "llmq_crossentropy_fused": RC * (3 * 2 * V + 12),     # read twice, written once
+        "llmq_crossentropy_stats": RC * (2 * V + 12),
+        "llmq_crossentropy_dual": RC * (2 * V + 2 * V + 8),   # read, written in e5m2 both ways
         "llmq_loss_reduce": BT * 4,
     }
     prefix = (   # longer prefixes first
@@ -133,15 +137,18 @@ def kernel_bytes(plan: Plan):
                       "llmq_rmsnorm_recompute_ln2": BT * (2 * C + C + 4)})
     amax_pass = 0 if plan.precision.delayed else 1
     quant, transpose = plan_fp8_groups(plan)
-    fp8 = {}
+    fp8, cold_amax = {}, {}
     for g in quant:
         n, s = g["R"] * g["K"], 4 if g["src"] == "float" else 2
+        cold_amax[f"llmq_amax_{g['name']}"] = n * s
         fp8.update({f"llmq_amax_{g['name']}": amax_pass * n * s, f"llmq_quantize_{g['name']}": n * (s + 1),
                     f"llmq_quantize_cold_{g['name']}": 0,
                     f"llmq_quantize_t_{g['name']}": n * (s + 1), f"llmq_quantize_dual_{g['name']}": n * (s + 2)})
     fp8.update({f"llmq_transpose_fp8_{g['name']}": 2 * g["R"] * g["K"] for g in transpose})
 
-    def rule(name: str) -> int:
+    def rule(name: str, cold: bool = False) -> int:
+        if cold and name in cold_amax:
+            return cold_amax[name]
         if name in exact:
             return exact[name]
         if name in fp8:

@@ -45,7 +45,8 @@ def same(a: dict, b: dict) -> bool:
 
 
 CASES = [("qwen2", True, {}), ("qwen2", False, {}), ("llama", True, {"lm_head_chunks": 2}),
-         ("qwen3", True, {"recompute": Recompute(block=True)}), ("qwen2", True, {"grad_accum": 2})]
+         ("qwen3", True, {"recompute": Recompute(block=True)}), ("qwen2", True, {"grad_accum": 2}),
+         ("qwen2", True, {"lm_head": "fp8", "lm_head_chunks": 2})]
 
 
 @pytest.mark.parametrize("arch,fp8,extra", CASES, ids=lambda v: str(v))

@@ -51,7 +51,7 @@ CASES = [  # fp8, zero, peer, extra
     (False, 0, True, {}), (False, 1, False, {}), (False, 2, True, {}),
     (False, 1, True, {"master": "fp32"}), (True, 1, True, {"master": "fp32"}),
     (True, 3, True, {}), (True, 3, False, {}), (False, 3, True, {}),
-    (True, 3, True, {"recompute": Recompute(block=True)}),
+    (True, 3, True, {"recompute": Recompute(block=True)}), (True, 3, True, {"lm_head": "fp8"}),
     (True, 1, False, {"gpus": 3}), (True, 3, False, {"gpus": 3}), (False, 2, True, {"gpus": 4}),
     (True, 3, True, {"offload": Offload(quantized_weights=True)}),     # e4m3 shards in pinned host memory
     (True, 3, False, {"offload": Offload(quantized_weights=True)}),

@@ -62,7 +62,7 @@ CASES = [  # arch, fp8, gpus, zero, extra
     ("qwen2", True, 1, 0, {}), ("qwen2", False, 1, 0, {}), ("llama", True, 1, 0, {"lm_head_chunks": 2}),
     ("qwen3", True, 1, 0, {}), ("qwen2", True, 1, 0, {"recompute": Recompute(block=True)}),
     ("qwen2", True, 1, 0, {"recompute": Recompute(ffn=True, norm=True, attention=True)}),
-    ("qwen3", False, 1, 0, {"attention": "flash"}),
+    ("qwen3", False, 1, 0, {"attention": "flash"}), ("qwen2", True, 1, 0, {"lm_head": "fp8", "lm_head_chunks": 2}),
     ("qwen2", True, 2, 2, {}), ("qwen2", True, 2, 3, {}), ("qwen2", False, 2, 3, {"recompute": Recompute(block=True)}),
 ]
 

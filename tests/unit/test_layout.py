@@ -15,7 +15,8 @@ PLANS = sorted((Path(__file__).resolve().parents[2] / "plans").glob("*.json"))
 def test_fp8_slots_are_distinct_and_in_the_row():
     L = 3
     names = [*Y.ACT_SLOTS, *(f"w_{w}" for w in Y.WEIGHT_SLOTS)]
-    idx = [Y.fp8_slot_index(n, layer, L) for n in names for layer in range(L)] + [Y.fp8_slot_index("sink", 0, L)]
+    idx = [Y.fp8_slot_index(n, layer, L) for n in names for layer in range(L)]
+    idx += [Y.fp8_slot_index(n, 0, L) for n in (*Y.HEAD_SLOTS, "sink")]
     assert sorted(idx) == list(range(Y.fp8_slot_count(L)))
     # cuBLASLt reads the descale as a scale pointer: 16-byte aligned, inside the slot, apart from the amax
     assert Y.FP8_DESCALE_OFFSET % 16 == 0 and Y.FP8_SLOT_BYTES % 16 == 0

@@ -3,15 +3,23 @@
 The LM head runs in LM_HEAD_CHUNKS chunks of RC = BT / LM_HEAD_CHUNKS rows: cuBLAS writes a chunk's
 bf16 logits [RC, V], `llmq_crossentropy_fused` (one block per row) turns them into their gradient in
 place, and the next GEMMs consume it. `llmq_loss_reduce` sums the per-token losses once per micro-step.
+
+An FP8 head (precision.lm_head "fp8") splits the fused kernel: `llmq_crossentropy_stats` (one block per row:
+loss and LSE) and `llmq_crossentropy_dual` (64x64 tiles: the gradient in e5m2, [RC, V] for dgrad and its
+transpose [V, RC] for wgrad, through shared memory; the same two reads of the logits). Its scale is the
+gradient's exact bound: |softmax - onehot| <= 1, so the bytes are (softmax - onehot) * E5M2_MAX and the
+descale grad_scale / E5M2_MAX; nothing saturates and no amax pass is needed.
 """
 from __future__ import annotations
 
 from ..kernel import Kernel, cdiv
+from .quantize import FMAX
 
 TEMPLATE = "_crossentropy.cu.j2"
 
 IGNORE_INDEX = -100          # HF/PyTorch convention for "no target here"
 LOSS_REDUCE_THREADS = 1024
+DUAL_TILE, DUAL_THREADS = 64, 256   # the quantize family's tiles (llmq_quant::Tile, store_transposed)
 
 
 def _ce_threads(v: int) -> int:
@@ -38,23 +46,37 @@ def context(ctx: dict) -> dict:
         "CE_REDUCE_THREADS": LOSS_REDUCE_THREADS,
         "CE_IGNORE_INDEX": IGNORE_INDEX,
         "CE_ROWS": rows_per_chunk(ctx),
+        "CE_E5M2_MAX": FMAX["e5m2"],
     }
 
 
 def kernels(ctx: dict) -> list[Kernel]:
     extra = context(ctx)
     rc = extra["CE_ROWS"]
-    return [
-        Kernel(
-            name="llmq_crossentropy_fused",
-            grid=(rc, 1, 1),
-            block=(extra["CE_THREADS"], 1, 1),
-            args=(("logits", "__nv_bfloat16*"), ("targets", "const int*"), ("losses", "float*"),
-                  ("lse", "float*"), ("grad_scale", "const float*"), ("row_offset", "int")),
-            doc="per row of a logits chunk: LSE, loss = LSE - x[target], x <- (softmax(x) - onehot) * grad_scale",
-            meta={"rows": rc, "chunks": ctx["LM_HEAD_CHUNKS"], "ignore_index": IGNORE_INDEX,
-                  "row_offset": "chunk index * rows"},
-        ),
+    meta = {"rows": rc, "chunks": ctx["LM_HEAD_CHUNKS"], "ignore_index": IGNORE_INDEX,
+            "row_offset": "chunk index * rows"}
+    if ctx["FP8_HEAD"]:
+        row_kernels = [
+            Kernel(name="llmq_crossentropy_stats", grid=(rc, 1, 1), block=(extra["CE_THREADS"], 1, 1),
+                   args=(("logits", "const __nv_bfloat16*"), ("targets", "const int*"), ("losses", "float*"),
+                         ("lse", "float*"), ("row_offset", "int")),
+                   doc="per row of a logits chunk: LSE, loss = LSE - x[target]", meta=meta),
+            Kernel(name="llmq_crossentropy_dual", grid=(cdiv(ctx["V"], DUAL_TILE), cdiv(rc, DUAL_TILE), 1),
+                   block=(DUAL_THREADS, 1, 1),
+                   args=(("out", "uint8_t*"), ("out_t", "uint8_t*"), ("logits", "const __nv_bfloat16*"),
+                         ("targets", "const int*"), ("lse", "const float*"), ("grad_scale", "const float*"),
+                         ("stats", "float*"), ("row_offset", "int")),
+                   doc="out [RC,V] and out_t [V,RC] = e5m2((softmax(x) - onehot) * E5M2_MAX); "
+                       "stats[4] = grad_scale / E5M2_MAX", meta=meta),
+        ]
+    else:
+        row_kernels = [
+            Kernel(name="llmq_crossentropy_fused", grid=(rc, 1, 1), block=(extra["CE_THREADS"], 1, 1),
+                   args=(("logits", "__nv_bfloat16*"), ("targets", "const int*"), ("losses", "float*"),
+                         ("lse", "float*"), ("grad_scale", "const float*"), ("row_offset", "int")),
+                   doc="per row of a logits chunk: LSE, loss = LSE - x[target], "
+                       "x <- (softmax(x) - onehot) * grad_scale", meta=meta)]
+    return row_kernels + [
         Kernel(
             name="llmq_loss_reduce",
             grid=(1, 1, 1),

@@ -40,8 +40,9 @@ def _sharded(ctx: dict) -> bool:
 
 def site_shapes(ctx: dict) -> list[tuple[str, int, int, str, str, tuple[str, ...]]]:
     """plan/block.py's fp8_sites of the plan: (site, rows, cols, source dtype, fp8 dtype, conversions)."""
+    head = (ctx["BT"] // ctx["LM_HEAD_CHUNKS"], ctx["V"]) if ctx["FP8_HEAD"] else None
     return fp8_sites(ctx["BT"], ctx["C"], ctx["F"], ctx["QDIM"], ctx["QKV"], ctx["GRAD_DTYPE"],
-                     "fp32" if ctx["MASTER_FP32"] else "bf16", _sharded(ctx), ctx["FP8_DELAYED"])
+                     "fp32" if ctx["MASTER_FP32"] else "bf16", _sharded(ctx), ctx["FP8_DELAYED"], head)
 
 
 def _groups(ctx: dict) -> tuple[list[dict], list[dict]]:
