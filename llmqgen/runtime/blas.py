@@ -120,6 +120,7 @@ class Gemm:
                                f"{self.blas.workspace_bytes} workspace bytes: give it more workspace "
                                f"or check the shape's alignment")
         # The best candidate comes first; `algo` is the struct's first field, so its address is the row's.
+        self.found = int(found[0])
         self.algo_ptr = self.results.ctypes.data
         self.workspace_bytes = int(self.results["workspace_size"][0])
 
