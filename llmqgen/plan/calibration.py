@@ -22,6 +22,10 @@ COMM_PIECE = 16 * MiB                # copy-engine collectives move tensors in p
 # GEMM efficiency rises with size; e(flops) = GEMM_EFF_MAX * f / (f + GEMM_EFF_HALF_FLOPS).
 GEMM_EFF_MAX = {"e4m3": 0.64, "bf16": 0.72}
 GEMM_EFF_HALF_FLOPS = 2.0e9          # a GEMM of 2 GFLOP reaches half of GEMM_EFF_MAX
+# FP8 forward GEMMs with fast accumulation (precision.fast_accum), the fastest algorithm timed: this fraction of
+# the precise time. H200, Qwen2.5-0.5B's forward GEMMs at 65,536 rows (bench/gemm_candidates.py): 0.86 for the
+# block's four, 0.90 for the LM head's. Not measured on GeForce cards: no change there.
+FP8_FAST_ACCUM_TIME = 0.87
 ATTN_EFF = {"fwd": 0.38, "bwd": 0.27}   # of the BF16 dense rate (cuDNN SDPA, causal), head_dim 128
 # head_dim 64 reaches less of it: Qwen2.5-0.5B's profiled attention took 1.35x what ATTN_EFF predicts (7B's,
 # head_dim 128, 1.00x): `llmqgen bench --profile` shares of issue 13 times the measured step (bench/results)

@@ -49,8 +49,9 @@ class StepCost:
 
 
 def gemm_runs(gemms: list[Gemm]) -> Counter:
-    """How many times each (name, M, N, K, dtype) runs among `gemms` (forward, recompute, dgrad, wgrad)."""
-    return Counter((g.name, g.M, g.N, g.K, g.dtype) for g in gemms)
+    """How many times each (name, pass, M, N, K, dtype) runs among `gemms` (forward and recompute: pass
+    "forward"; dgrad, wgrad)."""
+    return Counter((g.name, g.pass_, g.M, g.N, g.K, g.dtype) for g in gemms)
 
 
 _TRAFFIC: dict[tuple, MicroStepTraffic] = {}
@@ -96,7 +97,6 @@ def step_cost(plan: Plan) -> StepCost:
     L, C, F, V = m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size
     BT, T = b.micro_batch * b.seq_len, b.seq_len
     mm = plan.precision.matmul
-    rate = gpu.fp8_tflops if mm == "e4m3" else gpu.bf16_tflops
     bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.MEM_EFF)
     elem_bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.ELEMENTWISE_EFF)
     attn_eff = K.CONSUMER_ATTN_EFF if gpu.consumer else {
@@ -104,11 +104,13 @@ def step_cost(plan: Plan) -> StepCost:
 
     # --- one micro-step ----------------------------------------------------------------------
     # the GEMMs the schedule runs (plan/block.py): a layer's times L, the LM head's chunks
-    t_gemm = L * sum(n * gemm_seconds(2.0 * M * Nn * Kk, rate, mm, gpu.consumer)
-                     for (_, M, Nn, Kk, _), n in gemm_runs(layer_gemms(plan)).items())
-    t_head = sum(n * gemm_seconds(2.0 * M * Nn * Kk, gpu.fp8_tflops if dt == "e4m3" else gpu.bf16_tflops, dt,
-                                  gpu.consumer)
-                 for (_, M, Nn, Kk, dt), n in gemm_runs(head_gemms(plan)).items())
+    fast = K.FP8_FAST_ACCUM_TIME if (plan.precision.fast_accum and not gpu.consumer) else 1.0
+
+    def seconds(gemms: list[Gemm]) -> float:
+        return sum(n * gemm_seconds(2.0 * M * Nn * Kk, gpu.fp8_tflops if dt == "e4m3" else gpu.bf16_tflops, dt,
+                                    gpu.consumer) * (fast if (p == "forward" and dt == "e4m3") else 1.0)
+                   for (_, p, M, Nn, Kk, dt), n in gemm_runs(gemms).items())
+    t_gemm, t_head = L * seconds(layer_gemms(plan)), seconds(head_gemms(plan))
 
     f_att = 2.0 * b.micro_batch * m.num_heads * T * T * m.head_dim   # causal forward
     t_att_f = f_att / (gpu.bf16_tflops * 1e12 * attn_eff["fwd"])

@@ -47,6 +47,10 @@ class Precision(_Frozen):
     # gradient by its exact bound, the loss's gradient scale: softmax minus one-hot lies in [-1, 1]). Twice the
     # tensor-core rate on the largest GEMMs of small models; tests/gpu's learning check measures its loss.
     lm_head: HeadDtype = "bf16"
+    # FP8 forward GEMMs (block and FP8 head) accumulate in the tensor cores' own precision, without promoting
+    # partial sums to fp32 (cuBLASLt's FAST_ACCUM; Transformer Engine's recipes do so for fprop, and keep
+    # dgrad and wgrad precise, as here). Its algorithms are chosen by timing (runtime/gemm_search.py).
+    fast_accum: bool = False
 
     @model_validator(mode="after")
     def _grad_follows_matmul(self):
@@ -59,6 +63,8 @@ class Precision(_Frozen):
             raise ValueError("FP8 matmuls need FP8 activation gradients: gradient must be e4m3 or e5m2")
         if self.matmul == "bf16" and self.scaling == "delayed":
             raise ValueError("delayed scaling is a recipe for FP8 matmuls: drop precision.scaling or use e4m3 matmuls")
+        if self.matmul == "bf16" and self.fast_accum:
+            raise ValueError("fast accumulation is a mode of FP8 matmuls: drop precision.fast_accum or use e4m3 matmuls")
         if self.matmul == "bf16" and self.lm_head == "fp8":
             raise ValueError("an FP8 LM head needs FP8 (e4m3) matmuls: drop precision.lm_head or use e4m3 matmuls")
         return self

@@ -716,14 +716,17 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
     elif p.fp8 and "precision.scaling" not in pins and (gain := _precision_gain(best, scaling="delayed")) >= 0.05:
         why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, "
                              f"amax from history)")
-    if p.precision.fp8_head:
-        why["precision"] += (f"; FP8 LM head (BF16: {_faster_or_slower(_precision_gain(best, lm_head='bf16'))} "
-                             f"predicted)")
-    elif p.fp8 and "precision.lm_head" not in pins and (gain := _precision_gain(best, lm_head="fp8")) >= 0.05:
-        alt = p.model_copy(update={"precision": p.precision.model_copy(update={"lm_head": "fp8"})})
-        fits = _fits(_score(alt.model_dump()))      # its gradient's e5m2 copies need room beside the logits
-        why["precision"] += (f"; BF16 LM head (--set precision.lm_head=fp8: {gain:.1f}% faster predicted"
-                             + (")" if fits else " where a plan with it fits)"))
+    for field, on, named, off_named in (("lm_head", "fp8", "FP8 LM head", "BF16 LM head"),
+                                        ("fast_accum", True, "fast accumulation in forward GEMMs",
+                                         "precise accumulation")):
+        if getattr(p.precision, field) == on:
+            off = Precision.model_fields[field].default
+            why["precision"] += f"; {named} ({off_named}: {_faster_or_slower(_precision_gain(best, **{field: off}))} predicted)"
+        elif p.fp8 and f"precision.{field}" not in pins and (gain := _precision_gain(best, **{field: on})) >= 0.05:
+            alt = p.model_copy(update={"precision": p.precision.model_copy(update={field: on})})
+            fits = _fits(_score(alt.model_dump()))      # an FP8 head's gradient copies need room beside the logits
+            why["precision"] += (f"; {off_named} (--set precision.{field}={str(on).lower()}: {gain:.1f}% faster "
+                                 f"predicted" + (")" if fits else " where a plan with it fits)"))
     return why
 
 

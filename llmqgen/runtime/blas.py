@@ -76,7 +76,7 @@ class Gemm:
         self.blas, self.m, self.n, self.k, self.fp8, self.align = blas, m, n, k, fp8, align
         self.bias, self.accumulate = bias, accumulate
         self.label = (f"{m}x{n}x{k} {a_dtype}{'^T' if a_trans else ''} x {b_dtype}{'^T' if b_trans else ''}"
-                      f"{' +bias' if bias else ''}{' +=' if accumulate else ''}")
+                      f"{' +bias' if bias else ''}{' +=' if accumulate else ''}{' fast-accum' if fast_accum else ''}")
         self.alpha = np.ones(1, np.float32)
         self.beta = np.array([1.0 if accumulate else 0.0], np.float32)
 
@@ -121,8 +121,15 @@ class Gemm:
                                f"or check the shape's alignment")
         # The best candidate comes first; `algo` is the struct's first field, so its address is the row's.
         self.found = int(found[0])
-        self.algo_ptr = self.results.ctypes.data
-        self.workspace_bytes = int(self.results["workspace_size"][0])
+        self.use(0)
+
+    def use(self, i: int) -> None:
+        """Run the heuristic's candidate `i` (0: its first pick; runtime/gemm_search.py times them all)."""
+        if not 0 <= i < self.found:
+            raise ValueError(f"GEMM {self.label}: the heuristic found {self.found} algorithms, not {i + 1}")
+        self.algo_index = i
+        self.algo_ptr = self.results.ctypes.data + i * self.results.dtype.itemsize
+        self.workspace_bytes = int(self.results["workspace_size"][i])
 
     def run(self, stream: int, a: int, b: int, d: int, *, a_scale: int = 0, b_scale: int = 0,
             bias: int = 0) -> None:

@@ -32,6 +32,7 @@ from ..plan.schedule import MICRO_SECTIONS
 from . import driver
 from .arena import Arena
 from .attention import Attention, AttnShape
+from . import gemm_search
 from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
 
 NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
@@ -251,10 +252,17 @@ class Rank:
         P = lambda k: self.ptr(op[k], layer) if op.get(k) else 0      # noqa: E731
         M, N, K, s, fp8 = op["M"], op["N"], op["K"], self.stream, op["dtype"] != "bf16"
         if op["pass"] == "forward":
-            g = self._gemm(("fwd", M, N, K, op["dtype"], bool(op["bias"]), op["accumulate"]),
-                           lambda: linear_forward(self.blas, M, N, K, x_dtype=op["dtype"], w_dtype=op["dtype"],
-                                                  bias=bool(op["bias"]), accumulate=op["accumulate"]))
             x, w, y, xs, ws, bias = P("x"), P("w"), P("y"), P("x_scale"), P("w_scale"), P("bias")
+            # fast accumulation (FP8 plans that ask for it): the heuristic's pick is often slow, so the fastest
+            # candidate is timed here, on these operands (the output is transient; nothing accumulates into it)
+            fast = fp8 and self.plan.precision.fast_accum and not op["accumulate"]
+            g = self._gemm(("fwd", M, N, K, op["dtype"], bool(op["bias"]), op["accumulate"], fast),
+                           lambda: linear_forward(self.blas, M, N, K, x_dtype=op["dtype"], w_dtype=op["dtype"],
+                                                  bias=bool(op["bias"]), accumulate=op["accumulate"],
+                                                  fast_accum=fast))
+            if fast:
+                gemm_search.choose(g, lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias), s,
+                                   self.build.path, self.dev.name)
             return lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias)
         gd = op["grad_dtype"]
         if op["pass"] == "dgrad":

@@ -40,7 +40,8 @@ CASES = [("qwen2", False, {}), ("qwen2", True, {}), ("llama", True, {}), ("qwen3
          ("llama", False, {}), ("qwen3", False, {}),
          ("qwen2", True, {"recompute": Recompute(block=True)}), ("qwen2", True, {"lm_head_chunks": 2}),
          ("qwen2", True, {"lm_head": "fp8"}), ("llama", True, {"lm_head": "fp8", "lm_head_chunks": 2}),
-         ("qwen3", True, {"lm_head": "fp8", "scaling": "delayed"})]
+         ("qwen3", True, {"lm_head": "fp8", "scaling": "delayed"}),
+         ("llama", True, {"lm_head": "fp8", "scaling": "delayed", "fast_accum": True})]
 
 
 @pytest.mark.parametrize("arch,fp8,extra", CASES + [("qwen3", True, {"attention": "flash"}),

@@ -108,4 +108,4 @@ def test_the_precision_reason_names_the_head():
     plan = _solve()
     assert "--set precision.lm_head=fp8" in plan.estimate.reasons["precision"]
     pinned = _solve(**{"precision.lm_head": "fp8"})
-    assert "FP8 LM head (BF16:" in pinned.estimate.reasons["precision"]
+    assert "FP8 LM head (BF16 LM head:" in pinned.estimate.reasons["precision"]

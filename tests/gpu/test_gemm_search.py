@@ -1,0 +1,59 @@
+"""Fast accumulation (precision.fast_accum) on the GPU: the forward GEMMs' algorithms are chosen by timing and
+kept in the build folder, so that another run of the build repeats the first bit for bit; the losses stay
+those of precise accumulation within FP8 tolerance."""
+import json
+import tempfile
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.gpu
+pytest.importorskip("nvmath", reason="the runtime's GEMMs need nvmath-python: pip install 'llmqgen[gpu]'")
+pytest.importorskip("cudnn", reason="the runtime's attention needs nvidia-cudnn-frontend")
+
+from harness import small_plan  # noqa: E402
+from reference import init_params  # noqa: E402
+from test_trainer import batches  # noqa: E402
+
+from llmqgen.runtime import gemm_search  # noqa: E402
+from llmqgen.runtime.trainer import Trainer  # noqa: E402
+
+
+def _losses(plan, out_root, steps=3):
+    tr = Trainer(plan, out_root=out_root)
+    try:
+        tr.load_params(init_params(plan.model, seed=3))
+        data = batches(plan, plan.batch.grad_accum, seed=5, motif=True)
+        out = []
+        for _ in range(steps):
+            tr.accumulate(data)
+            out.append(tr.loss())
+            tr.optimizer_step(lr=3e-3)
+        return out, tr.build.path, {k: v.copy() for k, v in tr.params().items()}
+    finally:
+        tr.close()
+
+
+def test_chosen_algorithms_are_kept_and_reused_bit_for_bit(monkeypatch):
+    plan = small_plan("qwen2", True, grad_accum=2, fast_accum=True, lm_head="fp8")
+    root = tempfile.mkdtemp()
+    monkeypatch.setattr(gemm_search, "_chosen", {})
+    first, folder, p1 = _losses(plan, root)
+    saved = json.loads((folder / gemm_search.CHOICES).read_text())
+    assert saved and all("fast-accum" in k for k in saved), saved     # the forward GEMMs only
+    shapes = {(op["M"], op["N"], op["K"]) for op in plan_forward_linears(folder)}
+    assert len(saved) == len(shapes), (saved, shapes)
+    monkeypatch.setattr(gemm_search, "_chosen", {})                   # a new process: read from the folder
+    again, _, p2 = _losses(plan, root)
+    assert again == first
+    assert all(np.array_equal(p1[k], p2[k]) for k in p1)
+    assert json.loads((folder / gemm_search.CHOICES).read_text()) == saved
+    precise, _, _ = _losses(small_plan("qwen2", True, grad_accum=2, lm_head="fp8"), tempfile.mkdtemp())
+    print(f"\n  losses fast {[f'{x:.4f}' for x in first]} precise {[f'{x:.4f}' for x in precise]}")
+    assert np.allclose(first, precise, rtol=1e-2)
+
+
+def plan_forward_linears(folder):
+    sched = json.loads((folder / "schedule.json").read_text())
+    from llmqgen.plan.schedule import iter_ops
+    return [op for op in iter_ops(sched) if op["op"] == "linear" and op["pass"] == "forward"]
