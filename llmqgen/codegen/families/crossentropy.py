@@ -5,8 +5,8 @@ bf16 logits [RC, V], `llmq_crossentropy_fused` (one block per row) turns them in
 place, and the next GEMMs consume it. `llmq_loss_reduce` sums the per-token losses once per micro-step.
 
 An FP8 head (precision.lm_head "fp8") splits the fused kernel: `llmq_crossentropy_stats` (one block per row:
-loss and LSE) and `llmq_crossentropy_dual` (64 rows x DUAL_SUB 64-column tiles a block: the gradient in e5m2,
-[RC, V] for dgrad and its transpose [V, RC] for wgrad, through shared memory; the same two reads of the logits). Its scale is the
+loss and LSE) and `llmq_crossentropy_dual` (64x64 tiles: the gradient in e5m2, [RC, V] for dgrad and its
+transpose [V, RC] for wgrad, through shared memory; the same two reads of the logits). Its scale is the
 gradient's exact bound: |softmax - onehot| <= 1, so the bytes are (softmax - onehot) * E5M2_MAX and the
 descale grad_scale / E5M2_MAX; nothing saturates and no amax pass is needed.
 """
@@ -20,7 +20,6 @@ TEMPLATE = "_crossentropy.cu.j2"
 IGNORE_INDEX = -100          # HF/PyTorch convention for "no target here"
 LOSS_REDUCE_THREADS = 1024
 DUAL_TILE, DUAL_THREADS = 64, 256   # the quantize family's tiles (llmq_quant::Tile, store_transposed)
-DUAL_SUB = 4                        # 64-column tiles per block of llmq_crossentropy_dual
 
 
 def _ce_threads(v: int) -> int:
@@ -48,7 +47,6 @@ def context(ctx: dict) -> dict:
         "CE_IGNORE_INDEX": IGNORE_INDEX,
         "CE_ROWS": rows_per_chunk(ctx),
         "CE_E5M2_MAX": FMAX["e5m2"],
-        "CE_DUAL_SUB": DUAL_SUB,
     }
 
 
@@ -63,7 +61,7 @@ def kernels(ctx: dict) -> list[Kernel]:
                    args=(("logits", "const __nv_bfloat16*"), ("targets", "const int*"), ("losses", "float*"),
                          ("lse", "float*"), ("row_offset", "int")),
                    doc="per row of a logits chunk: LSE, loss = LSE - x[target]", meta=meta),
-            Kernel(name="llmq_crossentropy_dual", grid=(cdiv(ctx["V"], DUAL_TILE * DUAL_SUB), cdiv(rc, DUAL_TILE), 1),
+            Kernel(name="llmq_crossentropy_dual", grid=(cdiv(ctx["V"], DUAL_TILE), cdiv(rc, DUAL_TILE), 1),
                    block=(DUAL_THREADS, 1, 1),
                    args=(("out", "uint8_t*"), ("out_t", "uint8_t*"), ("logits", "const __nv_bfloat16*"),
                          ("targets", "const int*"), ("lse", "const float*"), ("grad_scale", "const float*"),
