@@ -8,6 +8,8 @@ llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --name qwen2.5-0
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-0.5b-bf16-1xh200 "$@" >/dev/null
 llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --set precision.scaling=delayed \
   --name qwen2.5-0.5b-fp8-1xh200-delayed "$@" >/dev/null
+llmqgen plan --model qwen2.5-0.5b --gpus 1xH200 --host-mem 256G --set precision.scaling=delayed \
+  --set precision.lm_head=fp8 --set precision.fast_accum=true --name qwen2.5-0.5b-fp8-1xh200-fastest "$@" >/dev/null
 for m in 1.5b 7b; do
   llmqgen plan --model qwen2.5-$m --gpus 1xH200 --host-mem 256G --name qwen2.5-$m-fp8-1xh200 "$@" >/dev/null
   llmqgen plan --model qwen2.5-$m --gpus 1xH200 --host-mem 256G --dtype bf16 --name qwen2.5-$m-bf16-1xh200 "$@" >/dev/null

@@ -48,7 +48,8 @@ def summary_lines(plan: Plan, arch: str) -> list[str]:
         f"Hq={m.num_heads} Hkv={m.num_kv_heads} D={m.head_dim} V={m.vocab_size}",
         f"gpus {plan.inventory.label} ({gpu.display_name}, {gpu.sm_count} SMs), target {arch}",
         f"precision matmul={p.matmul} grad={p.gradient} master={p.master} adam_m={p.adam_m} adam_v={p.adam_v}"
-        + (f" scaling=delayed (amax history {p.amax_history})" if p.delayed else ""),
+        + (f" scaling=delayed (amax history {p.amax_history})" if p.delayed else "")
+        + (" lm_head=fp8" if p.fp8_head else "") + (" fast_accum" if p.fast_accum else ""),
         f"batch B={b.micro_batch} T={b.seq_len} accum={b.grad_accum} -> {plan.tokens_per_step} tokens/step",
         f"recompute {','.join(plan.recompute.names()) or 'none'}; offload {','.join(plan.offload.names()) or 'none'}; "
         f"ZeRO-{plan.sharding.zero}; collectives {plan.collectives}",

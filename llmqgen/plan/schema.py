@@ -64,9 +64,11 @@ class Precision(_Frozen):
         if self.matmul == "bf16" and self.scaling == "delayed":
             raise ValueError("delayed scaling is a recipe for FP8 matmuls: drop precision.scaling or use e4m3 matmuls")
         if self.matmul == "bf16" and self.fast_accum:
-            raise ValueError("fast accumulation is a mode of FP8 matmuls: drop precision.fast_accum or use e4m3 matmuls")
+            raise ValueError("fast accumulation is a mode of FP8 matmuls: drop precision.fast_accum or use e4m3 matmuls "
+                             "(--dtype e4m3)")
         if self.matmul == "bf16" and self.lm_head == "fp8":
-            raise ValueError("an FP8 LM head needs FP8 (e4m3) matmuls: drop precision.lm_head or use e4m3 matmuls")
+            raise ValueError("an FP8 LM head needs FP8 (e4m3) matmuls: drop precision.lm_head or use e4m3 matmuls "
+                             "(--dtype e4m3)")
         return self
 
     @property

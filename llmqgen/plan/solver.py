@@ -378,11 +378,15 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if pins.get("peer_copies") and not gpu.peer_access:
         raise ValueError(f"--set peer_copies=true: {gpu.display_name} has no peer access (GPUs of its kind cannot "
                          f"copy to each other directly): drop it, the copies go through pinned host memory")
-    if not fp8 and pins.get("precision.scaling") == "delayed":
+    fp8_only = {"precision.scaling": ("delayed", "scales FP8 matmuls"), "precision.lm_head": ("fp8", "runs the LM head as FP8 matmuls"),
+                "precision.fast_accum": (True, "is a mode of FP8 matmuls")}
+    asked = [(k, what) for k, (v, what) in fp8_only.items() if pins.get(k) == v]
+    if not fp8 and asked:
+        key, what = asked[0]
         why = (f"{model.name}'s widths are not multiples of {FP8_GRAIN}" if bad and gpu.fp8_tflops else
                f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "bf16 matmuls were asked for")
-        raise ValueError(f"--set precision.scaling=delayed scales FP8 matmuls, and this plan has none ({why}): "
-                         f"drop it" + (" or ask for e4m3 matmuls" if why.startswith("bf16") else ""))
+        raise ValueError(f"--set {key}={str(pins[key]).lower()} {what}, and this plan has no FP8 matmuls ({why}): "
+                         f"drop it" + (" or ask for them with --dtype e4m3" if why.startswith("bf16") else ""))
     seq_len = pins.pop("batch.seq_len", seq_len)
     if seq_len < 16:
         raise ValueError(f"--seq-len {seq_len}: a sequence needs at least 16 tokens")
@@ -563,6 +567,11 @@ def _gib(n: float) -> str:
     return f"{n / K.GiB:.1f} GiB"
 
 
+def _head_fp8_bytes(rows, prefix: str) -> int:
+    """Bytes of an FP8 LM head's e4m3/e5m2 rows among `rows` whose names start with `prefix` (0 without)."""
+    return sum(r.total for r in rows if r.name.startswith(prefix) and r.dtype in ("e4m3", "e5m2"))
+
+
 def _margin(o: Scored, best: Scored) -> str:
     """Why `best` won over the faster `o`: the handicaps that applied between them, summed and itemised,
     e.g. "under the 4% margin (2% per ZeRO level above 1, 2% for more offload)"."""
@@ -688,7 +697,9 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         "recompute": _recompute_reason(best, fitting, act),
         "offload": _offload_reason(best, fitting),
         "lm_head_chunks": (f"{p.lm_head_chunks}: logits buffer "
-                           f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"),
+                           f"{_gib(next(r.total for r in best.rows if r.name == 'lmhead.logits'))}"
+                           + (f", its e5m2 gradient both ways {_gib(_head_fp8_bytes(best.rows, 'lmhead.dlogits'))}"
+                              if p.precision.fp8_head else "")),
         "collectives": (f"{'nccl' if p.collectives == 'nccl' else 'none'}: one GPU, nothing to exchange"
                         if p.num_gpus == 1 else
                         f"NCCL: {p.inventory.nodes} machines" if p.collectives == "nccl" else
@@ -719,14 +730,20 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
     for field, on, named, off_named in (("lm_head", "fp8", "FP8 LM head", "BF16 LM head"),
                                         ("fast_accum", True, "fast accumulation in forward GEMMs",
                                          "precise accumulation")):
+        if field == "fast_accum" and gpu.consumer:
+            if p.precision.fast_accum:      # calibration.FP8_FAST_ACCUM_TIME: measured on an H200 only
+                why["precision"] += f"; {named} (no gain predicted: measured on H200s only)"
+            continue
         if getattr(p.precision, field) == on:
             off = Precision.model_fields[field].default
             why["precision"] += f"; {named} ({off_named}: {_faster_or_slower(_precision_gain(best, **{field: off}))} predicted)"
         elif p.fp8 and f"precision.{field}" not in pins and (gain := _precision_gain(best, **{field: on})) >= 0.05:
-            alt = p.model_copy(update={"precision": p.precision.model_copy(update={field: on})})
-            fits = _fits(_score(alt.model_dump()))      # an FP8 head's gradient copies need room beside the logits
+            alt = _score(p.model_copy(update={"precision": p.precision.model_copy(update={field: on})}).model_dump())
+            more = _head_fp8_bytes(alt.rows, "lmhead.") - _head_fp8_bytes(best.rows, "lmhead.")   # beside the logits
             why["precision"] += (f"; {off_named} (--set precision.{field}={str(on).lower()}: {gain:.1f}% faster "
-                                 f"predicted" + (")" if fits else " where a plan with it fits)"))
+                                 f"predicted" + (f", {_gib(more)} more for its FP8 copies" if more else "")
+                                 + ("" if _fits(alt) else ": not at this plan's shape, which it has to change to fit")
+                                 + ")")
     return why
 
 

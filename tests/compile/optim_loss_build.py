@@ -24,7 +24,7 @@ _SPILL_RE = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 def tiny_ctx(**overrides) -> dict:
     """The base context of a tiny model (the keys the framework's build_context provides)."""
     ctx = dict(C=256, F=512, L=2, HQ=4, HKV=2, HD=64, V=1024, EPS=1e-6, ROPE_THETA=1e6, ROPE_SCALING=None,
-               QK_NORM=False, QKV_BIAS=True, TIED=True, B=2, T=128, FP8=True, GRAD_DTYPE="e4m3",
+               QK_NORM=False, QKV_BIAS=True, TIED=True, B=2, T=128, FP8=True, FP8_HEAD=False, GRAD_DTYPE="e4m3",
                MASTER_FP32=False, ADAM_M_FP32=False, ADAM_V_FP32=False, LM_HEAD_CHUNKS=2, ATTN_BWD_CHUNKS=1,
                ARCH="sm_90", GPU_ARCH="sm_90", SM_COUNT=132, MAX_SMEM=227 * 1024,
                RECOMPUTE=dict(swiglu=False, norm=False, ffn=False, qkv=False, attention=False, block=False))

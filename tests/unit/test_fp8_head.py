@@ -36,13 +36,29 @@ def test_the_plan_names_the_head_and_keeps_everything_else(plans):
     assert fp8.batch == bf16.batch and fp8.recompute == bf16.recompute
 
 
-def test_bad_inputs_are_refused():
+def test_a_bf16_precision_refuses_it():
     with pytest.raises(ValueError, match="FP8 LM head needs FP8"):
         Precision(matmul="bf16", gradient="bf16", lm_head="fp8")
-    r = CliRunner().invoke(main, ["plan", "--dtype", "bf16", "--set", "precision.lm_head=fp8"])
-    assert r.exit_code != 0 and "Traceback" not in r.output and "e4m3" in r.output
-    r = CliRunner().invoke(main, ["plan", "--set", "precision.lm_head=fp16"])
-    assert r.exit_code != 0 and "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--dtype", "bf16", "--set", "precision.lm_head=fp8"],
+     "runs the LM head as FP8 matmuls, and this plan has no FP8 matmuls (bf16 matmuls were asked for): drop it or "
+     "ask for them with --dtype e4m3"),
+    (["--gpus", "1xA100", "--set", "precision.lm_head=fp8"], "(NVIDIA A100-SXM4-80GB has no FP8 tensor cores): drop it"),
+    (["--gpus", "1x3090", "--set", "precision.fast_accum=true"],
+     "is a mode of FP8 matmuls, and this plan has no FP8 matmuls (NVIDIA GeForce RTX 3090 has no FP8 tensor cores)"),
+    (["--set", "precision.lm_head=fp16"], "precision.lm_head takes one of bf16, fp8"),
+    (["--set", "precision.fast_accum=maybe"], "takes true or false"),
+    (["--set", "lm_head=fp8"], "did you mean precision.lm_head?"),
+])
+def test_bad_pins_get_one_line(tmp_path, args, needle):
+    gpus = [] if "--gpus" in args else ["--gpus", "1xH200"]
+    r = CliRunner().invoke(main, ["plan", "--model", "0.5b", *gpus, "--out", str(tmp_path), *args])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and needle in errors[0], r.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_memory_holds_the_e4m3_and_e5m2_copies(plans):
