@@ -31,6 +31,8 @@ import os
 import sys
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
@@ -333,12 +335,12 @@ def _tokenize(job: tuple[str, list[str]]) -> list[np.ndarray]:
 
 
 class _Done:
-    """The result of a job run in this process (what `apply_async` gives for a pool)."""
+    """The result of a job run in this process (what `submit` gives for a pool)."""
 
     def __init__(self, value):
         self.value = value
 
-    def get(self):
+    def result(self):
         return self.value
 
 
@@ -463,7 +465,8 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
     bar = _Progress(sum(s.path.stat().st_size for s in sources), progress)
     workers = workers or min(os.cpu_count() or 1, 8)
     jobs = _jobs(_all_pieces(sources, field, tok.cut_safe))
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    # an executor, not a Pool: a worker that dies (out of memory) breaks it with an error, where a Pool waits forever
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) if workers > 1 else None
     eos = np.array([tok.eos_id], dtype=np.uint32)
     doc_index = tokens = done_bytes = 0
     split = "eval" if is_eval(0, eval_fraction) else "train"
@@ -473,7 +476,12 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         def consume() -> None:
             nonlocal doc_index, tokens, done_bytes, split, stop
             result, lasts, nbytes = in_flight.popleft()
-            for ids, last in zip(result.get(), lasts):
+            try:
+                done = result.result()
+            except BrokenProcessPool:
+                raise PrepareError(f"a tokenizing worker process died (out of memory?): run again with fewer "
+                                   f"--workers than {workers}, or --workers 1") from None
+            for ids, last in zip(done, lasts):
                 writers[split].add(ids)
                 tokens += ids.size
                 if last:
@@ -490,7 +498,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
 
         for texts, lasts, nbytes in jobs:
             job = (tokenizer, texts)
-            in_flight.append((pool.apply_async(_tokenize, (job,)) if pool else _Done(_tokenize(job)),
+            in_flight.append((pool.submit(_tokenize, job) if pool else _Done(_tokenize(job)),
                               lasts, nbytes))
             while in_flight and not stop and \
                     (len(in_flight) > _IN_FLIGHT_PER_WORKER * workers or not pool):
@@ -507,8 +515,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         raise
     finally:
         if pool:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     bar.update(bar.total, tokens, final=True)
     manifest = Manifest(tok.identity, tok.vocab_size, tok.eos_id, writers["train"].entries,
                         writers["eval"].entries,

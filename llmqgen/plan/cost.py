@@ -94,7 +94,7 @@ def step_cost(plan: Plan) -> StepCost:
     """
     m, b, r, o, s = plan.model, plan.batch, plan.recompute, plan.offload, plan.sharding
     gpu, N = plan.inventory.gpu, plan.num_gpus
-    L, C, F, V = m.num_layers, m.hidden_size, m.intermediate_size, m.vocab_size
+    L, C = m.num_layers, m.hidden_size
     BT, T = b.micro_batch * b.seq_len, b.seq_len
     mm = plan.precision.matmul
     bw = gpu.mem_bandwidth_gbs * 1e9 * (K.CONSUMER_MEM_EFF if gpu.consumer else K.MEM_EFF)

@@ -12,6 +12,7 @@ import numpy as np
 from ..data.loader import TokenBatch, embedding_backward_index
 from ..models.hf_names import param_shapes
 from ..plan.schema import Plan
+from . import gemm_search
 from .benchfile import bench_record, bench_summary, collect_versions, write_bench
 from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
@@ -106,6 +107,9 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
             record["profile"]["graphed"] = graphed_step(tr, data)
             if running.predicted is not None:
                 record["profile"]["predicted_ms"] = predicted_family_ms(running.predicted)
+        chosen = gemm_search.saved(tr.build.path)
+        if chosen:      # fast accumulation: the GEMM algorithms this run timed or reused (runtime/gemm_search.py)
+            record["gemm_algorithms"] = chosen
         if comm_ms:
             meas = slice(warmup, None)
             record["collectives"] = {

@@ -55,6 +55,14 @@ def fastest(g: Gemm, run: Callable[[], None], stream: int) -> int:
     return best
 
 
+def saved(folder: Path) -> dict[str, int]:
+    """The choices kept in build folder `folder` ({} when none or unreadable): "<GPU> | <GEMM label>" -> index."""
+    try:
+        return json.loads((Path(folder) / CHOICES).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def choose(g: Gemm, run: Callable[[], None], stream: int, folder: Path, gpu: str) -> int:
     """Make `g` use its saved or (first time on this GPU) its fastest algorithm; returns the index."""
     key = f"{gpu} | {g.label}"

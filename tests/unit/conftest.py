@@ -23,3 +23,22 @@ def data(tmp_path_factory):
     """A tiny synthetic token dataset, one per test module."""
     from fake_trainer import tiny_data
     return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def plan_error(tmp_path):
+    """plan_error(args) -> the one error line `llmqgen plan --model 0.5b` (on 1xH200 unless args name --gpus)
+    prints for bad `args`, after checking the exit code (2), that no traceback shows and that no plan is written."""
+    from click.testing import CliRunner
+
+    from llmqgen.cli import main
+
+    def run(args: list[str]) -> str:
+        gpus = [] if "--gpus" in args else ["--gpus", "1xH200"]
+        r = CliRunner().invoke(main, ["plan", "--model", "0.5b", *gpus, "--out", str(tmp_path), *args])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        errors = [line for line in r.output.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, r.output
+        assert not list(tmp_path.iterdir())
+        return errors[0]
+    return run

@@ -135,3 +135,25 @@ def test_empty_eval_split_is_warned_about(tmp_path, caplog):
     caplog.clear()
     prepare([tmp_path / "a.txt"], tmp_path / "ds0", eval_fraction=0.0, workers=1, progress=False)   # asked for
     assert not any("eval split" in r.getMessage() for r in caplog.records)
+
+
+def test_a_worker_that_dies_stops_with_one_line_not_a_hang(inputs, tmp_path, monkeypatch):
+    """A tokenizing worker killed (as the OOM killer would): PrepareError naming --workers, no manifest."""
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    import llmqgen.data.prepare as prep
+
+    class Killing(ProcessPoolExecutor):
+        def submit(self, fn, *args):
+            future = super().submit(fn, *args)
+            for proc in list(self._processes.values()):     # the workers exist once a job is queued
+                os.kill(proc.pid, signal.SIGKILL)
+            return future
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", Killing)
+    monkeypatch.setattr(prep, "_BATCH_BYTES", 2000)
+    paths, _ = inputs
+    with pytest.raises(PrepareError, match="worker process died.*--workers"):
+        prepare(paths, tmp_path / "out", workers=2, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -64,3 +64,11 @@ def test_a_broken_file_keeps_the_choice_for_this_process(tmp_path, timed):
     (tmp_path / gemm_search.CHOICES).write_text("{not json")
     assert gemm_search.choose(FakeGemm(), None, 0, tmp_path, "GPU") == 2
     assert (tmp_path / gemm_search.CHOICES).read_text() == "{not json"
+
+
+def test_saved_reads_the_choices_for_the_bench_record(tmp_path, timed):
+    assert gemm_search.saved(tmp_path) == {}
+    gemm_search.choose(FakeGemm(), None, 0, tmp_path, "GPU")
+    assert gemm_search.saved(tmp_path) == {f"GPU | {FakeGemm().label}": 2}
+    (tmp_path / gemm_search.CHOICES).write_text("{not json")
+    assert gemm_search.saved(tmp_path) == {}
