@@ -119,6 +119,7 @@ class FakeTrainer(Trainer):
         self.plan, self.optim, self.seed = plan, optim or AdamW(), seed
         self.ranks = [FakeRank(plan, self)]
         self.dev = self.ranks[0].dev
+        self.build = types.SimpleNamespace(path=Path("/nonexistent/llmqgen-fake-build"))   # no choices kept there
         self.comm, self.pending, self.step_count = None, {}, 0
         self.L = plan.model.num_layers
         self._loss, self._norm = 0.0, 1.0

@@ -476,12 +476,7 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
         def consume() -> None:
             nonlocal doc_index, tokens, done_bytes, split, stop
             result, lasts, nbytes = in_flight.popleft()
-            try:
-                done = result.result()
-            except BrokenProcessPool:
-                raise PrepareError(f"a tokenizing worker process died (out of memory?): run again with fewer "
-                                   f"--workers than {workers}, or --workers 1") from None
-            for ids, last in zip(done, lasts):
+            for ids, last in zip(result.result(), lasts):
                 writers[split].add(ids)
                 tokens += ids.size
                 if last:
@@ -509,9 +504,12 @@ def prepare(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, tokeniz
             consume()
         for w in writers.values():
             w.close()
-    except BaseException:
+    except BaseException as e:
         for w in writers.values():
             w.abort()
+        if isinstance(e, BrokenProcessPool):     # from submit or from a result
+            raise PrepareError(f"a tokenizing worker process died (out of memory?): run again with fewer "
+                               f"--workers than {workers}, or --workers 1") from None
         raise
     finally:
         if pool:

@@ -138,20 +138,24 @@ def test_empty_eval_split_is_warned_about(tmp_path, caplog):
 
 
 def test_a_worker_that_dies_stops_with_one_line_not_a_hang(inputs, tmp_path, monkeypatch):
-    """A tokenizing worker killed (as the OOM killer would): PrepareError naming --workers, no manifest."""
-    import signal
+    """A broken pool (a tokenizing worker killed, as the OOM killer would; a concurrent.futures executor reports
+    it where a multiprocessing Pool waits forever): PrepareError naming --workers, and no manifest. The pool
+    here breaks at its third job, deterministically: killing a real worker races its start-up."""
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     import llmqgen.data.prepare as prep
 
-    class Killing(ProcessPoolExecutor):
-        def submit(self, fn, *args):
-            future = super().submit(fn, *args)
-            for proc in list(self._processes.values()):     # the workers exist once a job is queued
-                os.kill(proc.pid, signal.SIGKILL)
-            return future
+    class Breaking(ProcessPoolExecutor):
+        jobs = 0
 
-    monkeypatch.setattr(prep, "ProcessPoolExecutor", Killing)
+        def submit(self, fn, *args):
+            self.jobs += 1
+            if self.jobs == 3:
+                raise BrokenProcessPool("A child process terminated abruptly")
+            return super().submit(fn, *args)
+
+    monkeypatch.setattr(prep, "ProcessPoolExecutor", Breaking)
     monkeypatch.setattr(prep, "_BATCH_BYTES", 2000)
     paths, _ = inputs
     with pytest.raises(PrepareError, match="worker process died.*--workers"):
