@@ -79,7 +79,7 @@ def main() -> None:
                 g = Gemm(blas, m, n, k, fast_accum=fast, **kw)
                 ms = []
                 for i in range(g.found):
-                    g.algo_ptr = g.results.ctypes.data + i * g.results.dtype.itemsize
+                    g.use(i)
                     try:
                         ms.append(time_gemm(g, a, b, d, scale, args.reps))
                     except RuntimeError:
