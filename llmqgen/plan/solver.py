@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 from math import gcd, isqrt
-from typing import Any, Literal, Optional, get_args, get_origin
+from typing import Any, Callable, Literal, Optional, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -237,6 +237,28 @@ _NAME_SHORT = {"batch.micro_batch": "mb", "batch.grad_accum": "ga", "batch.seq_l
 _NAME_GROUPS = {"recompute": "rc", "offload": "off"}
 
 
+@dataclass(frozen=True)
+class Fp8Option:
+    """An opt-in precision choice of FP8 plans: the field and its value when on, what it does (for the refusal
+    on plans without FP8), its name in the precision reason when on and off, and how it works (the hint)."""
+    field: str
+    on: Any
+    what: str
+    named: Callable[[Precision], str]
+    off_named: str
+    how: str = ""
+
+
+FP8_OPTIONS = (
+    Fp8Option("scaling", "delayed", "scales FP8 matmuls",
+              lambda p: f"delayed scaling, amax history {p.amax_history} micro-step{'s' if p.amax_history != 1 else ''}",
+              "current scaling", ", amax from history"),
+    Fp8Option("lm_head", "fp8", "runs the LM head as FP8 matmuls", lambda p: "FP8 LM head", "BF16 LM head"),
+    Fp8Option("fast_accum", True, "is a mode of FP8 matmuls", lambda p: "fast accumulation in forward GEMMs",
+              "precise accumulation"),
+)
+
+
 def pins_suffix(pins: dict[str, Any], seq_len: int = 1024, tokens_per_step: int = 524288) -> str:
     """The plan name's tail naming its non-default choices: pins (in the order of the plan's inputs),
     a sequence length other than 1024 and a step other than 524,288 tokens; "" for none.
@@ -378,11 +400,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if pins.get("peer_copies") and not gpu.peer_access:
         raise ValueError(f"--set peer_copies=true: {gpu.display_name} has no peer access (GPUs of its kind cannot "
                          f"copy to each other directly): drop it, the copies go through pinned host memory")
-    fp8_only = {"precision.scaling": ("delayed", "scales FP8 matmuls"), "precision.lm_head": ("fp8", "runs the LM head as FP8 matmuls"),
-                "precision.fast_accum": (True, "is a mode of FP8 matmuls")}
-    asked = [(k, what) for k, (v, what) in fp8_only.items() if pins.get(k) == v]
+    asked = [(o.field, o.what) for o in FP8_OPTIONS if pins.get(f"precision.{o.field}") == o.on]
     if not fp8 and asked:
-        key, what = asked[0]
+        field, what = asked[0]
+        key = f"precision.{field}"
         why = (f"{model.name}'s widths are not multiples of {FP8_GRAIN}" if bad and gpu.fp8_tflops else
                f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "bf16 matmuls were asked for")
         raise ValueError(f"--set {key}={str(pins[key]).lower()} {what}, and this plan has no FP8 matmuls ({why}): "
@@ -720,28 +741,19 @@ def _reasons(best: Scored, pins: dict[str, Any], fitting: list[Scored]) -> dict[
         whole = section is None or len(mine) == len(section.model_fields)
         why[key] = f"{head}: {said} pinned by the user" + ("" if whole or not rest.strip() else
                                                             f", the rest chosen ({rest.strip()})")
-    if p.precision.delayed:
-        H = p.precision.amax_history
-        why["precision"] += (f"; delayed scaling, amax history {H} micro-step{'s' if H != 1 else ''} (current "
-                             f"scaling: {_faster_or_slower(_precision_gain(best, scaling='current'))} predicted)")
-    elif p.fp8 and "precision.scaling" not in pins and (gain := _precision_gain(best, scaling="delayed")) >= 0.05:
-        why["precision"] += (f"; current scaling (--set precision.scaling=delayed: {gain:.1f}% faster predicted, "
-                             f"amax from history)")
-    for field, on, named, off_named in (("lm_head", "fp8", "FP8 LM head", "BF16 LM head"),
-                                        ("fast_accum", True, "fast accumulation in forward GEMMs",
-                                         "precise accumulation")):
-        if field == "fast_accum" and gpu.consumer:
+    for o in FP8_OPTIONS:
+        if o.field == "fast_accum" and gpu.consumer:
             if p.precision.fast_accum:      # calibration.FP8_FAST_ACCUM_TIME: measured on an H200 only
-                why["precision"] += f"; {named} (no gain predicted: measured on H200s only)"
+                why["precision"] += f"; {o.named(p.precision)} (no gain predicted: measured on H200s only)"
             continue
-        if getattr(p.precision, field) == on:
-            off = Precision.model_fields[field].default
-            why["precision"] += f"; {named} ({off_named}: {_faster_or_slower(_precision_gain(best, **{field: off}))} predicted)"
-        elif p.fp8 and f"precision.{field}" not in pins and (gain := _precision_gain(best, **{field: on})) >= 0.05:
-            alt = _score(p.model_copy(update={"precision": p.precision.model_copy(update={field: on})}).model_dump())
+        if getattr(p.precision, o.field) == o.on:
+            off = _precision_gain(best, **{o.field: Precision.model_fields[o.field].default})
+            why["precision"] += f"; {o.named(p.precision)} ({o.off_named}: {_faster_or_slower(off)} predicted)"
+        elif p.fp8 and f"precision.{o.field}" not in pins and (gain := _precision_gain(best, **{o.field: o.on})) >= 0.05:
+            alt = _score(p.model_copy(update={"precision": p.precision.model_copy(update={o.field: o.on})}).model_dump())
             more = _head_fp8_bytes(alt.rows, "lmhead.") - _head_fp8_bytes(best.rows, "lmhead.")   # beside the logits
-            why["precision"] += (f"; {off_named} (--set precision.{field}={str(on).lower()}: {gain:.1f}% faster "
-                                 f"predicted" + (f", {_gib(more)} more for its FP8 copies" if more else "")
+            why["precision"] += (f"; {o.off_named} (--set precision.{o.field}={str(o.on).lower()}: {gain:.1f}% "
+                                 f"faster predicted{o.how}" + (f", {_gib(more)} more for its FP8 copies" if more else "")
                                  + ("" if _fits(alt) else ": not at this plan's shape, which it has to change to fit")
                                  + ")")
     return why
