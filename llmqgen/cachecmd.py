@@ -1,13 +1,15 @@
 """`llmqgen cache`: where the caches live, what is in them, and clearing them.
 
-One folder, $LLMQGEN_CACHE_DIR or ~/.cache/llmqgen, holds three caches:
+One folder, $LLMQGEN_CACHE_DIR or ~/.cache/llmqgen, holds four caches:
 
     cubin/<k[:2]>/<key>/     compiled programs (compile/cache.py), keyed by source, options, arch, NVRTC
     nvrtc-headers/<ver>/     the CUDA headers NVRTC >= 13.3 unpacks on first use
     corpus/<id>/             the default corpus, tokenized once (data/corpus.py)
+    gemm/<GPU, cuBLASLt>/    the GEMM algorithms timed on this machine (runtime/gemm_search.py)
 
-All three are remade on demand, so clearing costs only time. `build/<uri>/` folders are outputs, not
-caches. `clear` removes only these three folders (and their lock files), never the rest of the folder.
+All four are remade on demand, so clearing costs only time (clearing gemm/ can change a later build's
+algorithms, so its results need not repeat an earlier build's bit for bit). `build/<uri>/` folders are outputs, not
+caches. `clear` removes only these four folders (and their lock files), never the rest of the folder.
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from .hardware.inventory import human_bytes as human
 
 KINDS = {"cubin": "compiled programs (CUBIN + compile log)",
          "nvrtc-headers": "CUDA headers unpacked by NVRTC",
-         "corpus": "the default corpus, tokenized"}
+         "corpus": "the default corpus, tokenized",
+         "gemm": "GEMM algorithms timed on this machine"}
 
 
 def _size(path: Path) -> int:
@@ -97,9 +100,9 @@ def cache(ctx, show_all):
 @cache.command()
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--only", type=click.Choice(list(KINDS)), multiple=True,
-              help="Clear only this cache (repeatable; default: all three).")
+              help="Clear only this cache (repeatable; default: all four).")
 def clear(yes, only):
-    """Delete the cached CUBINs, unpacked NVRTC headers and the tokenized default corpus."""
+    """Delete the cached CUBINs, unpacked NVRTC headers, the tokenized default corpus and timed GEMM algorithms."""
     root = _root()
     kinds = list(only or KINDS)
     targets = [root / k for k in kinds if (root / k).exists()]

@@ -108,7 +108,7 @@ def run_bench(plan: Plan, steps: int = 8, warmup: int = 2, out_root: Path = Path
             if running.predicted is not None:
                 record["profile"]["predicted_ms"] = predicted_family_ms(running.predicted)
         chosen = gemm_search.saved(tr.build.path)
-        if chosen:      # fast accumulation: the GEMM algorithms this run timed or reused (runtime/gemm_search.py)
+        if chosen:      # the GEMM algorithms this run timed or reused (runtime/gemm_search.py)
             record["gemm_algorithms"] = chosen
         if comm_ms:
             meas = slice(warmup, None)

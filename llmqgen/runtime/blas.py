@@ -50,6 +50,7 @@ class Blas:
         if workspace_ptr % 256:
             raise ValueError(f"cuBLASLt workspace at {workspace_ptr:#x} must be 256-byte aligned")
         self.handle = lt.create()
+        self.version = lt.get_version()     # e.g. 130100 for cuBLAS 13.1.0: GEMM algorithm choices are kept by it
         self.workspace_ptr, self.workspace_bytes = workspace_ptr, workspace_bytes
 
     def close(self) -> None:
@@ -74,6 +75,7 @@ class Gemm:
         if fp8 and (k % 16 or n % 16):
             raise ValueError(f"FP8 GEMM {m}x{n}x{k}: k and n must be multiples of 16 (16-byte rows)")
         self.blas, self.m, self.n, self.k, self.fp8, self.align = blas, m, n, k, fp8, align
+        self.a_dtype, self.b_dtype = a_dtype, b_dtype
         self.bias, self.accumulate = bias, accumulate
         self.label = (f"{m}x{n}x{k} {a_dtype}{'^T' if a_trans else ''} x {b_dtype}{'^T' if b_trans else ''}"
                       f"{' +bias' if bias else ''}{' +=' if accumulate else ''}{' fast-accum' if fast_accum else ''}")

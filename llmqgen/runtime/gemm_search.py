@@ -1,20 +1,33 @@
-"""Choosing a cuBLASLt algorithm by timing, for the GEMMs whose heuristic pick is known to be slow: FP8 with
-fast accumulation (precision.fast_accum). Measured on an H200 (bench/gemm_candidates.py,
-bench/results/issue13-gemm-candidates-0.5b.json): the heuristic's first fast-accumulating pick is sometimes
-slower than precise accumulation, the fastest of its candidates 10-20% faster.
+"""Choosing each GEMM's cuBLASLt algorithm by timing. The heuristic ranks up to blas.HEURISTIC_CANDIDATES
+algorithms, and its first pick is often not the fastest (bench/gemm_candidates.py on an H200,
+bench/results/issue13-gemm-candidates-*.json: the fastest candidates take 5.7% less GEMM time than the first
+picks in a Qwen2.5-0.5B BF16 step, 2.8% in a 7B one, 10-20% less for FP8 with fast accumulation).
 
-Each candidate runs on the operation's own operands (a forward GEMM writes only its transient output) once to
-warm up, then REPS times between CUDA events; the fastest wins. The choice of each GEMM, by GPU name and the
-Gemm's label, is kept in the build folder's gemm_algos.json under a file lock: later runs of the build on such
-a GPU (a resume, the other ranks) take the same algorithm, so their results repeat bit for bit. A folder that
-cannot be written keeps the choice for this process only."""
+A rank times its micro-step's GEMMs as it binds them, before anything lives in its arena (runtime/rank.py):
+each GEMM's operands are filled with random values of their dtypes (all-zero operands draw less power and
+would rank the candidates by other clocks than training sees), each candidate runs once to warm up and then
+for about TIME_MS between CUDA events, and the fastest wins. Choices are kept by "<GPU> | cuBLASLt <version>"
+and the Gemm's label, and looked up in this order before anything is timed:
+
+  1. this process (the ranks of one process share them);
+  2. the build folder's gemm_algos.json: the build's record, read by a resume, by the other ranks' processes
+     and by `bench`, so that another run of the build repeats the first bit for bit;
+  3. the machine's cache, $LLMQGEN_CACHE_DIR/gemm/<GPU and cuBLASLt>/choices.json: other builds on this GPU
+     model take the same algorithm for the same GEMM, so plans whose arithmetic is the same (recompute and
+     offload variants) repeat each other bit for bit, and no build times a GEMM twice.
+
+Files are written under file locks; a folder that cannot be written, or a broken file, keeps the choice for
+this process only (with a warning)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 from filelock import FileLock
 
@@ -24,62 +37,124 @@ if TYPE_CHECKING:          # blas needs nvmath, which CPU-only installs lack
     from .blas import Gemm
 
 CHOICES = "gemm_algos.json"
-REPS = 3
+MACHINE = "gemm"           # the machine cache's folder under the cache root (`llmqgen cache` lists it)
+TIME_MS = 3.0              # timed runs per candidate: enough of them to last this long (at least MIN_REPS)
+MIN_REPS = 3
 log = logging.getLogger(__name__)
-_chosen: dict[str, int] = {}        # this process's choices, by key (ranks of one process share them)
+_chosen: dict[str, int] = {}        # this process's choices, by "<where> | <label>"
 
 
 def fastest(g: Gemm, run: Callable[[], None], stream: int) -> int:
-    """Index of the fastest of `g`'s heuristic candidates; `run` enqueues `g` on `stream` with real operands."""
+    """Index of the fastest of `g`'s heuristic candidates; `run` enqueues `g` on `stream` on operands it may
+    overwrite (its output, and its accumulator when it accumulates)."""
     start, end = driver.event_create(timing=True), driver.event_create(timing=True)
     best, best_ms = 0, float("inf")
     try:
         for i in range(g.found):
             g.use(i)
             try:
-                run()
-                driver.event_record(start, stream)
-                for _ in range(REPS):
-                    run()
-                driver.event_record(end, stream)
-                driver.event_synchronize(end)
+                ms = _time(run, stream, start, end, 1)
+                ms = _time(run, stream, start, end, max(MIN_REPS, math.ceil(TIME_MS / max(ms, 1e-3))))
             except RuntimeError:        # a candidate the heuristic offered that fails for these operands
                 continue
-            ms = driver.event_elapsed_ms(start, end)
             if ms < best_ms:
                 best, best_ms = i, ms
     finally:
         driver.event_destroy(start)
         driver.event_destroy(end)
-    log.info("GEMM %s: algorithm %d of %d, %.3f ms", g.label, best, g.found, best_ms / REPS)
+    log.info("GEMM %s: algorithm %d of %d, %.3f ms", g.label, best, g.found, best_ms)
     return best
 
 
+def _time(run: Callable[[], None], stream: int, start: int, end: int, reps: int) -> float:
+    """Mean ms of `reps` runs between events."""
+    driver.event_record(start, stream)
+    for _ in range(reps):
+        run()
+    driver.event_record(end, stream)
+    driver.event_synchronize(end)
+    return driver.event_elapsed_ms(start, end) / reps
+
+
 def saved(folder: Path) -> dict[str, int]:
-    """The choices kept in build folder `folder` ({} when none or unreadable): "<GPU> | <GEMM label>" -> index."""
-    try:
-        return json.loads((Path(folder) / CHOICES).read_text())
-    except (OSError, ValueError):
-        return {}
+    """The choices kept in build folder `folder` ({} when none or unreadable): "<where> | <label>" -> index."""
+    return _read(Path(folder) / CHOICES)
 
 
-def choose(g: Gemm, run: Callable[[], None], stream: int, folder: Path, gpu: str) -> int:
-    """Make `g` use its saved or (first time on this GPU) its fastest algorithm; returns the index."""
-    key = f"{gpu} | {g.label}"
+def machine_file(where: str, root: Path) -> Path:
+    """The machine cache's file for one GPU model and cuBLASLt version (`where`) under cache root `root`."""
+    return root / MACHINE / re.sub(r"[^A-Za-z0-9.]+", "-", where).strip("-") / "choices.json"
+
+
+def choose(g: Gemm, where: str, folder: Path, machine: Optional[Path],
+           timer: Optional[Callable[[], int]] = None) -> int:
+    """Make `g` use its kept algorithm, or (first time on this GPU) the one `timer` finds fastest; returns the
+    index. `where` names the GPU model and cuBLASLt version; `folder` is the build folder; `machine` the
+    machine cache's file (None: no machine cache). Without a `timer` (the operands are live: nothing may be
+    overwritten) a GEMM that was never timed takes the heuristic's first pick, and nothing is kept."""
+    key = f"{where} | {g.label}"
     if key not in _chosen:
-        try:
-            with FileLock(folder / (CHOICES + ".lock")):
-                path = folder / CHOICES
-                saved = json.loads(path.read_text()) if path.is_file() else {}
-                i = saved.get(key)
-                if not isinstance(i, int) or not 0 <= i < g.found:
-                    i = saved[key] = fastest(g, run, stream)
-                    tmp = path.with_suffix(".tmp")
-                    tmp.write_text(json.dumps(saved, indent=1, sort_keys=True))
-                    os.replace(tmp, path)
-        except (OSError, ValueError) as e:   # a read-only folder, or a broken file: choose for this process
-            log.warning("GEMM algorithm choices not kept in %s (%s): chosen for this run only", folder, e)
-            i = fastest(g, run, stream)
+        mine = Path(folder) / CHOICES
+        i = _valid(_read(mine).get(key), g)
+        if i is None and machine is not None:
+            with _locked(machine):                  # one process times a GEMM; the others wait and read it
+                i = _valid(_read(machine).get(g.label), g)
+                if i is None and timer is not None:
+                    i = timer()
+                    _keep(machine, g.label, i, lock=False)
+        if i is None and timer is not None:         # no machine cache (or it cannot be locked)
+            i = timer()
+        if i is None:
+            i = 0
+        else:
+            _keep(mine, key, i)
         _chosen[key] = i
     g.use(_chosen[key])
     return _chosen[key]
+
+
+def _valid(i, g: Gemm) -> Optional[int]:
+    return i if isinstance(i, int) and 0 <= i < g.found else None
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """`path`'s lock held (its folder made); a folder that cannot be made or locked: no lock, a warning."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        log.warning("GEMM algorithm choices: cannot lock %s (%s): choosing without it", path, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _keep(path: Path, key: str, i: int, lock: bool = True) -> None:
+    """Add key -> i to the JSON file `path`, re-read under its lock (lock=False: the caller holds it); a file
+    that cannot be written or is broken is left as it is, with a warning."""
+    try:
+        with FileLock(str(path) + ".lock") if lock else contextlib.nullcontext():
+            data = json.loads(path.read_text()) if path.is_file() else {}
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            if data.get(key) == i:
+                return
+            data[key] = i
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+    except (OSError, ValueError) as e:
+        log.warning("GEMM algorithm choices not kept in %s (%s): chosen for this run only", path, e)

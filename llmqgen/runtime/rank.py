@@ -26,6 +26,7 @@ from ..layout import (FP8_AMAX_OFFSET, FP8_DESCALE_OFFSET, FP8_SLOT_BYTES, SCALA
                       staging_elems, token_staging)
 from ..codegen.kernel import Kernel
 from ..compile.build_folder import BuildFolder
+from ..compile.nvrtc import usable_cache_root
 from ..plan.memory import DTYPE_BYTES
 from ..plan.refs import at, parse_ref, resolve_tag, split_index
 from ..plan.schedule import MICRO_SECTIONS
@@ -37,6 +38,8 @@ from .blas import Blas, Gemm, linear_dgrad, linear_forward, linear_wgrad
 
 NP_DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "e4m3": ml_dtypes.float8_e4m3fn,
              "e5m2": ml_dtypes.float8_e5m2, "int32": np.int32, "uint8": np.uint8}
+RANDOM_BLOCK = 1 << 20      # elements of the random block the GEMM timing's operands are tiled from
+_RANDOM: dict[str, np.ndarray] = {}
 
 Item = tuple
 
@@ -62,8 +65,7 @@ class Rank:
         self.tag_events: dict[str, int] = {}          # the last copy of each tag (a resolved "w_in[3]")
         self.fork_event = driver.event_create()
         self.in_flight: dict[str, int] = {}           # copies of this run of operations not yet waited for
-        driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
-        ctypes.memset(self.host.base, 0, self.host.nbytes)                  # offloaded ones too (pinned host)
+        ctypes.memset(self.host.base, 0, self.host.nbytes)      # offloaded gradients start at 0 (pinned host)
         self.blas = Blas(self.mem.ptr("ws.cublas"), self.rows["ws.cublas"].bytes)
         m, b = plan.model, plan.batch
         self.attn = None
@@ -75,16 +77,25 @@ class Rank:
                                    f"reserved {self.rows['ws.attention'].bytes}: re-plan with a larger "
                                    f"attn_bwd_chunks (a divisor of the micro-batch)")
         self.gemms: dict[tuple, Gemm] = {}
+        self.gemm_where = (f"{self.dev.name} | cuBLASLt {self.blas.version} | "
+                           f"{self.blas.workspace_bytes >> 20} MiB workspace")   # what the candidates depend on
+        try:
+            self.gemm_machine = gemm_search.machine_file(self.gemm_where, usable_cache_root())
+        except ValueError:              # the cache root is a file: choices kept in the build folder only
+            self.gemm_machine = None
         self.L = m.num_layers
-        if "work.ones" in self.rows:
-            self.upload(self.mem.ptr("work.ones"), np.ones(b.micro_batch * b.seq_len, ml_dtypes.bfloat16))
         self.graphs: dict[tuple, int] = {}
         self.use_graphs = graphs
         self.fed = 0
         self.feed_done = [driver.event_create(), driver.event_create()]
         for e in self.feed_done:
             driver.event_record(e, self.stream)
+        self.timing_gemms = True        # nothing lives in the arena yet: the GEMMs may be timed on its rows
         self.micro = self.program([(ms, layers) for ms, layers in self._micro_sections()])
+        self.timing_gemms = False
+        driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
+        if "work.ones" in self.rows:
+            self.upload(self.mem.ptr("work.ones"), np.ones(b.micro_batch * b.seq_len, ml_dtypes.bfloat16))
 
     # --- references -> pointers -------------------------------------------------------------------
     def shard_elems(self, name: str) -> int:
@@ -253,17 +264,12 @@ class Rank:
         M, N, K, s, fp8 = op["M"], op["N"], op["K"], self.stream, op["dtype"] != "bf16"
         if op["pass"] == "forward":
             x, w, y, xs, ws, bias = P("x"), P("w"), P("y"), P("x_scale"), P("w_scale"), P("bias")
-            # fast accumulation (FP8 plans that ask for it): the heuristic's pick is often slow, so the fastest
-            # candidate is timed here, on these operands (the output is transient; nothing accumulates into it)
             fast = fp8 and self.plan.precision.fast_accum and not op["accumulate"]
             g = self._gemm(("fwd", M, N, K, op["dtype"], bool(op["bias"]), op["accumulate"], fast),
                            lambda: linear_forward(self.blas, M, N, K, x_dtype=op["dtype"], w_dtype=op["dtype"],
                                                   bias=bool(op["bias"]), accumulate=op["accumulate"],
                                                   fast_accum=fast))
-            if fast:
-                gemm_search.choose(g, lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias), s,
-                                   self.build.path, self.dev.name)
-            return lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias)
+            return self._chosen(g, (x, w, y), lambda: g.run(s, x, w, y, a_scale=xs, b_scale=ws, bias=bias))
         gd = op["grad_dtype"]
         if op["pass"] == "dgrad":
             if fp8:
@@ -272,14 +278,43 @@ class Rank:
             else:
                 g = self._gemm(("dgrad", M, N, K), lambda: linear_dgrad(self.blas, M, N, K))
             dy, w, dx, dys, ws = P("dy"), P("w"), P("dx"), P("dy_scale"), P("w_scale")
-            return lambda: g.run(s, dy, w, dx, a_scale=dys, b_scale=ws)
+            return self._chosen(g, (dy, w, dx), lambda: g.run(s, dy, w, dx, a_scale=dys, b_scale=ws))
         if fp8:
             g = self._gemm(("wgrad8", N, K, M, gd), lambda: linear_forward(self.blas, N, K, M, x_dtype=gd,
                                                                            w_dtype="e4m3", accumulate=True))
         else:
             g = self._gemm(("wgrad", M, N, K), lambda: linear_wgrad(self.blas, M, N, K))
         dy, x, dw, dys, xs = P("dy"), P("x"), P("dw"), P("dy_scale"), P("x_scale")
-        return lambda: g.run(s, dy, x, dw, a_scale=dys, b_scale=xs)
+        return self._chosen(g, (dy, x, dw), lambda: g.run(s, dy, x, dw, a_scale=dys, b_scale=xs))
+
+    def _chosen(self, g: Gemm, operands: tuple[int, int, int], run: Callable[[], None]) -> Callable[[], None]:
+        """`run`, with `g` set to its kept algorithm or, while the micro-step binds (nothing lives in the arena),
+        the fastest of its candidates on random operands (runtime/gemm_search.py). Operands in host memory
+        (offload) are not timed: PCIe would rank the candidates."""
+        a, b, _ = operands
+
+        def timer() -> int:
+            self._fill_random(a, g.m * g.k, g.a_dtype)
+            self._fill_random(b, g.n * g.k, g.b_dtype)
+            return gemm_search.fastest(g, run, self.stream)
+        may_time = self.timing_gemms and not any(self._in_host(p) for p in operands)
+        gemm_search.choose(g, self.gemm_where, self.build.path, self.gemm_machine, timer if may_time else None)
+        return run
+
+    def _fill_random(self, ptr: int, elems: int, dtype: str) -> None:
+        """`elems` values of `dtype` at device `ptr`, normal (FP8: times 16, a scaled tensor's spread): a block
+        made once per dtype, uploaded, then doubled on the device."""
+        if dtype not in _RANDOM:
+            x = np.random.default_rng(0).standard_normal(RANDOM_BLOCK).astype(np.float32)
+            _RANDOM[dtype] = (x if dtype == "bf16" else 16 * x).astype(NP_DTYPES[dtype])
+        block = _RANDOM[dtype].view(np.uint8)
+        nbytes = elems * _RANDOM[dtype].itemsize
+        done = min(nbytes, block.nbytes)
+        self.upload(ptr, block[:done])
+        while done < nbytes:
+            n = min(done, nbytes - done)
+            driver.memcpy_dtod(ptr + done, ptr, n, self.stream)
+            done += n
 
     # --- programs ------------------------------------------------------------------------------------
     def _micro_sections(self):

@@ -1,6 +1,7 @@
-"""Fast accumulation (precision.fast_accum) on the GPU: the forward GEMMs' algorithms are chosen by timing and
-kept in the build folder, so that another run of the build repeats the first bit for bit; the losses stay
-those of precise accumulation within FP8 tolerance."""
+"""GEMM algorithms chosen by timing on the GPU (runtime/gemm_search.py): every GEMM of the micro-step is timed
+once, kept in the build folder and the machine's cache, so that another run of the build, and another build
+of the same arithmetic, repeat the first bit for bit; fast accumulation's losses stay those of precise
+accumulation within FP8 tolerance."""
 import json
 import tempfile
 
@@ -21,6 +22,8 @@ from llmqgen.runtime.trainer import Trainer  # noqa: E402
 
 def _losses(plan, out_root, steps=3):
     tr = Trainer(plan, out_root=out_root)
+    global GEMMS
+    GEMMS = [g.label for k, g in tr.ranks[0].gemms.items() if k[0] != "bias"]
     try:
         tr.load_params(init_params(plan.model, seed=3))
         data = batches(plan, plan.batch.grad_accum, seed=5, motif=True)
@@ -40,9 +43,9 @@ def test_chosen_algorithms_are_kept_and_reused_bit_for_bit(monkeypatch):
     monkeypatch.setattr(gemm_search, "_chosen", {})
     first, folder, p1 = _losses(plan, root)
     saved = json.loads((folder / gemm_search.CHOICES).read_text())
-    assert saved and all("fast-accum" in k for k in saved), saved     # the forward GEMMs only
+    assert sorted(k.split(" | ")[-1] for k in saved) == sorted(GEMMS), saved   # every GEMM of the micro-step
     shapes = {(op["M"], op["N"], op["K"]) for op in plan_forward_linears(folder)}
-    assert len(saved) == len(shapes), (saved, shapes)
+    assert len([k for k in saved if "fast-accum" in k]) == len(shapes), (saved, shapes)   # the forward ones
     monkeypatch.setattr(gemm_search, "_chosen", {})                   # a new process: read from the folder
     again, _, p2 = _losses(plan, root)
     assert again == first
@@ -57,3 +60,20 @@ def plan_forward_linears(folder):
     sched = json.loads((folder / "schedule.json").read_text())
     from llmqgen.plan.schedule import iter_ops
     return [op for op in iter_ops(sched) if op["op"] == "linear" and op["pass"] == "forward"]
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+def test_another_build_of_the_same_arithmetic_takes_the_machine_s_choices(monkeypatch, fp8):
+    """A recompute variant, built in a fresh process state, times nothing and repeats the first bit for bit."""
+    from llmqgen.plan.schema import Recompute
+    monkeypatch.setattr(gemm_search, "_chosen", {})
+    first, _, p1 = _losses(small_plan("qwen2", fp8, grad_accum=2), tempfile.mkdtemp())
+
+    def no_timing(*a):
+        raise AssertionError("a GEMM the machine's cache holds was timed again")
+    monkeypatch.setattr(gemm_search, "_chosen", {})
+    monkeypatch.setattr(gemm_search, "fastest", no_timing)
+    other = small_plan("qwen2", fp8, grad_accum=2, recompute=Recompute(swiglu=True, norm=True))
+    again, folder, p2 = _losses(other, tempfile.mkdtemp())
+    assert again == first and all(np.array_equal(p1[k], p2[k]) for k in p1)
+    assert len(gemm_search.saved(folder)) == len(GEMMS)

@@ -18,6 +18,9 @@ def fill(root):
     c.mkdir(parents=True)
     (c / "train-000.bin").write_bytes(b"y" * 5000)
     (root / "nvrtc-headers" / "13.3").mkdir(parents=True)
+    g = root / "gemm" / "NVIDIA-H200-cuBLASLt-130100-32-MiB-workspace"
+    g.mkdir(parents=True)
+    (g / "choices.json").write_text("{}")
     (root / "unrelated.txt").write_text("mine")
 
 
@@ -29,6 +32,7 @@ def test_show_lists_location_entries_and_sizes(tmp_path, monkeypatch):
     assert f"cache: {tmp_path} ($LLMQGEN_CACHE_DIR)" in r.output
     assert "cubin/" in r.output and "1 entry" in r.output and "2.9 KiB" in r.output
     assert "py311-stdlib-0123456789ab" in r.output and "4.9 KiB" in r.output
+    assert "gemm/" in r.output and "NVIDIA-H200-cuBLASLt-130100-32-MiB-wo" in r.output
 
 
 def test_show_an_empty_or_missing_cache(tmp_path, monkeypatch):
