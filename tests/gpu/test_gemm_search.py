@@ -43,7 +43,7 @@ def test_chosen_algorithms_are_kept_and_reused_bit_for_bit(monkeypatch):
     monkeypatch.setattr(gemm_search, "_chosen", {})
     first, folder, p1 = _losses(plan, root)
     saved = json.loads((folder / gemm_search.CHOICES).read_text())
-    assert sorted(k.split(" | ")[-1] for k in saved) == sorted(GEMMS), saved   # every GEMM of the micro-step
+    assert {k.split(" | ")[-1] for k in saved} == set(GEMMS), saved             # every GEMM of the micro-step
     shapes = {(op["M"], op["N"], op["K"]) for op in plan_forward_linears(folder)}
     assert len([k for k in saved if "fast-accum" in k]) == len(shapes), (saved, shapes)   # the forward ones
     monkeypatch.setattr(gemm_search, "_chosen", {})                   # a new process: read from the folder
@@ -76,4 +76,4 @@ def test_another_build_of_the_same_arithmetic_takes_the_machine_s_choices(monkey
     other = small_plan("qwen2", fp8, grad_accum=2, recompute=Recompute(block=True))
     again, folder, p2 = _losses(other, tempfile.mkdtemp())
     assert again == first and all(np.array_equal(p1[k], p2[k]) for k in p1)
-    assert len(gemm_search.saved(folder)) == len(GEMMS)
+    assert len(gemm_search.saved(folder)) == len(set(GEMMS))     # (an FP8 dgrad may share a forward's label)
