@@ -1,5 +1,5 @@
 """Time every cuBLASLt heuristic candidate of a plan's GEMMs, with and without FP8 fast accumulation: how much an
-algorithm search or fast accumulation could gain over the heuristic's first pick (which runtime/blas.py takes).
+algorithm search or fast accumulation could gain over the heuristic's first pick (runtime/gemm_search.py makes the search).
 
     python bench/gemm_candidates.py --plan plans/qwen2.5-0.5b-fp8-1xh200.json [--reps 5] [--out result.json]
 
