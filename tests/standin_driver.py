@@ -163,8 +163,13 @@ class StandinDriver:
 
 
 class StandinGemm:
+    """A GEMM with one algorithm: runtime/gemm_search.py has nothing to time or keep."""
     def __init__(self, drv: StandinDriver):
         self.run, self.close = drv.gemm, lambda: None
+        self.label, self.found, self.algo_index = "standin", 1, 0
+
+    def use(self, i):
+        assert i == 0
 
 
 def install(monkeypatch, gpus: int = 2) -> StandinDriver:
@@ -186,7 +191,8 @@ def install(monkeypatch, gpus: int = 2) -> StandinDriver:
     for name, fn in surface.items():
         assert hasattr(driver, name), f"runtime.driver has no {name}: update the stand-in"
         monkeypatch.setattr(driver, name, fn)
-    monkeypatch.setattr(rank, "Blas", lambda ws, nbytes: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(rank, "Blas", lambda ws, nbytes: types.SimpleNamespace(close=lambda: None, version=0,
+                                                                                 workspace_bytes=nbytes))
     for name in ("Gemm", "linear_forward", "linear_dgrad", "linear_wgrad"):
         monkeypatch.setattr(rank, name, lambda *a, **k: StandinGemm(drv))
     return drv

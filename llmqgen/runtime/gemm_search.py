@@ -110,6 +110,9 @@ def choose(g: Gemm, where: str, folder: Path, machine: Optional[Path],
     index. `where` names the GPU model and cuBLASLt version; `folder` is the build folder; `machine` the
     machine cache's file (None: no machine cache). Without a `timer` (the operands are live: nothing may be
     overwritten) a GEMM that was never timed takes the heuristic's first pick, and nothing is kept."""
+    if g.found == 1:                                # nothing to choose, time or keep
+        g.use(0)
+        return 0
     key = f"{where} | {g.label}"
     if key not in _chosen:
         mine = Path(folder) / CHOICES

@@ -118,3 +118,9 @@ def test_saved_reads_the_choices_for_the_bench_record(tmp_path, timed):
     assert gemm_search.saved(tmp_path) == {f"{WHERE} | {FakeGemm().label}": 2}
     (tmp_path / gemm_search.CHOICES).write_text("[1, 2]")
     assert gemm_search.saved(tmp_path) == {}
+
+
+def test_a_gemm_with_one_algorithm_is_neither_timed_nor_kept(tmp_path, timed):
+    machine = gemm_search.machine_file(WHERE, tmp_path / "cache")
+    assert choose(FakeGemm(found=1), tmp_path, machine, timed) == 0
+    assert timed == [] and gemm_search.saved(tmp_path) == {} and not machine.exists()
