@@ -82,7 +82,7 @@ class StandinDriver:
     def open_device(self, ordinal=0, own_context=False):
         return StandinDevice(ordinal)
 
-    def handle(self, *_):
+    def handle(self, *_, **__):
         return next(self._ids)
 
     def nothing(self, *_):

@@ -79,7 +79,7 @@ def fastest(g: Gemm, run: Callable[[], None], stream: int) -> int:
     best = min(median, key=median.get)
     if 0 in median and median[best] > (1 - MARGIN) * median[0]:
         best = 0
-    log.info("GEMM %s: algorithm %d of %d, %.3f ms (first pick %.3f ms)", g.label, best, g.found,
+    log.debug("GEMM %s: algorithm %d of %d, %.3f ms (first pick %.3f ms)", g.label, best, g.found,
              median[best], median.get(0, float("nan")))
     return best
 

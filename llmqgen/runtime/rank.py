@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
+import time
 from functools import cached_property
 from math import prod
 from typing import Callable
@@ -42,6 +44,7 @@ RANDOM_BLOCK = 1 << 20      # elements of the random block the GEMM timing's ope
 _RANDOM: dict[str, np.ndarray] = {}
 
 Item = tuple
+log = logging.getLogger(__name__)
 
 
 class Rank:
@@ -91,8 +94,13 @@ class Rank:
         for e in self.feed_done:
             driver.event_record(e, self.stream)
         self.timing_gemms = True        # nothing lives in the arena yet: the GEMMs may be timed on its rows
+        self.gemms_timed: list[float] = []                   # seconds each timed GEMM took
         self.micro = self.program([(ms, layers) for ms, layers in self._micro_sections()])
         self.timing_gemms = False
+        if self.gemms_timed:
+            log.info(f"GEMM algorithms: {len(self.gemms_timed)} of {len(self.gemms)} timed on this "
+                     f"{self.dev.name} in {sum(self.gemms_timed):.1f} s (first time on this GPU model; kept in "
+                     f"{self.gemm_machine or self.build.path})")
         driver.memset_d8(self.mem.base, 0, self.mem.nbytes, self.stream)   # gradients and shard pads start at 0
         if "work.ones" in self.rows:
             self.upload(self.mem.ptr("work.ones"), np.ones(b.micro_batch * b.seq_len, ml_dtypes.bfloat16))
@@ -294,9 +302,12 @@ class Rank:
         a, b, _ = operands
 
         def timer() -> int:
+            t0 = time.perf_counter()
             self._fill_random(a, g.m * g.k, g.a_dtype)
             self._fill_random(b, g.n * g.k, g.b_dtype)
-            return gemm_search.fastest(g, run, self.stream)
+            i = gemm_search.fastest(g, run, self.stream)
+            self.gemms_timed.append(time.perf_counter() - t0)
+            return i
         may_time = self.timing_gemms and not any(self._in_host(p) for p in operands)
         gemm_search.choose(g, self.gemm_where, self.build.path, self.gemm_machine, timer if may_time else None)
         return run
