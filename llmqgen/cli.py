@@ -101,16 +101,18 @@ def _refuse_with(option: str, does: str, *names: str) -> None:
 def _plan_pins(items: tuple[str, ...], **options) -> dict:
     """The --set pins, checked against the options (micro_batch, seq_len) that the command line gave for
     the same inputs: an input given twice must agree (solver.check_agrees), else one `error:` line."""
-    from .plan.solver import check_agrees
+    from .plan.solver import check_agrees, check_pins
     keys = {"micro_batch": "batch.micro_batch", "seq_len": "batch.seq_len"}
     pins: dict = {}
+    typed: dict[str, str] = {}
     try:
         for item in items:
             if "=" not in item:
                 raise click.BadParameter(f"{item!r}: expected KEY=VALUE, e.g. recompute.ffn=true", param_hint="--set")
             key, value = (x.strip() for x in item.split("=", 1))
             check_agrees(f"--set {item.strip()}", _parse_value(value), key, pins)
-            pins[key] = _parse_value(value)
+            pins[key], typed[key] = _parse_value(value), value
+        pins = check_pins(pins, typed)          # here, so that an error repeats the value as typed
         for name, value in options.items():
             if _given(name):
                 check_agrees(f"{_given(name)[0]} {value}", value, keys[name], pins)
@@ -130,6 +132,16 @@ def _inventory(gpus: str, host_mem: Optional[str]):
         assumed = max(detect_host_memory(), 128 * K.GiB * inv.count)
         inv = inv.model_copy(update={"host_mem_bytes": assumed, "host_mem_source": "assumed"})
     return inv
+
+
+def _inventory_here(gpus: str, host_mem: Optional[str]):
+    """`_inventory` for a command that runs the plan on this machine (train, bench): when --gpus is left to
+    detection and there is no driver, what is missing is the GPU to run on, not a name for one."""
+    from .hardware.host import NoDriverError
+    try:
+        return _inventory(gpus, host_mem)
+    except NoDriverError:
+        _fail(NO_DRIVER_RUNTIME)
 
 
 def _fail(message: str) -> None:
@@ -424,6 +436,11 @@ def build(plan_path, model_name, gpus, arch, out_root):
     except (CompileError, NvrtcUnavailable, ValueError) as e:
         _fail(str(e))
     except OSError as e:
+        from .compile.nvrtc import cache_root
+        root = cache_root()
+        if e.filename and Path(os.path.abspath(e.filename)).is_relative_to(os.path.abspath(root)):
+            _fail(f"cannot write the cache under {root}: {e.strerror or e} (set LLMQGEN_CACHE_DIR to a "
+                  f"writable folder)")
         _fail(f"cannot write the build under {out_root}: {e.strerror or e} (choose another --out)")
     how = "cache hit" if r.cache_hit else f"compiled in {r.compile_seconds:.1f} s"
     click.echo(f"program  {r.path}/program.cu")
@@ -440,7 +457,7 @@ def _plan_from(plan_path: Optional[Path], model_name: Optional[str], gpus: Optio
         from .models.catalog import resolve_model
         from .plan.solver import NoFitError, solve
         try:
-            return solve(resolve_model(model_name or "0.5b"), _inventory(gpus or "auto", None))
+            return solve(resolve_model(model_name or "0.5b"), _inventory_here(gpus or "auto", None))
         except (NoFitError, ValueError) as e:
             _fail(str(e))
     return _load_plan(plan_path or _newest_plan())
@@ -600,7 +617,7 @@ def train_cmd(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, sets,
         _fail(str(e))
     _check_data(kw["data"], spec)
     try:
-        p = solve(spec, _inventory(gpus, host_mem), seq_len=seq_len,
+        p = solve(spec, _inventory_here(gpus, host_mem), seq_len=seq_len,
                   tokens_per_step=tokens_per_step, dtype="e4m3" if dtype == "fp8" else dtype,
                   pins=_plan_pins(sets, seq_len=seq_len))
     except (NoFitError, ValueError) as e:

@@ -145,12 +145,14 @@ def _bounds(field) -> tuple[Any, Any]:
     return ge, next((m.le for m in field.metadata if getattr(m, "le", None) is not None), None)
 
 
-def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
-    """Pins checked against the plan's inputs, with one-line errors that name the valid keys and values."""
+def check_pins(pins: dict[str, Any], typed: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Pins checked against the plan's inputs, with one-line errors that name the valid keys and values
+    (and repeat each value as `typed` holds it, where given: the command line's text). A boolean input takes
+    True/False or 1/0."""
     fields, out = pin_fields(), {}
     for key, value in pins.items():
         field = fields.get(key)
-        shown = str(value).lower() if isinstance(value, bool) else value
+        shown = (typed or {}).get(key, str(value).lower() if isinstance(value, bool) else value)
         if field is None:
             leaf = key.rpartition(".")[2]
             close = ([k for k in fields if k.rpartition(".")[2] == leaf]
@@ -159,7 +161,8 @@ def check_pins(pins: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"--set {key}={shown}: {key!r} is not a plan input; {hint}valid keys: {_valid_keys()}")
         ann = field.annotation
         if ann is bool:
-            ok = isinstance(value, bool)
+            ok = isinstance(value, bool) or (type(value) is int and value in (0, 1))
+            value = bool(value) if ok else value
         elif get_origin(ann) is Literal:
             ok = isinstance(value, str) and value.lower() in get_args(ann)
             value = value.lower() if ok else value

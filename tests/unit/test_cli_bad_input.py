@@ -300,7 +300,9 @@ def test_set_unknown_key_lists_the_valid_ones(tmp_path):
 
 @pytest.mark.parametrize("item,needle", [
     ("recompute.ffn=maybe", "recompute.ffn takes true or false"),
-    ("recompute.ffn=1", "recompute.ffn takes true or false"),
+    ("recompute.ffn=2", "--set recompute.ffn=2: recompute.ffn takes true or false"),
+    ("lm_head_chunks=yes", "--set lm_head_chunks=yes: lm_head_chunks takes an integer >= 1"),   # as typed
+    ("precision.amax_history=On", "--set precision.amax_history=On: precision.amax_history takes"),
     ("precision.matmul=fp16", "precision.matmul takes one of e4m3, bf16"),
     ("collectives=mpi", "collectives takes one of copy_engine, nccl"),
     ("lm_head_chunks=0", "lm_head_chunks takes an integer >= 1"),
@@ -327,6 +329,21 @@ def test_gpus_detect_without_a_driver_names_a_real_option(monkeypatch):
     monkeypatch.setattr(host, "detected_gpus", no_nvml)
     line = our_line(invoke("gpus", "--detect"), "no NVIDIA driver found")
     assert "llmqgen plan --gpus" in line and "name the GPUs, e.g. --gpus" not in line
+
+
+def test_train_and_bench_without_a_driver_ask_for_one_not_for_a_name(monkeypatch, tmp_path, data):
+    """Left to detect the GPUs, train and bench say that this machine has none to run on; naming one would
+    only move the same error later (a fresh user's report)."""
+    from llmqgen.hardware import host
+
+    def no_nvml():
+        raise host.NoDriverError(host.NO_DRIVER)
+    monkeypatch.setattr(host, "detected_gpus", no_nvml)
+    monkeypatch.setenv("LLMQGEN_PLANS_DIR", str(tmp_path / "plans"))
+    for args in (("train", "--model", "0.5b", "--data", data), ("bench", "--model", "0.5b")):
+        assert our_line(invoke(*args)) == f"error: {NO_DRIVER_RUNTIME}", args
+    assert "name the GPUs" in our_line(invoke("plan", "--model", "0.5b", "--gpus", "auto", "--out", tmp_path / "p"))
+    assert not (tmp_path / "plans").exists()
 
 
 def test_gpus_detect_lists_mixed_models(monkeypatch):
@@ -383,6 +400,13 @@ def test_cache_folder_that_is_a_file_is_named_before_out(plan_file, tmp_path, mo
     line = our_line(invoke("build", "--plan", plan_file, "--out", tmp_path / "b"), "is a file: set LLMQGEN_CACHE_DIR")
     assert "--out" not in line
     assert our_line(invoke("cache")) == line
+
+
+def test_cache_folder_that_cannot_be_made_is_named_not_out(plan_file, tmp_path, monkeypatch):
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("LLMQGEN_CACHE_DIR", str(tmp_path / "cachefile" / "sub"))   # under a file: no mkdir
+    line = our_line(invoke("build", "--plan", plan_file, "--out", tmp_path / "b"), "cannot write the cache under")
+    assert "set LLMQGEN_CACHE_DIR to a writable folder" in line and "--out" not in line
 
 
 def test_host_mem_shortfall_and_example(tmp_path):

@@ -179,6 +179,12 @@ def test_check_pins():
         check_pins({"recompute.fnn": True})
     with pytest.raises(ValueError, match="recompute.ffn takes true or false"):
         check_pins({"recompute.ffn": "maybe"})
+    assert check_pins({"recompute.ffn": 1, "offload.residual": 0}) == {"recompute.ffn": True,
+                                                                       "offload.residual": False}
+    with pytest.raises(ValueError, match=r"--set recompute.ffn=2: recompute.ffn takes true or false"):
+        check_pins({"recompute.ffn": 2})
+    with pytest.raises(ValueError, match=r"--set lm_head_chunks=yes: "):
+        check_pins({"lm_head_chunks": True}, {"lm_head_chunks": "yes"})
     with pytest.raises(ValueError, match="collectives takes one of copy_engine, nccl"):
         check_pins({"collectives": "mpi"})
     with pytest.raises(ValueError, match="lm_head_chunks takes an integer >= 1"):
