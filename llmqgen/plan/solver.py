@@ -1,8 +1,11 @@
 """The solver: enumerate plans, keep those that fit device and host memory, pick the fastest.
 
-Candidates vary micro-batch, sharding (several GPUs), an offload ladder and a recompute ladder;
-for each combination only the least recompute and the fewest LM-head chunks that fit are kept
-(more of either never makes a step faster). Deterministic: ties break on the candidate's order.
+Candidates vary micro-batch, sharding (several GPUs), an offload ladder and every recompute choice (a
+lattice: the choices are not ordered by cost, e.g. swiglu+norm+qkv vs swiglu+ffn); for each combination only
+the recompute choices that fit without recomputing a superset of another that fits, each with the fewest
+LM-head chunks that fit, are kept (more of either never makes a step faster). A pin therefore narrows the
+same set of candidates the unpinned search weighs, rather than opening others. Deterministic: ties break on
+the candidate's order.
 Users pin any input with `pins` ({"recompute.ffn": True, "batch.micro_batch": 8, ...}).
 """
 from __future__ import annotations
@@ -24,11 +27,19 @@ from .memory import RowKind, memory_table, row_kind
 from .schema import (Batch, Candidate, Estimate, MemRow, Offload, Plan, Precision, Recompute, Sharding,
                      check_plan_name, validation_summary)
 
-RECOMPUTE_LADDER = [
-    {}, {"swiglu": True}, {"swiglu": True, "norm": True}, {"ffn": True, "norm": True},
-    {"ffn": True, "norm": True, "qkv": True}, {"ffn": True, "norm": True, "attention": True},
-    {"block": True},
-]
+def _recompute_lattice() -> list[dict[str, bool]]:
+    """Every recompute choice (Recompute's implications applied), fewest flags first: the FFN side (none,
+    swiglu, ffn), the norms, the attention side (none, qkv, attention), and the whole block."""
+    out = []
+    for ffn in ({}, {"swiglu": True}, {"ffn": True}):
+        for norm in ({}, {"norm": True}):
+            for att in ({}, {"qkv": True}, {"attention": True}):
+                out.append({**ffn, **norm, **att})
+    out.append({"block": True})
+    return sorted(out, key=lambda r: len(Recompute(**r).names()))
+
+
+RECOMPUTE_LATTICE = _recompute_lattice()
 OFFLOAD_LADDER = [
     {}, {"adam_m": True, "adam_v": True}, {"master": True, "adam_m": True, "adam_v": True},
     {"master": True, "adam_m": True, "adam_v": True, "residual": True},
@@ -58,11 +69,18 @@ class NoFitError(ValueError):
 class Scored:
     plan: Plan
     rows: list[MemRow]
-    cost: StepCost
     host: int
     device_max: int = 0       # no packing: the rows end to end
     device_min: int = 0       # a bound packing cannot beat: the rows that may not share bytes, and the largest that may
     _device: Optional[int] = None
+    _cost: Optional[StepCost] = None
+
+    @property
+    def cost(self) -> StepCost:
+        """The cost model's step (computed when first asked: most candidates that do not fit never are)."""
+        if self._cost is None:
+            self._cost = step_cost(self.plan)
+        return self._cost
 
     @property
     def device(self) -> int:
@@ -101,7 +119,7 @@ def _score(fields: dict) -> Scored:
             largest = n if n > largest else largest
         else:
             fixed += n
-    return Scored(plan, rows, step_cost(plan), plan.inventory.count * host,    # = memory.host_bytes
+    return Scored(plan, rows, plan.inventory.count * host,    # = memory.host_bytes
                   device_max=fixed + transient, device_min=fixed + largest)
 
 
@@ -206,7 +224,7 @@ def check_pin_conflicts(pins: dict[str, Any]) -> None:
 
 
 def _recompute_with_pins(rung: dict[str, bool], pins: dict[str, Any]) -> dict[str, bool]:
-    """A ladder rung with its implications applied, then the pins: a flag pinned false also switches
+    """A recompute choice with its implications applied, then the pins: a flag pinned false also switches
     off every flag that implies it (so that the plan keeps the pin)."""
     flags = Recompute(**rung).model_dump()
     for path, value in pins.items():
@@ -349,9 +367,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     """The fastest plan for `model` on `inventory` that fits device memory and pinned host memory.
 
     Enumerates micro-batches (multiples of the FP8 row rule dividing the step), ZeRO levels (several
-    GPUs), the offload ladder and the recompute ladder; for each combination keeps the least recompute
-    and the fewest LM-head chunks that fit; ranks by `step_cost` (ZeRO-2/3 must win by more than
-    `calibration.SHARDING_MARGIN`). Deterministic.
+    GPUs), the offload ladder and the recompute lattice; for each combination keeps the recompute choices
+    that fit and recompute no superset of another that does, with the fewest LM-head chunks that fit; ranks
+    by `step_cost` (ZeRO-2/3 must win by more than `calibration.SHARDING_MARGIN`, more offload by
+    `calibration.OFFLOAD_MARGIN`). Deterministic.
 
     Args:
         model: the model's dimensions (models.catalog.resolve_model).
@@ -476,52 +495,66 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     chunk_choices = [chunks_pin] if chunks_pin else LM_HEAD_CHUNKS
     zeros = [0] if N == 1 else [1, 2, 3, 0]
 
-    seen: dict[str, bool] = {}         # inputs hash -> fits (pins can make candidates coincide)
+    seen: dict[str, Optional[Scored]] = {}     # inputs hash -> the candidate if it fits (pins can make them coincide)
     fitting: list[Scored] = []
+    listed: set[str] = set()
     closest: Optional[Scored] = None
+
+    def attempt(mb: int, zero: int, off: dict, flags: dict, probe: bool = False) -> bool:
+        """Whether (mb, zero, off, recompute flags) fits at some LM-head chunk count; the first that does joins
+        `fitting` (unless this is a `probe`), and the nearest miss is kept for the no-fit message."""
+        nonlocal closest
+        for chunks in chunk_choices:
+            if (mb * seq_len) % chunks:
+                continue
+            fields = {
+                "name": name, "model": model.model_dump(), "inventory": inventory.model_dump(),
+                "precision": precision,
+                "batch": {"micro_batch": mb, "seq_len": seq_len, "grad_accum": seqs // mb},
+                "recompute": flags, "offload": dict(off),
+                "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
+                "lm_head_chunks": chunks,
+                "collectives": collectives,
+                "peer_copies": gpu.peer_access,
+            }
+            for path, value in pins.items():
+                if not path.startswith("recompute."):
+                    _set(fields, path, value)
+            try:
+                s = _score(fields)
+            except ValidationError as e:
+                raise ValueError(f"the pinned inputs make no valid plan: {validation_summary(e)}") from None
+            if not _keeps_pins(s.plan, kept):
+                continue
+            key = s.plan.inputs_hash()
+            if key not in seen:
+                seen[key] = s if _fits(s) else None
+                if seen[key] is None and (closest is None or (_shortfall(s, bound=True) < _shortfall(closest)
+                                                              and _shortfall(s) < _shortfall(closest))):
+                    closest = s
+            if seen[key] is None:
+                continue
+            if not probe and key not in listed:
+                fitting.append(seen[key])
+                listed.add(key)
+            return True
+        return False
+
+    # For each (micro-batch, ZeRO stage, offload): the recompute choices that fit and recompute no more than
+    # needed (a superset of a fitting choice only adds work). The most recompute is tried first: when even
+    # it does not fit, nothing less will (less recompute keeps more activations).
+    most = _recompute_with_pins(RECOMPUTE_LATTICE[-1], pins)
     for mb in micros:
         for zero in zeros:
             for off in OFFLOAD_LADDER:
-                for rc in RECOMPUTE_LADDER:
-                    found = None
-                    for chunks in chunk_choices:
-                        if (mb * seq_len) % chunks:
-                            continue
-                        fields = {
-                            "name": name, "model": model.model_dump(), "inventory": inventory.model_dump(),
-                            "precision": precision,
-                            "batch": {"micro_batch": mb, "seq_len": seq_len, "grad_accum": seqs // mb},
-                            "recompute": _recompute_with_pins(rc, pins), "offload": dict(off),
-                            "sharding": {"optimizer": zero >= 1, "gradients": zero >= 2, "weights": zero >= 3},
-                            "lm_head_chunks": chunks,
-                            "collectives": collectives,
-                            "peer_copies": gpu.peer_access,
-                        }
-                        for path, value in pins.items():
-                            if not path.startswith("recompute."):
-                                _set(fields, path, value)
-                        try:
-                            s = _score(fields)
-                        except ValidationError as e:
-                            raise ValueError(f"the pinned inputs make no valid plan: {validation_summary(e)}") from None
-                        if not _keeps_pins(s.plan, kept):
-                            continue
-                        key = s.plan.inputs_hash()
-                        if key in seen:
-                            if seen[key]:
-                                found = True
-                                break
-                            continue
-                        seen[key] = _fits(s)
-                        if seen[key]:
-                            fitting.append(s)
-                            found = s
-                            break
-                        if closest is None or (_shortfall(s, bound=True) < _shortfall(closest)
-                                               and _shortfall(s) < _shortfall(closest)):
-                            closest = s
-                    if found:
-                        break          # least recompute that fits for this (micro, zero, offload)
+                if not attempt(mb, zero, off, most, probe=True):
+                    continue
+                fit_sets: list[set[str]] = []
+                for rc in RECOMPUTE_LATTICE:
+                    flags = _recompute_with_pins(rc, pins)
+                    names = {k for k, v in flags.items() if v}
+                    if not any(names >= f for f in fit_sets) and attempt(mb, zero, off, flags):
+                        fit_sets.append(names)
     if _collect is not None:
         _collect.extend(fitting)
     if not fitting:

@@ -271,6 +271,20 @@ def test_offload_margin_prefers_no_offload_within_2_percent():
     assert _prefer_less_offload([fast, far]) is fast
 
 
+def test_a_pin_the_chosen_plan_has_leaves_the_choice_alone():
+    """A fresh user's report: 7B on a 4060 Ti, and the same with --set recompute.ffn=false (which the chosen
+    plan has), gave different plans: the pin turned the recompute ladder's rungs into choices the unpinned
+    search never tried (swiglu+norm+qkv). Every recompute choice is a candidate now."""
+    from llmqgen.plan.solver import RECOMPUTE_LATTICE
+    assert {"swiglu": True, "norm": True, "qkv": True} in RECOMPUTE_LATTICE and len(RECOMPUTE_LATTICE) == 19
+    free = solve(resolve_model("7b"), inv("4060ti", 1, host_gib=128))
+    assert not free.recompute.ffn
+    for pin in ({"recompute.ffn": False}, {"recompute.block": False}, {"batch.micro_batch": free.batch.micro_batch}):
+        pinned = solve(resolve_model("7b"), inv("4060ti", 1, host_gib=128), pins=pin)
+        assert (pinned.recompute, pinned.offload, pinned.batch, pinned.lm_head_chunks) == \
+            (free.recompute, free.offload, free.batch, free.lm_head_chunks), pin
+
+
 def test_7b_on_4090_offload_reason_is_true():
     p = solve(resolve_model("7b"), inv("4090", 1, host_gib=128), pins={"batch.micro_batch": 16})
     why = p.estimate.reasons["offload"]
