@@ -117,21 +117,25 @@ def choose(g: Gemm, where: str, folder: Path, machine: Optional[Path],
     if key not in _chosen:
         mine = Path(folder) / CHOICES
         i = _valid(_read(mine).get(key), g)
-        if i is None and machine is not None:
-            with _locked(machine):                  # one process times a GEMM; the others wait and read it
-                i = _valid(_read(machine).get(g.label), g)
-                if i is None and timer is not None:
-                    i = timer()
-                    _keep(machine, g.label, i, lock=False)
-        if i is None and timer is not None:         # no machine cache (or it cannot be locked)
-            i = timer()
         if i is None:
-            i = 0
-        else:
-            _keep(mine, key, i)
-        _chosen[key] = i
+            i = _machine_choice(g, machine, timer)
+            if i is not None:
+                _keep(mine, key, i)
+        _chosen[key] = 0 if i is None else i
     g.use(_chosen[key])
     return _chosen[key]
+
+
+def _machine_choice(g: Gemm, machine: Optional[Path], timer: Optional[Callable[[], int]]) -> Optional[int]:
+    """`g`'s choice from the machine cache, or timed now and kept there; None when neither can be had."""
+    if machine is None:
+        return timer() if timer is not None else None
+    with _locked(machine):                      # one process times a GEMM; the others wait and read it
+        i = _valid(_read(machine).get(g.label), g)
+        if i is None and timer is not None:
+            i = timer()
+            _keep(machine, g.label, i, lock=False)
+    return i
 
 
 def _valid(i, g: Gemm) -> Optional[int]:
