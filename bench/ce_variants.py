@@ -1,6 +1,6 @@
 """Time the bf16 LM head's fused cross-entropy (templates/_crossentropy.cu.j2) in its three forms on this GPU:
 a row read twice (one block per row: a plan for a GPU without clusters), and a row held in the shared memory
-of the CTAs layout.ce_row_ctas picks, with two resident an SM (the default) or one.
+of the CTAs layout.ce_row_ctas picks for four, two or one resident an SM (CE_CTAS_PER_SM).
 
     python bench/ce_variants.py [--vocab 151936] [--rows 8192] [--reps 10] [--out result.json]
 
@@ -26,7 +26,8 @@ from llmqgen import layout  # noqa: E402
 from llmqgen.codegen.context import build_context  # noqa: E402
 from llmqgen.codegen.families import crossentropy as ce  # noqa: E402
 
-FORMS = {"read twice": (None, 89), "shared memory, 2 CTAs an SM": (2, 90), "shared memory, 1 CTA an SM": (1, 90)}
+FORMS = {"read twice": (None, 89), "shared memory, 4 CTAs an SM": (4, 90), "shared memory, 2 CTAs an SM": (2, 90),
+         "shared memory, 1 CTA an SM": (1, 90)}
 
 
 def main() -> None:
