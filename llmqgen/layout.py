@@ -125,32 +125,6 @@ def row_threads(n_vec: int) -> tuple[int, int]:
     return threads, -(-n_vec // threads)
 
 
-# Cross-entropy rows held in shared memory (templates/_crossentropy.cu.j2): a thread block cluster of
-# CE_CLUSTER_SIZES CTAs (clusters: compute capability 9.0+, CUDA Programming Guide, "Thread Block Clusters";
-# 8 is the portable maximum) splits a row of the logits, so the row is read from DRAM once instead of twice.
-CE_CLUSTER_SIZES = (1, 2, 4, 8)
-CE_SMEM_RESERVE = 1024      # bytes of a CTA's shared memory left for the static reductions' scratch
-CE_CTAS_PER_SM = 2          # wanted resident CTAs an SM, so one CTA's stores overlap the next one's loads
-
-
-def ce_row_ctas(vocab: int, compute_capability: tuple[int, int], max_smem: int) -> int:
-    """CTAs that hold one row of `vocab` bf16 logits in shared memory (`max_smem`: opt-in bytes per block),
-    the fewest that leave CE_CTAS_PER_SM resident an SM, else the fewest that fit at all; 0 when no cluster
-    size fits (then the kernel reads the row twice from global memory)."""
-    sizes = [n for n in CE_CLUSTER_SIZES if n == 1 or compute_capability >= (9, 0)]
-    for per_sm in (CE_CTAS_PER_SM, 1):
-        for n in sizes:
-            if 2 * ce_slice(vocab, n) <= max_smem // per_sm - CE_SMEM_RESERVE:
-                return n
-    return 0
-
-
-def ce_slice(vocab: int, ctas: int) -> int:
-    """Elements of a row each of `ctas` CTAs holds: a multiple of 8 (16-byte vectors) when vocab % 8 == 0."""
-    vec = 8 if vocab % 8 == 0 else 1
-    return -(-vocab // (ctas * vec)) * vec
-
-
 def norm_backward_blocks(arch: str, sm_count: int, bt: int, c: int) -> int:
     """Grid of the RMSNorm backward (one block per row, at most one resident wave); each block writes
     one fp32 row of `c` weight-gradient partials."""

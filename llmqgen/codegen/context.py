@@ -125,7 +125,6 @@ def build_context(plan: Plan, arch: str) -> dict:
         "ARCH": arch,
         "SM": 10 * major + minor,
         "GPU_ARCH": gpu.arch,
-        "GPU_CC": gpu.compute_capability,
         "SM_COUNT": gpu.sm_count,
         "MAX_SMEM": gpu.max_smem_per_block,
         # header comment

@@ -32,7 +32,7 @@ _MARK_RE = re.compile("\x02(\\d+):(\\d+)\x03")
 _TAG_RE = re.compile(r"\{\{|\{%|\{#|\}\}|%\}|#\}")
 _CLOSE = {"{{": "}}", "{%": "%}", "{#": "#}"}
 _KERNEL_NAME_RE = re.compile(r"^llmq_[a-z0-9]+(_[a-z0-9]+)+$")
-_BOUNDS = r"(?:(?:__launch_bounds__|__cluster_dims__)\s*\([^)]*\)\s*)*"     # kernel attributes
+_BOUNDS = r"(?:__launch_bounds__\s*\([^)]*\)\s*)?"
 _GLOBAL_RE = re.compile(r'extern\s+"C"\s+__global__\s+' + _BOUNDS + r"void\s+" + _BOUNDS + r"(\w+)\s*\(([^)]*)\)")
 
 

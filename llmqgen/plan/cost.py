@@ -60,11 +60,10 @@ _TRAFFIC: dict[tuple, MicroStepTraffic] = {}
 def micro_step_traffic_of(plan: Plan) -> MicroStepTraffic:
     """plan/traffic.py's count over the plan's schedule, kept per step shape: the solver prices thousands of
     plans, and where state sits (offload, sharding: copies and collectives, which are not counted) leaves the
-    count as it is, but for ZeRO-2's zeroing of each layer's gradient buffer (tests/unit/test_traffic.py) and
-    the GPU (whether a row of logits fits in shared memory, layout.ce_row_ctas)."""
+    count as it is, but for ZeRO-2's zeroing of each layer's gradient buffer (tests/unit/test_traffic.py)."""
     staged_grads = plan.num_gpus > 1 and plan.sharding.gradients
     key = (plan.model, plan.batch.micro_batch, plan.batch.seq_len, plan.recompute, plan.precision,
-           plan.lm_head_chunks, staged_grads, plan.inventory.gpu.name)
+           plan.lm_head_chunks, staged_grads)
     if key not in _TRAFFIC:
         if len(_TRAFFIC) >= 4096:      # one solve needs a few hundred; a long process must not grow without end
             _TRAFFIC.clear()

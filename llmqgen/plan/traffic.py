@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..layout import FP8_SLOT_BYTES, act_slot_count, ce_row_ctas
+from ..layout import FP8_SLOT_BYTES, act_slot_count
 from .block import plan_fp8_groups
 from .schedule import MICRO_SECTIONS
 from .schema import Plan
@@ -93,7 +93,7 @@ def kernel_bytes(plan: Plan):
     """(kernel name, cold) -> bytes one launch of that micro-step kernel moves, for the plan's shapes (KeyError
     for a kernel without a rule, e.g. the optimizer's, which plan/cost.py times from the state's size);
     `cold`: an amax pass of a slot that delayed scaling does not cover (the LM head's)."""
-    m, b, gpu = plan.model, plan.batch, plan.inventory.gpu
+    m, b = plan.model, plan.batch
     BT, C, F, QKV, V = b.micro_batch * b.seq_len, m.hidden_size, m.intermediate_size, m.qkv_dim, m.vocab_size
     QK = (m.num_heads + m.num_kv_heads) * m.head_dim          # the rotated part of qkv
     heads = m.num_heads + m.num_kv_heads
@@ -113,9 +113,7 @@ def kernel_bytes(plan: Plan):
         "llmq_swiglu_backward": BT * 2 * (3 * F + 2 * F),
         "llmq_swiglu_backward_amax": BT * 2 * 3 * F,
         "llmq_swiglu_backward_dual": BT * (2 * 3 * F + 2 * 2 * F),
-        # read once (a row in shared memory) or twice, written once
-        "llmq_crossentropy_fused": RC * ((2 if ce_row_ctas(V, gpu.compute_capability, gpu.max_smem_per_block)
-                                          else 3) * 2 * V + 12),
+        "llmq_crossentropy_fused": RC * (3 * 2 * V + 12),     # read twice, written once
         "llmq_crossentropy_stats": RC * (2 * V + 12),
         "llmq_crossentropy_dual": RC * (2 * V + 2 * V + 8),   # read, written in e5m2 both ways
         "llmq_loss_reduce": BT * 4,

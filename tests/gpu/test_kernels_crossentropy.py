@@ -3,8 +3,6 @@ import pytest
 
 from optim_loss_program import family_program
 
-from llmqgen.codegen.families import crossentropy as ce
-
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
@@ -21,14 +19,9 @@ def reference(x: torch.Tensor, targets: torch.Tensor, gs: float):
     return loss, torch.where(keep, lse, 0.0), grad
 
 
-# (V, B, T, chunks, the plan's GPU, CTAs holding a row): an H200's cluster of 4 (Qwen's vocabulary), one block
-# holding the row (a row of 1-element vectors too: V % 8 != 0), and a 4090's plan, which reads the row twice.
-@pytest.mark.parametrize("V,B,T,chunks,gpu,ctas", [
-    (1024, 2, 128, 2, "h200", 1), (1001, 2, 64, 4, "h200", 1), (151936, 1, 64, 2, "h200", 4),
-    (151936, 1, 64, 2, "4090", 0), (32000, 1, 64, 1, "4090", 1)])
-def test_fused_matches_torch(V, B, T, chunks, gpu, ctas):
-    prog, ctx = family_program(["crossentropy"], V=V, B=B, T=T, lm_head_chunks=chunks, gpu=gpu)
-    assert ce.row_ctas(ctx) == ctas
+@pytest.mark.parametrize("V,B,T,chunks", [(1024, 2, 128, 2), (1001, 2, 64, 4), (151936, 1, 64, 2)])
+def test_fused_matches_torch(V, B, T, chunks):
+    prog, ctx = family_program(["crossentropy"], V=V, B=B, T=T, lm_head_chunks=chunks)
     bt, rows = ctx["BT"], ctx["BT"] // chunks
     g = torch.Generator(device="cuda").manual_seed(V)
     logits = (torch.randn(bt, V, device="cuda", generator=g) * 4 + torch.linspace(-8, 8, V, device="cuda"))
@@ -51,11 +44,6 @@ def test_fused_matches_torch(V, B, T, chunks, gpu, ctas):
     # bf16 gradient: one rounding of the fp32 value
     torch.testing.assert_close(work.float(), ref_grad, rtol=2 ** -8, atol=gs * 1e-5)
     assert not work[targets == -100].any()
-    again = logits.clone()      # the same bits on a second run (the cluster's sums in a fixed order)
-    for c in range(chunks):
-        prog.launch("llmq_crossentropy_fused", again[c * rows:(c + 1) * rows], targets, losses, lse,
-                    grad_scale, c * rows)
-    assert torch.equal(again, work)
 
     acc = torch.tensor([0.25], device="cuda")
     prog.launch("llmq_loss_reduce", losses, grad_scale, acc)

@@ -67,25 +67,11 @@ def test_online_lse_equals_logsumexp(v, threads, width):
         assert online_lse(row, threads, width) == pytest.approx(ref, rel=1e-6)
 
 
-H200 = {"SM": 90, "GPU_CC": (9, 0), "MAX_SMEM": 232448, "FP8_HEAD": False}
-RTX4090 = {"SM": 89, "GPU_CC": (8, 9), "MAX_SMEM": 101376, "FP8_HEAD": False}
-
-
 def test_context_and_rows():
     ctx = {"V": 151936, "BT": 8192, "LM_HEAD_CHUNKS": 4}
-    # H200: a row in the shared memory of a cluster of 4 CTAs (74 KiB each, two resident an SM), 512 threads
-    extra = ce.context({**ctx, **H200})
-    assert (extra["CE_ROW_CTAS"], extra["CE_SLICE"], extra["CE_THREADS"]) == (4, 37984, 512)
-    assert extra["CE_VEC"] == 8 and extra["CE_ROWS"] == 2048
-    # 4090: no clusters, 99 KiB a block: one block per row reads it twice
-    extra = ce.context({**ctx, **RTX4090})
-    assert (extra["CE_ROW_CTAS"], extra["CE_SLICE"], extra["CE_THREADS"]) == (0, 0, 1024)
-    # an H200 plan compiled for an sm_89 target (a stand-in) gets no clusters either; an FP8 head no copy
-    assert ce.context({**ctx, **H200, "SM": 89})["CE_ROW_CTAS"] == 0
-    assert ce.context({**ctx, **H200, "FP8_HEAD": True})["CE_ROW_CTAS"] == 0
-    # a small vocabulary fits one block on either GPU
-    assert ce.context({"V": 32000, "BT": 256, "LM_HEAD_CHUNKS": 1, **RTX4090})["CE_ROW_CTAS"] == 1
-    assert ce.context({"V": 1001, "BT": 256, "LM_HEAD_CHUNKS": 1, **H200})["CE_VEC"] == 1
-    assert ce.context({"V": 1024, "BT": 256, "LM_HEAD_CHUNKS": 1, **H200})["CE_THREADS"] == 128
+    extra = ce.context(ctx)
+    assert extra["CE_THREADS"] == 1024 and extra["CE_VEC"] == 8 and extra["CE_ROWS"] == 2048
+    assert ce.context({"V": 1001, "BT": 256, "LM_HEAD_CHUNKS": 1})["CE_VEC"] == 1
+    assert ce.context({"V": 1024, "BT": 256, "LM_HEAD_CHUNKS": 1})["CE_THREADS"] == 128
     with pytest.raises(ValueError, match="LM_HEAD_CHUNKS=3 must divide"):
         ce.rows_per_chunk({"BT": 256, "LM_HEAD_CHUNKS": 3})

@@ -75,14 +75,6 @@ def test_context_numbers():
     assert any("Tiny-Qwen" in line for line in ctx["PLAN_SUMMARY"])
 
 
-def test_kernel_attributes_in_any_order_and_number_are_seen_through():
-    src = """extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(512)
-llmq_ce_rows(float* x, int n) {}
-extern "C" __global__ void __launch_bounds__(128) llmq_a_b(const float* __restrict__ y) {}
-extern "C" __global__ void llmq_c_d(int k) {}"""
-    assert R._kernel_params(src) == {"llmq_ce_rows": ["x", "n"], "llmq_a_b": ["y"], "llmq_c_d": ["k"]}
-
-
 def test_arch_checks():
     assert parse_arch("sm_90a") == (9, 0, "a") and parse_arch("sm_120") == (12, 0, "")
     check_arch("sm_90a", H200)

@@ -54,19 +54,6 @@ def test_where_state_sits_leaves_the_count_alone(fp8):
     assert staged.launches - base.launches == L * len(buffers)
 
 
-@pytest.mark.parametrize("V,reads_h200", [(151936, 1), (1024, 1)])
-def test_the_bf16_heads_cross_entropy_reads_a_row_once_where_it_fits_in_shared_memory(V, reads_h200):
-    """H200: the row in a cluster's shared memory (read once, written once); a 4090 (no clusters, 99 KiB
-    a block) reads Qwen's 151,936 logits twice, a 1,024-entry row it holds in one block."""
-    def ce(gpu):
-        plan = small_plan("qwen2", False, gpu=gpu, V=V)
-        assert traffic(plan) == micro_step_traffic_of(plan)     # the cost model's cache keeps GPUs apart
-        return dict(traffic(plan).by_family)["crossentropy"]
-    BT = 2 * 128
-    reads_4090 = 1 if V * 2 <= 101376 // 2 else 2
-    assert ce("h200") - ce("4090") == (reads_h200 - reads_4090) * BT * 2 * V
-
-
 def test_recompute_costs_what_the_rerun_kernels_move():
     """SwiGLU recompute reruns the fused FP8 forward's writing pass in backward (gate_up read, e4m3 h
     written), once per layer; not its amax pass: the forward's amax of the same values is in the slot."""

@@ -1,12 +1,8 @@
 """Fused LM-head cross-entropy: per-row loss, LSE and dlogits in place, plus the loss reduce.
 
 The LM head runs in LM_HEAD_CHUNKS chunks of RC = BT / LM_HEAD_CHUNKS rows: cuBLAS writes a chunk's
-bf16 logits [RC, V], `llmq_crossentropy_fused` turns them into their gradient in place, and the next GEMMs
-consume it. `llmq_loss_reduce` sums the per-token losses once per micro-step.
-
-Where a row fits in the shared memory of CE_ROW_CTAS CTAs (layout.ce_row_ctas: a thread block cluster of up
-to 8 on compute capability 9.0+, e.g. 4 CTAs of 74 KiB for Qwen's 151,936 logits on an H100/H200), the
-fused kernel reads the row from DRAM once and writes it once; otherwise one block per row reads it twice.
+bf16 logits [RC, V], `llmq_crossentropy_fused` (one block per row) turns them into their gradient in
+place, and the next GEMMs consume it. `llmq_loss_reduce` sums the per-token losses once per micro-step.
 
 An FP8 head (precision.lm_head "fp8") splits the fused kernel: `llmq_crossentropy_stats` (one block per row:
 loss and LSE) and `llmq_crossentropy_dual` (64x64 tiles: the gradient in e5m2, [RC, V] for dgrad and its
@@ -16,7 +12,6 @@ descale grad_scale / E5M2_MAX; nothing saturates and no amax pass is needed.
 """
 from __future__ import annotations
 
-from ...layout import ce_row_ctas, ce_slice
 from ..kernel import Kernel, cdiv
 from .quantize import FMAX
 
@@ -27,12 +22,11 @@ LOSS_REDUCE_THREADS = 1024
 DUAL_TILE, DUAL_THREADS = 64, 256   # the quantize family's tiles (llmq_quant::Tile, store_transposed)
 
 
-def _ce_threads(v: int, most: int = 1024) -> int:
-    """Threads per row (or slice) of `v` elements: about 8 vector loads per thread, a power of two in
-    [128, most]."""
+def _ce_threads(v: int) -> int:
+    """Threads per row: about 8 vector loads per thread, a power of two in [128, 1024]."""
     want = cdiv(v, 8 * 8)
     threads = 128
-    while threads < want and threads < most:
+    while threads < want and threads < 1024:
         threads *= 2
     return threads
 
@@ -45,21 +39,9 @@ def rows_per_chunk(ctx: dict) -> int:
     return bt // chunks
 
 
-def row_ctas(ctx: dict) -> int:
-    """CTAs of the bf16 head's fused kernel per row (0: no shared-memory copy), by the plan's GPU, like every
-    launch size (see codegen/context.py), where its compile target has clusters too."""
-    cc = min((ctx["SM"] // 10, ctx["SM"] % 10), ctx["GPU_CC"])
-    return 0 if ctx["FP8_HEAD"] else ce_row_ctas(ctx["V"], cc, ctx["MAX_SMEM"])
-
-
 def context(ctx: dict) -> dict:
-    ctas = row_ctas(ctx)
-    slice_ = ce_slice(ctx["V"], ctas) if ctas else 0
     return {
-        "CE_ROW_CTAS": ctas,
-        "CE_SLICE": slice_,
-        # 512 threads a CTA in shared memory: two resident CTAs an SM keep 64 registers a thread
-        "CE_THREADS": _ce_threads(slice_, 512) if ctas else _ce_threads(ctx["V"]),
+        "CE_THREADS": _ce_threads(ctx["V"]),
         "CE_VEC": 8 if ctx["V"] % 8 == 0 else 1,   # rows stay 16-byte aligned only when V % 8 == 0
         "CE_REDUCE_THREADS": LOSS_REDUCE_THREADS,
         "CE_IGNORE_INDEX": IGNORE_INDEX,
@@ -88,10 +70,8 @@ def kernels(ctx: dict) -> list[Kernel]:
                        "stats[4] = grad_scale / E5M2_MAX", meta=meta),
         ]
     else:
-        ctas = extra["CE_ROW_CTAS"]
         row_kernels = [
-            Kernel(name="llmq_crossentropy_fused", grid=(rc * max(1, ctas), 1, 1), block=(extra["CE_THREADS"], 1, 1),
-                   smem=2 * extra["CE_SLICE"],
+            Kernel(name="llmq_crossentropy_fused", grid=(rc, 1, 1), block=(extra["CE_THREADS"], 1, 1),
                    args=(("logits", "__nv_bfloat16*"), ("targets", "const int*"), ("losses", "float*"),
                          ("lse", "float*"), ("grad_scale", "const float*"), ("row_offset", "int")),
                    doc="per row of a logits chunk: LSE, loss = LSE - x[target], "
