@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
 
 from ..hardware.spec import Inventory
 from ..models.spec import ModelSpec
@@ -50,7 +50,7 @@ class Precision(_Frozen):
     # FP8 forward GEMMs (block and FP8 head) accumulate in the tensor cores' own precision, without promoting
     # partial sums to fp32 (cuBLASLt's FAST_ACCUM; Transformer Engine's recipes do so for fprop, and keep
     # dgrad and wgrad precise, as here). Its algorithms are chosen by timing (runtime/gemm_search.py).
-    fast_accum: bool = False
+    fast_accum: StrictBool = False
 
     @model_validator(mode="after")
     def _grad_follows_matmul(self):
@@ -94,12 +94,12 @@ class Recompute(_Frozen):
     Implications (applied on construction, as LLMQ does): ffn -> swiglu; attention -> qkv;
     block -> everything (only each block's residual input is kept)."""
 
-    swiglu: bool = False      # SwiGLU output, from the saved gate/up product
-    norm: bool = False        # both RMSNorm outputs, from the saved residual
-    ffn: bool = False         # gate/up matmul + SwiGLU, from the (saved or recomputed) norm output
-    qkv: bool = False         # QKV matmul + RoPE, from the (saved or recomputed) norm output
-    attention: bool = False   # attention forward (output and LSE), from recomputed QKV
-    block: bool = False       # the whole block from its residual input
+    swiglu: StrictBool = False      # SwiGLU output, from the saved gate/up product
+    norm: StrictBool = False        # both RMSNorm outputs, from the saved residual
+    ffn: StrictBool = False         # gate/up matmul + SwiGLU, from the (saved or recomputed) norm output
+    qkv: StrictBool = False         # QKV matmul + RoPE, from the (saved or recomputed) norm output
+    attention: StrictBool = False   # attention forward (output and LSE), from recomputed QKV
+    block: StrictBool = False       # the whole block from its residual input
 
     @model_validator(mode="after")
     def _implications(self):
@@ -120,12 +120,12 @@ class Recompute(_Frozen):
 class Offload(_Frozen):
     """What lives in pinned host memory instead of the GPU (streamed over PCIe when used)."""
 
-    master: bool = False
-    adam_m: bool = False
-    adam_v: bool = False
-    residual: bool = False           # saved per-layer residuals (needed by backward)
-    quantized_weights: bool = False  # FP8/BF16 work copy of the block weights, streamed per layer
-    gradients: bool = False          # weight gradients (accumulated on host after each micro-step)
+    master: StrictBool = False
+    adam_m: StrictBool = False
+    adam_v: StrictBool = False
+    residual: StrictBool = False           # saved per-layer residuals (needed by backward)
+    quantized_weights: StrictBool = False  # FP8/BF16 work copy of the block weights, streamed per layer
+    gradients: StrictBool = False          # weight gradients (accumulated on host after each micro-step)
 
     def names(self) -> list[str]:
         return [k for k in type(self).model_fields if getattr(self, k)]
@@ -134,9 +134,9 @@ class Offload(_Frozen):
 class Sharding(_Frozen):
     """ZeRO sharding over the GPUs. On one GPU, `weights` means streaming weights from host."""
 
-    optimizer: bool = False   # ZeRO-1: master + Adam m/v sharded
-    gradients: bool = False   # ZeRO-2: weight gradients reduce-scattered
-    weights: bool = False     # ZeRO-3: work weights all-gathered per layer
+    optimizer: StrictBool = False   # ZeRO-1: master + Adam m/v sharded
+    gradients: StrictBool = False   # ZeRO-2: weight gradients reduce-scattered
+    weights: StrictBool = False     # ZeRO-3: work weights all-gathered per layer
 
     @property
     def zero(self) -> int:
@@ -161,7 +161,7 @@ class MemRow(_Frozen):
     dtype: str
     shape: tuple[int, ...]
     note: str = ""
-    sharded: bool = False      # this GPU's shard (shape (S,)) of a tensor split over the GPUs
+    sharded: StrictBool = False      # this GPU's shard (shape (S,)) of a tensor split over the GPUs
     # device rows: bytes from the arena's base (plan/lifetimes.py packs rows whose lifetimes never
     # overlap into the same bytes); None in an unpacked table and for host and reserve rows
     offset: Optional[int] = None
@@ -214,8 +214,8 @@ class Plan(_Frozen):
     # copy_engine: one process drives every GPU of the machine, collectives are cuMemcpyAsync (peer
     # copies when peer_copies, else staged through pinned host memory); nccl: one process per GPU
     collectives: Literal["copy_engine", "nccl"] = "copy_engine"
-    peer_copies: bool = False
-    cuda_graphs: bool = True
+    peer_copies: StrictBool = False
+    cuda_graphs: StrictBool = True
     estimate: Optional[Estimate] = None
 
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)

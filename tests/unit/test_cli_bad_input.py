@@ -122,6 +122,11 @@ def _bad_files(tmp_path, plan_file):
         "newer": (good.replace('"schema": 1', '"schema": 7'), "written by a newer llmqgen (schema 7 > 1): upgrade"),
         "older": (good.replace('"schema": 1', '"schema": 0'), "written by an older llmqgen (schema 0 < 1)"),
         "invalid": (good.replace('"micro_batch": ', '"micro_batch": -'), "is not a valid llmqgen plan (batch.micro_batch"),
+        # a hand-edited flag: true or false only (as `--set` checks), not pydantic's lax "yes" or 1
+        "lax flag": (good.replace('"fast_accum": false', '"fast_accum": "yes"'),
+                     "is not a valid llmqgen plan (precision.fast_accum: Input should be a valid boolean"),
+        "number flag": (good.replace('"cuda_graphs": true', '"cuda_graphs": 1'),
+                        "is not a valid llmqgen plan (cuda_graphs: Input should be a valid boolean"),
     }
     for name, (text, needle) in files.items():
         (tmp_path / f"{name}.json").write_text(text)
