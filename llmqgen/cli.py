@@ -174,6 +174,14 @@ def _load_plan(path: Path, show: bool = False):
         if show:
             _fail(stale)
         logger.warning(stale)
+    if p.estimate is not None:      # an inventory edited below what the plan needs (GPU or host memory)
+        from .hardware.inventory import human_bytes
+        from .plan.solver import usable_device, usable_host
+        for need, have, what in ((p.estimate.device_bytes, usable_device(p.inventory), "per GPU"),
+                                 (p.estimate.host_bytes, usable_host(p.inventory), "of pinned host RAM")):
+            if need > have:
+                _fail(f"{path}: the plan needs {human_bytes(need)} {what}, its inventory ({p.inventory.label}) "
+                      f"has {human_bytes(have)} usable (the file was edited?): re-plan with `llmqgen plan`")
     return p
 
 
@@ -315,13 +323,15 @@ def plan(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, micro_batc
                 ctx.get_parameter_source("tokens_per_step") == click.core.ParameterSource.DEFAULT:
             message = "the default " + message      # the user never typed it: say where it came from
         _fail(message)
+    where = "choose another --out" if out_dir else (f"set ${PLANS_ENV} to a writable folder, or pass --out"
+                                                    if os.environ.get(PLANS_ENV) else "pass --out")
     out_dir = out_dir or plans_dir()
     path = out_dir / f"{p.name}.json"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(p.to_json())
     except OSError as e:
-        _fail(f"cannot write the plan to {path}: {e.strerror or e} (choose another --out)")
+        _fail(f"cannot write the plan to {path}: {e.strerror or e} ({where})")
     click.echo(p.to_json() if as_json else render_plan(p, str(path)))
 
 

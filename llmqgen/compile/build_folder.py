@@ -22,7 +22,7 @@ from ..codegen.kernel import Kernel, kernel_from_json
 from ..codegen.uri import plan_uri
 from ..plan.schema import MemRow, Plan
 from .cache import BuildResult, build
-from .nvrtc import nvrtc_version
+from .nvrtc import check_target, nvrtc_version
 
 NO_COMPILE = "LLMQGEN_NO_COMPILE"
 LOCK = ".lock"
@@ -117,6 +117,7 @@ def _lock(folder: Path) -> FileLock:
 def build_locked(plan: Plan, arch: str | None = None, out_root: str | Path = "build") -> BuildResult:
     """`compile.cache.build` under the folder's file lock (`llmqgen build`); arch: the plan's GPU's by default."""
     arch = arch or plan.inventory.gpu.arch
+    check_target(arch)          # before the lock makes the folder: none is left for a target NVRTC lacks
     with _lock(folder_of(plan, arch, out_root)):
         return build(plan, arch, out_root)
 
@@ -131,6 +132,7 @@ def open_build(plan: Plan, arch: str, out_root: str | Path = "build") -> BuildFo
             raise BuildFolderError(f"{e}; {NO_COMPILE} is set, so it is not built here: run `llmqgen build "
                                    f"--plan PLAN.json --arch {arch} --out {out_root}` for plan {plan.name} "
                                    f"first (with this llmqgen and NVRTC)") from None
+    check_target(arch)
     with _lock(folder):
         try:
             return load(folder, plan)           # another process built it while we waited

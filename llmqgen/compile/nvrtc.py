@@ -167,13 +167,18 @@ def _compile_error(name: str, arch: str, log: str, source: str, source_map) -> C
     return CompileError(f"{head} ({len(errors)} error{'s' if len(errors) > 1 else ''}):\n{body}", log, errors)
 
 
-def compile_program(source: str, name: str, arch: str, source_map: Sequence | None = None) -> CompileResult:
-    """Compile `source` (named `name` in messages) to a CUBIN for `arch` (e.g. "sm_90a")."""
-    nvrtc = _nvrtc()
+def check_target(arch: str) -> None:
+    """Raises CompileError when this NVRTC cannot compile for `arch` (e.g. "sm_90a")."""
     base = int(re.sub(r"\D", "", arch.split("_", 1)[-1]) or 0)
     if base not in supported_archs():
         raise CompileError(f"NVRTC {'.'.join(map(str, nvrtc_version()))} cannot target {arch} (it supports "
                            f"sm_{supported_archs()}): install a newer nvidia-cuda-nvrtc")
+
+
+def compile_program(source: str, name: str, arch: str, source_map: Sequence | None = None) -> CompileResult:
+    """Compile `source` (named `name` in messages) to a CUBIN for `arch` (e.g. "sm_90a")."""
+    nvrtc = _nvrtc()
+    check_target(arch)
     options = compile_options(arch)
     prog = _check(nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []), "nvrtcCreateProgram")
     try:

@@ -127,7 +127,7 @@ class ShardReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        redo = f"re-create it with `llmqgen data prepare`"
+        redo = "re-create it with `llmqgen data prepare`"
         try:
             size = self.path.stat().st_size
             with open(self.path, "rb") as f:

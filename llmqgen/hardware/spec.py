@@ -13,7 +13,7 @@ class GpuSpec(BaseModel):
     display_name: str             # "NVIDIA GeForce RTX 4090"
     compute_capability: tuple[int, int]
     sm_count: int
-    memory_bytes: int             # usable device memory as the driver reports its total
+    memory_bytes: int = Field(gt=0)   # usable device memory as the driver reports its total
     bf16_tflops: float            # dense tensor rate, FP32 accumulation
     fp8_tflops: Optional[float]   # dense E4M3 rate with FP32 accumulation; None: no FP8 tensor cores
     mem_bandwidth_gbs: float      # DRAM bandwidth, GB/s

@@ -129,14 +129,17 @@ def memory_table(plan: Plan) -> list[MemRow]:
 
 def estimate_is_current(plan: Plan) -> bool:
     """Whether the plan's estimate was made for its inputs: the estimate is not hashed, so a plan file
-    edited by hand (model.num_layers 24 -> 2) keeps the old one; its memory rows then differ from the
-    table these inputs give. True for a plan without an estimate (nothing stale to show)."""
+    edited by hand (model.num_layers 24 -> 2, batch.grad_accum 8 -> 3) keeps the old one; its memory rows
+    or its step time then differ from what these inputs give (this table, plan/cost.py's step_cost). True
+    for a plan without an estimate (nothing stale to show)."""
     if plan.estimate is None:
         return True
+    from .cost import step_cost     # cost.py reads this module's tables
 
     def rows(table: list[MemRow]) -> list[tuple]:
         return sorted((r.name, r.bytes, r.count, r.place) for r in table)
-    return rows(plan.estimate.memory) == rows(memory_table(plan))
+    return (rows(plan.estimate.memory) == rows(memory_table(plan))
+            and abs(step_cost(plan).step_ms / plan.estimate.step_ms - 1) < 1e-9)
 
 
 P = dict(shard=False)           # a parameter-sized row (padded to equal shards with several GPUs)

@@ -225,6 +225,7 @@ class Plan(_Frozen):
         if self.schema_version != SCHEMA_VERSION:
             raise ValueError(f"plan schema {self.schema_version} is not supported by this llmqgen "
                              f"(expects {SCHEMA_VERSION}): re-run `llmqgen plan` to make a new one")
+        check_plan_name(self.name)      # it names the run's folder (runs/<name>) and the plan's file
         if self.batch.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"seq_len {self.batch.seq_len} exceeds the model's "
                              f"max_position_embeddings {self.model.max_position_embeddings}")

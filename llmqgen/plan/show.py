@@ -41,8 +41,8 @@ def _table(rows: list[MemRow], place: str, total_label: str, capacity: int, usab
         out.append(f"  {'packed by lifetime':<34}{'-' + _fmt(total - packed).strip():>12}   "
                    f"({sum(r.live is not None for r in dev)} rows of {_fmt(shared).strip()} share bytes)")
         total = packed
-    out.append(f"  {total_label:<34}{_fmt(total):>12}   of {_fmt(usable).strip()} usable "
-               f"({_fmt(capacity).strip()} total, {100 * total / usable:.0f}% used)")
+    out.append(f"  {total_label:<34}{_fmt(total):>12}   {100 * total / max(usable, 1):.0f}% of {_fmt(usable).strip()} "
+               f"usable ({_fmt(capacity).strip()} total)")
     return out
 
 
@@ -89,7 +89,9 @@ def render_plan(plan: Plan, path: str | None = None, written: bool = True) -> st
     lines += ["  where the time goes: " + ", ".join(
         f"{k} {100 * v / e.step_ms:.0f}%" for k, v in sorted(e.breakdown_ms.items(), key=lambda kv: -kv[1]) if v > 0)]
     if e.runners_up:
-        lines += ["", "Runners-up:"]
+        lines += ["", "Runners-up (in the solver's order: predicted speed less the margins that more offload "
+                      "and higher ZeRO levels must win by):"]
+        width = max(len(c.summary) for c in e.runners_up)
         for c in e.runners_up:
-            lines.append(f"  {c.summary:<70} {c.tokens_per_s:>10,.0f} tok/s  {c.why_not}")
+            lines.append(f"  {c.summary:<{width}} {c.tokens_per_s:>10,.0f} tok/s  {c.why_not}")
     return "\n".join(lines)

@@ -422,6 +422,12 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if pins.get("peer_copies") and not gpu.peer_access:
         raise ValueError(f"--set peer_copies=true: {gpu.display_name} has no peer access (GPUs of its kind cannot "
                          f"copy to each other directly): drop it, the copies go through pinned host memory")
+    if inventory.count * inventory.nodes == 1 and not pins.get("sharding.weights"):
+        for key in ("sharding.optimizer", "sharding.gradients"):
+            if pins.get(key):
+                raise ValueError(f"--set {key}=true: one GPU has no other to share it with (ZeRO-1 and ZeRO-2 "
+                                 f"change nothing on one GPU): drop it (sharding.weights=true streams the "
+                                 f"weights from host memory)")
     asked = [(o.field, o.what) for o in FP8_OPTIONS if pins.get(f"precision.{o.field}") == o.on]
     if not fp8 and asked:
         field, what = asked[0]
@@ -478,7 +484,10 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
         if tokens_per_step % need or (ga_pin is not None and tokens_per_step != need * ga_pin):
             alt = f", or --micro-batch {_or(valid)}" if valid and ga_pin is None else ""
             raise ValueError(f"--tokens-per-step {tokens_per_step} is not "
-                             + (f"micro_batch x grad_accum x seq_len x GPUs = {need * ga_pin}" if ga_pin is not None
+                             + (f"micro_batch x grad_accum x seq_len x GPUs = {need * ga_pin}: use --tokens-per-step "
+                                f"{need * ga_pin}" + (f", or --set batch.grad_accum={tokens_per_step // need}"
+                                                      if tokens_per_step % need == 0 else "")
+                                if ga_pin is not None
                                 else f"a multiple of micro_batch x seq_len x GPUs = {mb_pin} x {seq_len} x {N} "
                                      f"= {need}: use {_tokens_hint(tokens_per_step, need)}{alt}"))
         micros = [mb_pin]
@@ -592,10 +601,12 @@ def _prefer_less_offload(fitting: list[Scored]) -> Scored:
     return best
 
 
-def _shortfall(s: Scored, bound: bool = False) -> int:
-    """Bytes over the usable memory; bound: a lower bound, without packing."""
+def _shortfall(s: Scored, bound: bool = False) -> tuple[int, int]:
+    """(bytes over the usable device memory, bytes over the usable host RAM), compared in that order: the
+    closest plan is the one nearest fitting the GPU, which a user cannot add to, then the host RAM, which the
+    no-fit hints suggest adding; bound: a lower bound of the device's, without packing."""
     inv = s.plan.inventory
-    return max(0, (s.device_min if bound else s.device) - usable_device(inv)) + max(0, s.host - usable_host(inv))
+    return max(0, (s.device_min if bound else s.device) - usable_device(inv)), max(0, s.host - usable_host(inv))
 
 
 def _distinct(cands: list[Scored], best: Scored, n: int) -> list[Scored]:

@@ -135,6 +135,31 @@ def _bad_files(tmp_path, plan_file):
     return {tmp_path / f"{k}.json": needle for k, (_, needle) in files.items()}
 
 
+def test_a_plan_file_edited_out_of_step_with_its_estimate(no_driver_runtime, tmp_path, plan_file):
+    """Edits the memory rows do not show (a fresh user's trial): the step's shape (grad_accum) is caught by
+    the step time, an inventory below what the plan needs by its memory, for every command; zero memory is
+    no inventory at all; a name with directories is no plan name (it names the run's folder)."""
+    d = json.loads(plan_file.read_text())
+
+    def edited(name, change):
+        e = json.loads(json.dumps(d))
+        change(e)
+        (tmp_path / f"{name}.json").write_text(json.dumps(e))
+        return tmp_path / f"{name}.json"
+    ga = edited("ga", lambda e: e["batch"].update(grad_accum=3))
+    our_line(invoke("plan", "--show", ga), "its estimate does not match its inputs")
+    small = edited("small", lambda e: e["inventory"]["gpu"].update(memory_bytes=8 * 2**30))
+    for cmd in (["plan", "--show", small], ["build", "--plan", small, "--out", tmp_path / "b"], ["bench", "--plan", small]):
+        our_line(invoke(*cmd), "the plan needs", "GiB per GPU, its inventory (1xh200) has 7.8 GiB usable")
+    assert not (tmp_path / "b").exists()
+    our_line(invoke("plan", "--show", edited("nohost", lambda e: e["inventory"].update(host_mem_bytes=0))),
+             "of pinned host RAM, its inventory (1xh200) has 0 B usable")
+    our_line(invoke("plan", "--show", edited("zero", lambda e: e["inventory"]["gpu"].update(memory_bytes=0))),
+             "is not a valid llmqgen plan (inventory.gpu.memory_bytes")
+    our_line(invoke("plan", "--show", edited("dirs", lambda e: e.update(name="../../etc/x"))),
+             "plan name '../../etc/x' must be a plain file name")
+
+
 def test_plan_show_of_what_is_not_a_plan(tmp_path, plan_file):
     (tmp_path / "bad").mkdir()
     for path, needle in _bad_files(tmp_path / "bad", plan_file).items():
@@ -193,6 +218,21 @@ def test_plan_out_that_is_a_file(tmp_path):
 
 def test_build_bad_arch(plan_file, tmp_path):
     our_line(invoke("build", "--plan", plan_file, "--arch", "sm_xx", "--out", tmp_path / "b"), "sm_<major><minor>")
+    # a target NVRTC cannot compile for leaves no half-made build folder behind
+    our_line(invoke("build", "--plan", plan_file, "--arch", "sm_999", "--out", tmp_path / "b"), "cannot target sm_999")
+    assert not (tmp_path / "b").exists()
+
+
+def test_plans_dir_that_is_a_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("LLMQGEN_PLANS_DIR", str(tmp_path / "f"))
+    our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200"), "set $LLMQGEN_PLANS_DIR to a writable folder")
+
+
+def test_a_pinned_grad_accum_that_misses_the_step_says_what_to_use(tmp_path):
+    our_line(invoke("plan", "--model", "0.5b", "--gpus", "1xH200", "--micro-batch", 16, "--set", "batch.grad_accum=4",
+                    "--out", tmp_path), "the default --tokens-per-step 524288 is not micro_batch x grad_accum x "
+             "seq_len x GPUs = 65536: use --tokens-per-step 65536, or --set batch.grad_accum=32")
 
 
 # --- item 10: the GPU runtime without a driver -----------------------------------------------------

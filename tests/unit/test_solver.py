@@ -67,6 +67,28 @@ def test_no_fit_names_the_shortfall():
     assert "does not fit 1x4060ti" in msg and "short" in msg and "--host-mem" in msg
 
 
+def test_the_closest_plan_is_the_one_nearest_fitting_the_gpu():
+    """72B on one 4090 (a fresh user's report): the closest plan fits the GPU with everything offloaded and
+    is short of host RAM only, which is what the hint (more --host-mem) adds; not a plan short of both."""
+    with pytest.raises(NoFitError) as e:
+        solve(resolve_model("72b"), inv("4090", 1, host_gib=128))
+    msg = str(e.value)
+    device_line = msg.splitlines()[1]
+    assert "per GPU" in device_line and "short" not in device_line, msg
+    assert "offload=master+adam_m+adam_v+quantized_weights+gradients" in msg and "--host-mem" in msg
+
+
+def test_zero_1_or_2_on_one_gpu_is_refused():
+    """On one GPU ZeRO-1 and -2 shard over nothing: a pin of either is refused, not turned into a plan that
+    only its name tells apart; with sharding.weights (weight streaming) they stand."""
+    for key in ("sharding.optimizer", "sharding.gradients"):
+        with pytest.raises(ValueError, match=f"--set {key}=true: one GPU has no other to share it with"):
+            solve(resolve_model("0.5b"), inv("h200"), pins={key: True})
+    assert solve(resolve_model("0.5b"), inv("h200", 2), pins={"sharding.optimizer": True}).sharding.optimizer
+    streamed = solve(resolve_model("0.5b"), inv("h200"), pins={"sharding.optimizer": True, "sharding.weights": True})
+    assert streamed.sharding.weights
+
+
 def test_fp8_on_a_gpu_without_fp8_is_refused():
     with pytest.raises(ValueError, match="no FP8"):
         solve(resolve_model("0.5b"), inv("3090"), dtype="e4m3")
