@@ -29,6 +29,7 @@ from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord, step_rates
 from .lr import LRSchedule
+from .rundir import CHECKPOINTS, LOG, MODEL, check_new_run
 from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
 from .standin import RunningOn
@@ -162,7 +163,8 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
     process (torchrun, mpirun, srun) runs this; rank 0 alone prints the step lines, logs, checkpoints and
     exports (the header and messages are logged; the command line prints rank 0's). Once the GPU is open
     the header says whether it stands in for the plan's (runtime/standin.py); at the end the measured peak
-    device memory is logged next to the plan's (runtime/devmem.py)."""
+    device memory is logged next to the plan's (runtime/devmem.py). A new run (no `cfg.resume`) refuses a
+    folder that holds a run already (ValueError, runtime/rundir.py), before anything is written."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     dist = dist_env() if plan.collectives == "nccl" else None
     main = dist.rank == 0 if dist is not None else is_rank_zero()
@@ -170,8 +172,10 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
     ck = None
     if cfg.resume:
         which = int(cfg.resume) if cfg.resume.isdigit() else cfg.resume
-        ck = read_checkpoint(cfg.out / "checkpoints", which, expect=plan.model)
+        ck = read_checkpoint(cfg.out / CHECKPOINTS, which, expect=plan.model)
         state = ck.state_tensors()
+    else:
+        check_new_run(cfg.out)
     cfg = replace(cfg, data=run_dataset(cfg.data, ck))
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
@@ -209,7 +213,7 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         loader = TrainLoader(cfg.data, B, T, seed=s["seed"], cursor=cursor, model_vocab=plan.model.vocab_size)
         quiet = None if main else open(os.devnull, "w")     # noqa: SIM115 - closed after the loop
         bad: list[tuple[float, float]] = []                # (loss, norm) of the non-finite steps in a row
-        with StepLogger(cfg.out / "log.jsonl" if main else None, s["steps"], stream=quiet or sys.stderr) as log:
+        with StepLogger(cfg.out / LOG if main else None, s["steps"], stream=quiet or sys.stderr) as log:
             for line in lines:
                 logger.info(line)
             if changes:
@@ -258,7 +262,7 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         if stop["now"]:
             logger.info(f"stopped at step {step}: saving")
         _checkpoint(tr, plan, cfg, s, step, loader, main)
-        out = cfg.out / "model"
+        out = cfg.out / MODEL
         params = tr.params()            # every process takes part in gathering the shards
         if main:
             export_hf(params, plan.model, out)
@@ -304,5 +308,5 @@ def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, s: dict, step: int, loa
         return None
     state = {"step": step, "loader": loader.cursor, "seed": s["seed"],
              "run": {**s, "data": str(cfg.data)}}
-    return save_checkpoint(cfg.out / "checkpoints", step, tensors, state, plan.to_json(),
+    return save_checkpoint(cfg.out / CHECKPOINTS, step, tensors, state, plan.to_json(),
                            keep_last=cfg.keep_last)

@@ -242,6 +242,30 @@ def test_a_resume_without_a_checkpoint_is_said_before_the_driver(no_driver_runti
         assert "no checkpoint" in line and NO_DRIVER_RUNTIME not in line, line
 
 
+def test_a_folder_that_holds_a_run_is_said_before_the_driver(no_driver_runtime, plan_file, tmp_path, monkeypatch,
+                                                             data):
+    """run/train into runs/<plan name> (or --out) holding a run, without --resume: one line, before the GPU is
+    needed; train saves no plan then."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    (tmp_path / "runs" / "ok" / "checkpoints" / "step-000005").mkdir(parents=True)
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data)) == (
+        "error: runs/ok already holds a run (checkpoints up to step 5): add --resume to continue it, or --out "
+        "<folder> for a new run")
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--resume", "latest")) \
+        == "error: runs/ok/checkpoints: every checkpoint is damaged (step-000005: state.json is missing): start " \
+        "the run again in another --out"
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", "runs/new")) \
+        == f"error: {NO_DRIVER_RUNTIME}"
+    assert our_line(invoke("train", "--gpus", "1xh200", "--data", data, "--steps", 1)) == f"error: {NO_DRIVER_RUNTIME}"
+    (saved,) = (tmp_path / "llmqgen-plans").glob("*.json")
+    saved.unlink()
+    (tmp_path / "runs" / saved.stem).mkdir()
+    (tmp_path / "runs" / saved.stem / "log.jsonl").write_text("")
+    assert "already holds a run (its log.jsonl" in our_line(invoke("train", "--gpus", "1xh200", "--data", data))
+    assert not list((tmp_path / "llmqgen-plans").iterdir())
+
+
 def test_train_takes_host_mem(no_driver_runtime, tmp_path, monkeypatch, data):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
