@@ -265,7 +265,7 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         out = cfg.out / MODEL
         params = tr.params()            # every process takes part in gathering the shards
         if main:
-            export_hf(params, plan.model, out)
+            export_hf(params, plan.model, out, force=True)     # the run's own model/: an earlier export of it
         logger.info(f"model exported to {out} (Hugging Face safetensors + config.json)")
         return out
     finally:

@@ -33,6 +33,12 @@ def one_line(res) -> str:
     return lines[0]
 
 
+def ok(res) -> bool:
+    """The command succeeded."""
+    assert res.exit_code == 0, res.output
+    return True
+
+
 @pytest.fixture
 def plan_file(tmp_path):
     path = tmp_path / "p.json"
@@ -95,3 +101,93 @@ def test_cli_a_second_run_in_the_same_folder_changes_nothing(run, data, tmp_path
     res = CliRunner().invoke(main, base + ["--steps", "4", "--resume", "latest"])      # --resume continues it
     assert res.exit_code == 0, res.output
     assert [r["step"] for r in read_log(tmp_path / "r" / "log.jsonl")] == [0, 1, 2, 3]
+
+
+# --- export: into a new folder, an empty one or an earlier export's ------------------------------------
+
+def export(*args):
+    return CliRunner().invoke(main, ["export", *map(str, args)])
+
+
+def other_model(folder: Path) -> None:
+    """Another model's download: three shards, their index, config.json and a README."""
+    import numpy as np
+    from llmqgen.checkpoint.safetensors import write_sharded
+    write_sharded(folder, {f"w{i}": np.full(100, i, np.float32) for i in range(3)}, shard_bytes=400)
+    (folder / "config.json").write_text('{"model_type": "other"}')
+    (folder / "README.md").write_text("another model")
+
+
+def test_export_refuses_a_folder_with_files_it_did_not_write(run, data, tmp_path):
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    hf = tmp_path / "hf"
+    other_model(hf)
+    before = snapshot(hf)
+    assert one_line(export(tmp_path / "r", hf)) == (
+        f"error: {hf} holds files that no llmqgen export wrote (README.md, config.json, "
+        f"model-00001-of-00003.safetensors and 3 more): export into a new or empty folder, or add --force to "
+        f"write there anyway (its model safetensors files and config.json are replaced, other files kept)")
+    assert snapshot(hf) == before
+    res = export(tmp_path / "r", hf, "--force")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in hf.iterdir()) == ["README.md", "config.json", "llmqgen-export.json",
+                                                    "model.safetensors"]
+    assert (hf / "README.md").read_text() == "another model"
+    assert (hf / "config.json").read_bytes() == (tmp_path / "r" / "model" / "config.json").read_bytes()
+
+
+def test_export_over_an_earlier_export_replaces_its_files(run, data, tmp_path):
+    import json
+    from llmqgen.checkpoint.safetensors import read_dir
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    hf = tmp_path / "hf"
+    res = export(tmp_path / "r", hf, "--shard-size", "0.0001")
+    assert res.exit_code == 0, res.output
+    shards = sorted(p.name for p in hf.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1
+    assert json.loads((hf / "llmqgen-export.json").read_text())["files"] == \
+        shards + ["model.safetensors.index.json", "config.json"]
+    res = export(tmp_path / "r", hf)                    # one file now: the shards and index go
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "llmqgen-export.json", "model.safetensors"]
+    assert read_dir(hf).keys() == read_dir(tmp_path / "r" / "model").keys()
+    (hf / "notes.txt").write_text("mine")               # a file of the user's: no longer the export's alone
+    assert "holds files that no llmqgen export wrote (notes.txt)" in one_line(export(tmp_path / "r", hf))
+
+
+def test_a_manifest_naming_files_elsewhere_is_not_an_export(run, data, tmp_path):
+    import json
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (tmp_path / "victim").write_text("keep")
+    (hf / "config.json").write_text("{}")
+    (hf / "llmqgen-export.json").write_text(json.dumps({"files": ["config.json", "../victim"]}))
+    assert "holds files that no llmqgen export wrote (config.json)" in one_line(export(tmp_path / "r", hf))
+    assert ok(export(tmp_path / "r", hf, "--force"))
+    assert (tmp_path / "victim").read_text() == "keep"
+
+
+def test_a_resumed_run_replaces_its_own_earlier_export(run, data, tmp_path):
+    """The run's model/ is an earlier export of the run: replaced at the end of a resume, also when an older
+    llmqgen wrote it (no manifest)."""
+    out = tmp_path / "r"
+    train(run, data, out, steps=2, warmup=1)
+    (out / "model" / "llmqgen-export.json").unlink()
+    train(run, data, out, resume="latest", steps=3)
+    assert ok(export(out, tmp_path / "hf"))
+    assert (out / "model" / "model.safetensors").read_bytes() == (tmp_path / "hf" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_files_follow_the_umask(run, data, tmp_path, umask):
+    import os
+    saved = os.umask(umask)
+    try:
+        train(run, data, tmp_path / "r", steps=1, warmup=0)
+        assert ok(export(tmp_path / "r", tmp_path / "hf", "--shard-size", "0.0001"))
+    finally:
+        os.umask(saved)
+    for folder in (tmp_path / "r" / "model", tmp_path / "hf"):
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
