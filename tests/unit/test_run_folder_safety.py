@@ -155,6 +155,25 @@ def test_export_over_an_earlier_export_replaces_its_files(run, data, tmp_path):
     assert "holds files that no llmqgen export wrote (notes.txt)" in one_line(export(tmp_path / "r", hf))
 
 
+def test_an_interrupted_export_is_still_the_exports(run, data, tmp_path, monkeypatch):
+    import llmqgen.checkpoint.safetensors as st
+    train(run, data, tmp_path / "r", steps=1, warmup=0)
+    hf = tmp_path / "hf"
+    assert ok(export(tmp_path / "r", hf))
+    real, calls = st._save_file, []
+
+    def save_file(path, *a):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(path, *a)
+    monkeypatch.setattr(st, "_save_file", save_file)
+    assert "No space left on device" in one_line(export(tmp_path / "r", hf, "--shard-size", "0.0001"))
+    monkeypatch.setattr(st, "_save_file", real)
+    assert ok(export(tmp_path / "r", hf))                 # the folder is all the exports' still: no --force
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "llmqgen-export.json", "model.safetensors"]
+
+
 def test_a_manifest_naming_files_elsewhere_is_not_an_export(run, data, tmp_path):
     import json
     train(run, data, tmp_path / "r", steps=1, warmup=0)
