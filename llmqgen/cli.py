@@ -516,7 +516,13 @@ def _run_options(f):
                      help="AdamW weight decay (matrices and embeddings; not norms and biases)."),
         click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Evaluate every N steps (0: never)."),
         click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
-                     help="Checkpoint every N steps (and at the end)."),
+                     help="Checkpoint every N steps (and at the end, and on Ctrl-C)."),
+        click.option("--checkpoint-minutes", type=float, default=60.0, show_default=True, callback=_not_negative,
+                     help="Also checkpoint once this many minutes of wall time have passed since the last "
+                          "checkpoint (checked after each step; 0: only by --checkpoint-every)."),
+        click.option("--keep-last", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="Checkpoints kept in the run directory: the newest N, an older one deleted as a new "
+                          "one is written (0: keep all)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Run directory (default: runs/<plan name>); a new run refuses one that holds a run already "
                           "(checkpoints, log.jsonl): resume it, or name another."),
@@ -551,8 +557,8 @@ def _check_data(data, spec) -> None:
         _fail(str(e))
 
 
-def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
-           change, max_bad_steps, init_from, seed, solved=False):
+def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, checkpoint_minutes,
+           keep_last, out_dir, resume, change, max_bad_steps, init_from, seed, solved=False):
     """Check the run's inputs (each refusal one `error:` line), then train with plan `p`; `solved`: `p` was
     solved by this command (train), saved to plans_dir() once the inputs are checked."""
     if change and not resume:
@@ -595,7 +601,8 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     cfg = RunConfig(data=data, out=out_dir, steps=given("steps", steps),
                     lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
-                    checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,
+                    checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, keep_last=keep_last,
+                    seed=given("seed", seed), resume=resume, change=changes,
                     max_bad_steps=max_bad_steps, init_from=init_from)
     try:
         with _gpu_runtime():

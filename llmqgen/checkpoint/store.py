@@ -92,9 +92,12 @@ def _remove_stale(root: Path) -> None:
 
 
 def prune(root: Path, keep_last: int, keep_every: int, protect: Optional[Path] = None) -> None:
-    """Keep the newest `keep_last` checkpoints and every step divisible by `keep_every` (> 0)."""
+    """Keep the newest `keep_last` checkpoints (0: all of them) and every step divisible by `keep_every`
+    (> 0); delete the others."""
+    if keep_last == 0:
+        return
     ckpts = list_checkpoints(root)
-    newest = {p for _, p in ckpts[-keep_last:]} if keep_last > 0 else set()
+    newest = {p for _, p in ckpts[-keep_last:]}
     for step, path in ckpts:
         if path in newest or path == protect or (keep_every > 0 and step % keep_every == 0):
             continue
@@ -103,7 +106,9 @@ def prune(root: Path, keep_last: int, keep_every: int, protect: Optional[Path] =
 
 def save_checkpoint(root: Union[str, os.PathLike], step: int, tensors: Mapping[str, np.ndarray],
                     state: dict, plan_json: str, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write checkpoint `step` atomically, repoint `latest`, prune; returns its directory."""
+    """Write checkpoint `step` atomically, repoint `latest`, prune (`prune`: `keep_last` 0 keeps all);
+    returns its directory. Raises CheckpointError on a full disk (the previous checkpoint intact), OSError
+    for other write failures."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)

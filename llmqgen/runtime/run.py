@@ -6,7 +6,8 @@ would change one must be named in `change` (`--change lr`); each change is print
 log.jsonl. `steps` beyond a finished run's end extends it at the schedule's final LR.
 Steps whose loss or gradient norm is not finite are skipped (no update, the LR position stays); after
 `max_bad_steps` of them in a row the run checkpoints and stops. SIGINT and SIGTERM finish the step,
-checkpoint and export.
+checkpoint and export. Checkpoints are written every `checkpoint_every` steps, once `checkpoint_minutes` of
+wall time have passed since the last one, and at the end; the newest `keep_last` are kept.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ DEFAULTS = {"steps": 300, "lr": 3e-4, "warmup": 20, "schedule": "cosine", "final
             "weight_decay": 0.1, "max_norm": 1.0, "seed": 0}
 CHANGEABLE = ("steps", "lr", "warmup", "schedule", "final_fraction", "weight_decay", "max_norm")
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
+_wall = time.monotonic          # seconds between checkpoints (tests stand a fake clock in)
 logger = logging.getLogger(__name__)
 
 
@@ -57,8 +59,9 @@ class RunConfig:
     max_norm: float | None = None
     eval_every: int = 0
     eval_batches: int = 4
-    checkpoint_every: int = 0
-    keep_last: int = 3
+    checkpoint_every: int = 0          # steps between checkpoints (0: none but the last)
+    checkpoint_minutes: float = 60.0   # also checkpoint once this much wall time passed since the last (0: not)
+    keep_last: int = 3                 # checkpoints kept, the newest (0: all)
     seed: int | None = None
     resume: str | None = None
     change: tuple[str, ...] = ()       # saved settings this resume may change (CHANGEABLE), each logged
@@ -218,7 +221,7 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
                 logger.info(line)
             if changes:
                 log.event("config_change", step=start, changes=changes)
-            step = start
+            step, saved_at = start, _wall()
             end = min(s["steps"], cfg.stop_after or s["steps"])
             while step < end and not tr.any_rank(stop["now"]):
                 t0 = _clock()
@@ -243,8 +246,11 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
                     continue
                 bad.clear()
                 step += 1
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                # the time on every rank alike (a checkpoint gathers from all of them)
+                late = cfg.checkpoint_minutes > 0 and tr.any_rank(_wall() - saved_at >= 60 * cfg.checkpoint_minutes)
+                if late or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     _checkpoint(tr, plan, cfg, s, step, loader, main)
+                    saved_at = _wall()
             if bad and len(bad) >= cfg.max_bad_steps:
                 what = ", ".join(f"loss {lo:g} norm {n:g}" for lo, n in bad)
                 log.event("stopped_nonfinite", step=step, attempts=[[lo, n] for lo, n in bad])

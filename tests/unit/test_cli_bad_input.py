@@ -106,7 +106,9 @@ def test_plan_numbers_that_do_not_fit_together(tmp_path, args, needle):
                                  ["run", "--seed", -1], ["train", "--seq-len", 0], ["run", "--eval-every", -5],
                                  ["run", "--lr", "nan"], ["run", "--lr", -1], ["train", "--lr", "inf"],
                                  ["run", "--weight-decay", -0.1], ["run", "--weight-decay", "nan"],
-                                 ["run", "--max-bad-steps", 0], ["train", "--max-bad-steps", -2]])
+                                 ["run", "--max-bad-steps", 0], ["train", "--max-bad-steps", -2],
+                                 ["run", "--keep-last", -1], ["train", "--keep-last", -3],
+                                 ["run", "--checkpoint-minutes", -1], ["train", "--checkpoint-minutes", "nan"]])
 def test_run_options_out_of_range(cmd):
     refused(invoke(*cmd), "Invalid value")
 

@@ -210,3 +210,51 @@ def test_exported_files_follow_the_umask(run, data, tmp_path, umask):
     for folder in (tmp_path / "r" / "model", tmp_path / "hf"):
         modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
         assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
+# --- which checkpoints are written and kept -----------------------------------------------------------
+
+def steps_kept(out: Path) -> list[int]:
+    from llmqgen.checkpoint.store import list_checkpoints
+    return [s for s, _ in list_checkpoints(out / "checkpoints")]
+
+
+@pytest.mark.parametrize("minutes, kept", [(60, [3, 6, 8]), (100, [4, 8]), (0, [8])])
+def test_checkpoint_minutes_checkpoints_a_long_run_along_the_way(run, data, tmp_path, monkeypatch, minutes, kept):
+    """Each step takes 25 minutes by the stand-in clock."""
+    now = [0.0]
+    real = FakeTrainer.accumulate
+
+    def accumulate(self, batches):
+        real(self, batches)
+        now[0] += 25 * 60
+    monkeypatch.setattr(FakeTrainer, "accumulate", accumulate)
+    monkeypatch.setattr(run, "_wall", lambda: now[0])
+    train(run, data, tmp_path / "r", steps=8, warmup=1, checkpoint_minutes=minutes, keep_last=0)
+    assert steps_kept(tmp_path / "r") == kept
+
+
+@pytest.mark.parametrize("keep, kept", [(None, [3, 4, 5]), ("2", [4, 5]), ("0", [1, 2, 3, 4, 5])])
+def test_cli_keep_last(run, data, tmp_path, plan_file, keep, kept):
+    out = tmp_path / "r"
+    assert ok(CliRunner().invoke(main, ["run", "--plan", str(plan_file), "--data", str(data), "--out", str(out),
+                                        "--steps", "5", "--warmup", "1", "--checkpoint-every", "1"]
+                                 + (["--keep-last", keep] if keep else [])))
+    assert steps_kept(out) == kept
+
+
+def test_the_disk_full_hint_names_an_option_that_exists(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    import llmqgen.checkpoint.store as store
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(store, "write_safetensors", full)
+    with pytest.raises(store.CheckpointError, match="lower --keep-last,") as e:
+        store.save_checkpoint(tmp_path, 1, {"w": np.zeros(2, np.float32)}, {}, "{}")
+    assert "no earlier checkpoint exists" in str(e.value)
+    for cmd in ("run", "train"):
+        assert "--keep-last" in CliRunner().invoke(main, [cmd, "--help"]).output
