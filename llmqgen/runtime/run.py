@@ -246,6 +246,8 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
                     continue
                 bad.clear()
                 step += 1
+                if step == end:                 # checkpointed after the loop
+                    continue
                 # the time on every rank alike (a checkpoint gathers from all of them)
                 late = cfg.checkpoint_minutes > 0 and tr.any_rank(_wall() - saved_at >= 60 * cfg.checkpoint_minutes)
                 if late or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):

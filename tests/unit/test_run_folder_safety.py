@@ -258,3 +258,12 @@ def test_the_disk_full_hint_names_an_option_that_exists(tmp_path, monkeypatch):
     assert "no earlier checkpoint exists" in str(e.value)
     for cmd in ("run", "train"):
         assert "--keep-last" in CliRunner().invoke(main, [cmd, "--help"]).output
+
+
+def test_the_last_step_is_checkpointed_once(run, data, tmp_path, monkeypatch):
+    saved = []
+    real = run.save_checkpoint
+    monkeypatch.setattr(run, "save_checkpoint",
+                        lambda root, step, *a, **k: saved.append(step) or real(root, step, *a, **k))
+    train(run, data, tmp_path / "r", steps=4, warmup=1, checkpoint_every=2)
+    assert saved == [2, 4]
