@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from llmqgen.cli import _inventory
@@ -36,7 +37,7 @@ def main() -> None:
                      dtype=dtype, name=f"learning-{args.model}-{dtype}")
         run_dir = Path("runs") / plan.name
         log = run_dir / "log.jsonl"
-        log.unlink(missing_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)     # this script's own run: a new run refuses a folder holding one
         train(plan, RunConfig(data=data, out=run_dir, steps=args.steps, lr=args.lr, warmup=30))
         curves[dtype] = [r["loss"] for r in read_log(log)]
     fp8, bf16 = curves["e4m3"], curves["bf16"]

@@ -526,9 +526,16 @@ def _run_options(f):
                      help="AdamW weight decay (matrices and embeddings; not norms and biases)."),
         click.option("--eval-every", type=click.IntRange(min=0), default=0, help="Evaluate every N steps (0: never)."),
         click.option("--checkpoint-every", type=click.IntRange(min=0), default=0,
-                     help="Checkpoint every N steps (and at the end)."),
+                     help="Checkpoint every N steps (and at the end, and on Ctrl-C)."),
+        click.option("--checkpoint-minutes", type=float, default=60.0, show_default=True, callback=_not_negative,
+                     help="Also checkpoint once this many minutes of wall time have passed since the last "
+                          "checkpoint (checked after each step; 0: only by --checkpoint-every)."),
+        click.option("--keep-last", type=click.IntRange(min=0), default=3, show_default=True,
+                     help="Checkpoints kept in the run directory: the newest N, an older one deleted as a new "
+                          "one is written (0: keep all)."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                     help="Run directory (default: runs/<plan name>)."),
+                     help="Run directory (default: runs/<plan name>); a new run refuses one that holds a run already "
+                          "(checkpoints, log.jsonl): resume it, or name another."),
         click.option("--resume", default=None,
                      help="Resume from a checkpoint of the run directory: latest (the newest intact one) or a "
                           "step. The run keeps the settings saved in it (steps, LR, schedule, ...); --steps "
@@ -560,8 +567,10 @@ def _check_data(data, spec) -> None:
         _fail(str(e))
 
 
-def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, out_dir, resume,
-           change, max_bad_steps, init_from, seed):
+def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, checkpoint_every, checkpoint_minutes,
+           keep_last, out_dir, resume, change, max_bad_steps, init_from, seed, solved=False):
+    """Check the run's inputs (each refusal one `error:` line), then train with plan `p`; `solved`: `p` was
+    solved by this command (train), saved to plans_dir() once the inputs are checked."""
     if change and not resume:
         _fail(f"--change {','.join(change)} changes a resumed run's saved settings: add --resume, or leave it out")
     if init_from and resume:
@@ -570,12 +579,20 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     if data is not None or not resume:  # the inputs first: without a GPU the runtime's import fails
         _check_data(data, p.model)      # (a resumed run's own dataset is checked once it is read)
     out_dir = out_dir or Path("runs") / p.name
+    from .runtime.rundir import CHECKPOINTS, check_new_run
     if resume:                          # the checkpoint exists (its hashes are checked when it is read)
         from .checkpoint.store import CheckpointError, resolve
         try:
-            resolve(out_dir / "checkpoints", int(resume) if resume.isdigit() else resume, deep=False)
+            resolve(out_dir / CHECKPOINTS, int(resume) if resume.isdigit() else resume, deep=False)
         except CheckpointError as e:
             _fail(str(e))
+    else:                               # a new run: not over an earlier one
+        try:
+            check_new_run(out_dir)
+        except ValueError as e:
+            _fail(str(e))
+    if solved:
+        _save_plan(p)
     try:
         from .runtime.run import RunConfig, train
     except ImportError as e:
@@ -594,7 +611,8 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     cfg = RunConfig(data=data, out=out_dir, steps=given("steps", steps),
                     lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
-                    checkpoint_every=checkpoint_every, seed=given("seed", seed), resume=resume, change=changes,
+                    checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, keep_last=keep_last,
+                    seed=given("seed", seed), resume=resume, change=changes,
                     max_bad_steps=max_bad_steps, init_from=init_from)
     try:
         with _gpu_runtime():
@@ -632,8 +650,7 @@ def train_cmd(model_name, gpus, host_mem, dtype, seq_len, tokens_per_step, sets,
                   pins=_plan_pins(sets, seq_len=seq_len))
     except (NoFitError, ValueError) as e:
         _fail(str(e))
-    _save_plan(p)
-    _train(p, **kw)
+    _train(p, **kw, solved=True)
 
 
 def _save_plan(p) -> Path:

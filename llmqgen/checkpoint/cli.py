@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 import ml_dtypes
 import numpy as np
 
 from ..cliargs import finite_number
-from .hf import HFCheckpointError, export_hf
+from .hf import HFCheckpointError, check_export_folder, export_hf
 from .safetensors import SafetensorsError
 from .store import CheckpointError, read_checkpoint
 
@@ -23,14 +24,19 @@ _DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype("<f4"), "f16": 
 @click.option("--dtype", type=click.Choice(sorted(_DTYPES)), default="bf16", show_default=True)
 @click.option("--shard-size", default=5.0, show_default=True, type=float, callback=finite_number(0, inclusive=False, what="a positive number of GiB, e.g. 5"),
               help="GiB per safetensors file; larger models get an index.")
-def export(checkpoint, out_dir, step, dtype, shard_size) -> None:
+@click.option("--force", is_flag=True,
+              help="Write into OUT_DIR although it holds files that no llmqgen export wrote: its model "
+                   "safetensors files and config.json are replaced, other files kept.")
+def export(checkpoint, out_dir, step, dtype, shard_size, force) -> None:
     """Write CHECKPOINT as an HF model in OUT_DIR. CHECKPOINT: a run directory (runs/<plan>), its
-    checkpoints/ directory, or one step-NNNNNN directory written by `llmqgen run`."""
+    checkpoints/ directory, or one step-NNNNNN directory written by `llmqgen run`. OUT_DIR is new, empty, or
+    an earlier export's (whose files this one replaces; llmqgen-export.json names them); else --force."""
     try:
+        check_export_folder(Path(out_dir), force)     # before the checkpoint is read and hashed
         ck = read_checkpoint(checkpoint, step)
         spec = ck.plan().model
         files = export_hf(ck.params(), spec, out_dir, shard_bytes=int(shard_size * (1 << 30)),
-                          dtype=_DTYPES[dtype])
+                          dtype=_DTYPES[dtype], force=force)
     except (CheckpointError, HFCheckpointError, SafetensorsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -125,9 +125,17 @@ def read_safetensors(path: str | os.PathLike, names: Optional[Iterable[str]] = N
     return out
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (os.umask sets it while reading it: set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _save_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]],
                fsync: bool) -> Path:
-    """One Hugging Face file, written by the safetensors package (bf16 and fp8 through ml_dtypes)."""
+    """One Hugging Face file, written by the safetensors package (bf16 and fp8 through ml_dtypes), with the
+    permissions of any new file under the umask (the package writes 0600)."""
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
@@ -140,6 +148,7 @@ def _save_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Optional
         save_file(arrays, str(path), metadata=dict(metadata) if metadata else None)
     except (SafetensorError, ValueError, TypeError) as e:
         raise SafetensorsError(f"{path}: the safetensors package could not write it ({e})") from None
+    os.chmod(path, 0o666 & ~_umask())
     if fsync:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -149,14 +158,8 @@ def _save_file(path: Path, tensors: Mapping[str, np.ndarray], metadata: Optional
     return path
 
 
-def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                  shard_bytes: int = 5 << 30, metadata: Optional[Mapping[str, str]] = None,
-                  fsync: bool = False) -> list[Path]:
-    """`model.safetensors` when everything fits in `shard_bytes`, else numbered shards + index."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in [directory / INDEX, directory / SINGLE, *directory.glob("model-*-of-*.safetensors")]:
-        stale.unlink(missing_ok=True)         # an earlier export's files would shadow these
+def _groups(tensors: Mapping[str, np.ndarray], shard_bytes: int) -> list[dict[str, np.ndarray]]:
+    """`tensors` in order, cut into files of at most `shard_bytes` (a larger tensor alone in one)."""
     groups: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, a in tensors.items():
@@ -166,13 +169,36 @@ def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray
             size = 0
         groups[-1][name] = a
         size += nbytes
-    if len(groups) == 1:
-        return [_save_file(directory / SINGLE, groups[0], metadata, fsync)]
-    files, weight_map = [], {}
-    for i, g in enumerate(groups):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        files.append(_save_file(directory / fname, g, metadata, fsync))
-        weight_map.update({n: fname for n in g})
+    return groups
+
+
+def sharded_names(tensors: Mapping[str, np.ndarray], shard_bytes: int = 5 << 30) -> list[str]:
+    """The names of the files `write_sharded` writes for `tensors`: [model.safetensors], or the numbered
+    shards and the index last."""
+    return _names(len(_groups(tensors, shard_bytes)))
+
+
+def _names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE]
+    return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)] + [INDEX]
+
+
+def write_sharded(directory: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                  shard_bytes: int = 5 << 30, metadata: Optional[Mapping[str, str]] = None,
+                  fsync: bool = False) -> list[Path]:
+    """`model.safetensors` when everything fits in `shard_bytes` (bytes), else numbered shards + index
+    (`sharded_names`); files of those names are replaced, no other file of `directory` is touched (an
+    earlier export's other files are the caller's: checkpoint/hf.py). Raises SafetensorsError for a
+    tensor the format cannot hold, OSError where the directory cannot be written."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    groups = _groups(tensors, shard_bytes)
+    names = _names(len(groups))
+    files = [_save_file(directory / name, g, metadata, fsync) for name, g in zip(names, groups)]
+    if names[-1] != INDEX:
+        return files
+    weight_map = {n: name for name, g in zip(names, groups) for n in g}
     total = sum(np.asarray(a).nbytes for a in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -92,9 +92,12 @@ def _remove_stale(root: Path) -> None:
 
 
 def prune(root: Path, keep_last: int, keep_every: int, protect: Optional[Path] = None) -> None:
-    """Keep the newest `keep_last` checkpoints and every step divisible by `keep_every` (> 0)."""
+    """Keep the newest `keep_last` checkpoints (0: all of them) and every step divisible by `keep_every`
+    (> 0); delete the others."""
+    if keep_last == 0:
+        return
     ckpts = list_checkpoints(root)
-    newest = {p for _, p in ckpts[-keep_last:]} if keep_last > 0 else set()
+    newest = {p for _, p in ckpts[-keep_last:]}
     for step, path in ckpts:
         if path in newest or path == protect or (keep_every > 0 and step % keep_every == 0):
             continue
@@ -103,7 +106,9 @@ def prune(root: Path, keep_last: int, keep_every: int, protect: Optional[Path] =
 
 def save_checkpoint(root: Union[str, os.PathLike], step: int, tensors: Mapping[str, np.ndarray],
                     state: dict, plan_json: str, keep_last: int = 3, keep_every: int = 0) -> Path:
-    """Write checkpoint `step` atomically, repoint `latest`, prune; returns its directory."""
+    """Write checkpoint `step` atomically, repoint `latest`, prune (`prune`: `keep_last` 0 keeps all);
+    returns its directory. Raises CheckpointError on a full disk (the previous checkpoint intact), OSError
+    for other write failures."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale(root)
@@ -189,14 +194,14 @@ def verify(path: Path, deep: bool = True) -> Optional[str]:
     return None
 
 
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+def step_dirs(root: Path) -> list[tuple[int, Path]]:
     """Every step-N directory under root, complete or not, oldest first."""
     return sorted((int(m.group(1)), p) for p in root.iterdir()
                   if (m := _STEP.match(p.name)) and p.is_dir()) if root.is_dir() else []
 
 
 def _newest_intact(root: Path, below: Optional[int] = None, deep: bool = True) -> Optional[Path]:
-    for step, p in reversed(_step_dirs(root)):
+    for step, p in reversed(step_dirs(root)):
         if (below is None or step < below) and verify(p, deep) is None:
             return p
     return None
@@ -210,7 +215,7 @@ def _root_of(path: Path) -> Path:
 def _refuse_damaged(p: Path, problem: str, root: Path, deep: bool) -> CheckpointError:
     ok = _newest_intact(root, deep=deep)
     hint = (f"the newest intact checkpoint is {ok.name} (step {int(_STEP.match(ok.name).group(1))})"
-            if ok else "no intact checkpoint is left: start the run again")
+            if ok else "no intact checkpoint is left: start the run again in another --out")
     return CheckpointError(f"checkpoint {p} is damaged: {problem}; {hint}")
 
 
@@ -235,7 +240,7 @@ def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "lat
             raise _refuse_damaged(path, problem, path.parent, deep)
         return path
     root = _root_of(path)
-    dirs = _step_dirs(root)
+    dirs = step_dirs(root)
     if not dirs:
         raise CheckpointError(f"{path}: no checkpoint found (expected a run directory, its checkpoints/ "
                               "or a step-NNNNNN directory made by `llmqgen run`)")
@@ -255,7 +260,8 @@ def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "lat
                 return p
             damaged.append((p.name, problem))
         raise CheckpointError(f"{root}: every checkpoint is damaged ("
-                              + "; ".join(f"{d}: {why}" for d, why in damaged) + "): start the run again")
+                              + "; ".join(f"{d}: {why}" for d, why in damaged)
+                              + "): start the run again in another --out")
     step = _step_number(which)
     for s, p in dirs:
         if s == step:

@@ -6,7 +6,8 @@ would change one must be named in `change` (`--change lr`); each change is print
 log.jsonl. `steps` beyond a finished run's end extends it at the schedule's final LR.
 Steps whose loss or gradient norm is not finite are skipped (no update, the LR position stays); after
 `max_bad_steps` of them in a row the run checkpoints and stops. SIGINT and SIGTERM finish the step,
-checkpoint and export.
+checkpoint and export. Checkpoints are written every `checkpoint_every` steps, once `checkpoint_minutes` of
+wall time have passed since the last one, and at the end; the newest `keep_last` are kept.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord, step_rates
 from .lr import LRSchedule
+from .rundir import CHECKPOINTS, LOG, MODEL, check_new_run
 from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
 from .standin import RunningOn
@@ -40,6 +42,7 @@ DEFAULTS = {"steps": 300, "lr": 3e-4, "warmup": 20, "schedule": "cosine", "final
             "weight_decay": 0.1, "max_norm": 1.0, "seed": 0}
 CHANGEABLE = ("steps", "lr", "warmup", "schedule", "final_fraction", "weight_decay", "max_norm")
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
+_wall = time.monotonic          # seconds between checkpoints (tests stand a fake clock in)
 logger = logging.getLogger(__name__)
 
 
@@ -56,8 +59,9 @@ class RunConfig:
     max_norm: float | None = None
     eval_every: int = 0
     eval_batches: int = 4
-    checkpoint_every: int = 0
-    keep_last: int = 3
+    checkpoint_every: int = 0          # steps between checkpoints (0: none but the last)
+    checkpoint_minutes: float = 60.0   # also checkpoint once this much wall time passed since the last (0: not)
+    keep_last: int = 3                 # checkpoints kept, the newest (0: all)
     seed: int | None = None
     resume: str | None = None
     change: tuple[str, ...] = ()       # saved settings this resume may change (CHANGEABLE), each logged
@@ -162,7 +166,8 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
     process (torchrun, mpirun, srun) runs this; rank 0 alone prints the step lines, logs, checkpoints and
     exports (the header and messages are logged; the command line prints rank 0's). Once the GPU is open
     the header says whether it stands in for the plan's (runtime/standin.py); at the end the measured peak
-    device memory is logged next to the plan's (runtime/devmem.py)."""
+    device memory is logged next to the plan's (runtime/devmem.py). A new run (no `cfg.resume`) refuses a
+    folder that holds a run already (ValueError, runtime/rundir.py), before anything is written."""
     B, T = plan.batch.micro_batch, plan.batch.seq_len
     dist = dist_env() if plan.collectives == "nccl" else None
     main = dist.rank == 0 if dist is not None else is_rank_zero()
@@ -170,8 +175,10 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
     ck = None
     if cfg.resume:
         which = int(cfg.resume) if cfg.resume.isdigit() else cfg.resume
-        ck = read_checkpoint(cfg.out / "checkpoints", which, expect=plan.model)
+        ck = read_checkpoint(cfg.out / CHECKPOINTS, which, expect=plan.model)
         state = ck.state_tensors()
+    else:
+        check_new_run(cfg.out)
     cfg = replace(cfg, data=run_dataset(cfg.data, ck))
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
@@ -209,12 +216,12 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         loader = TrainLoader(cfg.data, B, T, seed=s["seed"], cursor=cursor, model_vocab=plan.model.vocab_size)
         quiet = None if main else open(os.devnull, "w")     # noqa: SIM115 - closed after the loop
         bad: list[tuple[float, float]] = []                # (loss, norm) of the non-finite steps in a row
-        with StepLogger(cfg.out / "log.jsonl" if main else None, s["steps"], stream=quiet or sys.stderr) as log:
+        with StepLogger(cfg.out / LOG if main else None, s["steps"], stream=quiet or sys.stderr) as log:
             for line in lines:
                 logger.info(line)
             if changes:
                 log.event("config_change", step=start, changes=changes)
-            step = start
+            step, saved_at = start, _wall()
             end = min(s["steps"], cfg.stop_after or s["steps"])
             while step < end and not tr.any_rank(stop["now"]):
                 t0 = _clock()
@@ -239,8 +246,13 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
                     continue
                 bad.clear()
                 step += 1
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                if step == end:                 # checkpointed after the loop
+                    continue
+                # the time on every rank alike (a checkpoint gathers from all of them)
+                late = cfg.checkpoint_minutes > 0 and tr.any_rank(_wall() - saved_at >= 60 * cfg.checkpoint_minutes)
+                if late or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                     _checkpoint(tr, plan, cfg, s, step, loader, main)
+                    saved_at = _wall()
             if bad and len(bad) >= cfg.max_bad_steps:
                 what = ", ".join(f"loss {lo:g} norm {n:g}" for lo, n in bad)
                 log.event("stopped_nonfinite", step=step, attempts=[[lo, n] for lo, n in bad])
@@ -258,10 +270,10 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         if stop["now"]:
             logger.info(f"stopped at step {step}: saving")
         _checkpoint(tr, plan, cfg, s, step, loader, main)
-        out = cfg.out / "model"
+        out = cfg.out / MODEL
         params = tr.params()            # every process takes part in gathering the shards
         if main:
-            export_hf(params, plan.model, out)
+            export_hf(params, plan.model, out, force=True)     # the run's own model/: an earlier export of it
         logger.info(f"model exported to {out} (Hugging Face safetensors + config.json)")
         return out
     finally:
@@ -304,5 +316,5 @@ def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, s: dict, step: int, loa
         return None
     state = {"step": step, "loader": loader.cursor, "seed": s["seed"],
              "run": {**s, "data": str(cfg.data)}}
-    return save_checkpoint(cfg.out / "checkpoints", step, tensors, state, plan.to_json(),
+    return save_checkpoint(cfg.out / CHECKPOINTS, step, tensors, state, plan.to_json(),
                            keep_last=cfg.keep_last)

@@ -106,7 +106,9 @@ def test_plan_numbers_that_do_not_fit_together(tmp_path, args, needle):
                                  ["run", "--seed", -1], ["train", "--seq-len", 0], ["run", "--eval-every", -5],
                                  ["run", "--lr", "nan"], ["run", "--lr", -1], ["train", "--lr", "inf"],
                                  ["run", "--weight-decay", -0.1], ["run", "--weight-decay", "nan"],
-                                 ["run", "--max-bad-steps", 0], ["train", "--max-bad-steps", -2]])
+                                 ["run", "--max-bad-steps", 0], ["train", "--max-bad-steps", -2],
+                                 ["run", "--keep-last", -1], ["train", "--keep-last", -3],
+                                 ["run", "--checkpoint-minutes", -1], ["train", "--checkpoint-minutes", "nan"]])
 def test_run_options_out_of_range(cmd):
     refused(invoke(*cmd), "Invalid value")
 
@@ -280,6 +282,30 @@ def test_a_resume_without_a_checkpoint_is_said_before_the_driver(no_driver_runti
     for which in ("latest", "5"):
         line = our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", tmp_path / "run", "--resume", which))
         assert "no checkpoint" in line and NO_DRIVER_RUNTIME not in line, line
+
+
+def test_a_folder_that_holds_a_run_is_said_before_the_driver(no_driver_runtime, plan_file, tmp_path, monkeypatch,
+                                                             data):
+    """run/train into runs/<plan name> (or --out) holding a run, without --resume: one line, before the GPU is
+    needed; train saves no plan then."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLMQGEN_PLANS_DIR", raising=False)
+    (tmp_path / "runs" / "ok" / "checkpoints" / "step-000005").mkdir(parents=True)
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data)) == (
+        "error: runs/ok already holds a run (checkpoints up to step 5): add --resume to continue it, or --out "
+        "<folder> for a new run")
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--resume", "latest")) \
+        == "error: runs/ok/checkpoints: every checkpoint is damaged (step-000005: state.json is missing): start " \
+        "the run again in another --out"
+    assert our_line(invoke("run", "--plan", plan_file, "--data", data, "--out", "runs/new")) \
+        == f"error: {NO_DRIVER_RUNTIME}"
+    assert our_line(invoke("train", "--gpus", "1xh200", "--data", data, "--steps", 1)) == f"error: {NO_DRIVER_RUNTIME}"
+    (saved,) = (tmp_path / "llmqgen-plans").glob("*.json")
+    saved.unlink()
+    (tmp_path / "runs" / saved.stem).mkdir()
+    (tmp_path / "runs" / saved.stem / "log.jsonl").write_text("")
+    assert "already holds a run (its log.jsonl" in our_line(invoke("train", "--gpus", "1xh200", "--data", data))
+    assert not list((tmp_path / "llmqgen-plans").iterdir())
 
 
 def test_train_takes_host_mem(no_driver_runtime, tmp_path, monkeypatch, data):
