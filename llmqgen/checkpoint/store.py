@@ -269,8 +269,8 @@ def resolve(path_or_root: Union[str, os.PathLike], which: Union[str, int] = "lat
             if problem:
                 raise _refuse_damaged(p, problem, root, deep)
             return p
-    raise CheckpointError(f"{root}: no checkpoint of step {step}; have steps "
-                          f"{', '.join(str(s) for s, _ in dirs)}")
+    have = [f"{s}" + ("" if verify(p, deep=False) is None else " (damaged)") for s, p in dirs]
+    raise CheckpointError(f"{root}: no checkpoint of step {step}; have steps {', '.join(have)}")
 
 
 def check_model(plan_json: str, expect: ModelSpec, where: Path) -> None:

@@ -160,6 +160,9 @@ def test_files_recorded_and_damage_found(tmp_path, caplog):
         load_checkpoint(tmp_path / "step-000003")
     (tmp_path / "step-000002" / store.TENSORS).unlink()
     assert store.resolve(tmp_path).name == "step-000001"
+    # a step that is not there: the steps that are, a damaged one marked (by the cheap check: sizes, files)
+    with pytest.raises(CheckpointError, match=r"no checkpoint of step 7; have steps 1, 2 \(damaged\), 3$"):
+        load_checkpoint(tmp_path, 7)
     with open(tmp_path / "step-000001" / store.TENSORS, "r+b") as f:
         f.truncate(100)
     with pytest.raises(CheckpointError, match="every checkpoint is damaged"):
