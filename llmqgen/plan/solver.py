@@ -428,9 +428,9 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
                 raise ValueError(f"--set {key}=true: one GPU has no other to share it with (ZeRO-1 and ZeRO-2 "
                                  f"change nothing on one GPU): drop it (sharding.weights=true streams the "
                                  f"weights from host memory)")
-    asked = [(o.field, o.what) for o in FP8_OPTIONS if pins.get(f"precision.{o.field}") == o.on]
-    if not fp8 and asked:
-        field, what = asked[0]
+    fp8_asked = [(o.field, o.what) for o in FP8_OPTIONS if pins.get(f"precision.{o.field}") == o.on]
+    if not fp8 and fp8_asked:
+        field, what = fp8_asked[0]
         key = f"precision.{field}"
         why = (f"{model.name}'s widths are not multiples of {FP8_GRAIN}" if bad and gpu.fp8_tflops else
                f"{gpu.display_name} has no FP8 tensor cores" if not gpu.fp8_tflops else "bf16 matmuls were asked for")

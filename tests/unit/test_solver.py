@@ -78,6 +78,14 @@ def test_the_closest_plan_is_the_one_nearest_fitting_the_gpu():
     assert "offload=master+adam_m+adam_v+quantized_weights+gradients" in msg and "--host-mem" in msg
 
 
+def test_no_fit_hints_are_solved_with_the_users_pins():
+    """The hints' re-solves keep the pins as given (a later list of the FP8 options asked for once took the
+    pins' name, so an FP8 pin made every re-solve fail: "nothing llmqgen tried fits")."""
+    with pytest.raises(NoFitError) as e:
+        solve(resolve_model("72b"), inv("4090", 1, host_gib=128), pins={"precision.scaling": "delayed"})
+    assert "more host RAM (--host-mem" in str(e.value), str(e.value)
+
+
 def test_zero_1_or_2_on_one_gpu_is_refused():
     """On one GPU ZeRO-1 and -2 shard over nothing: a pin of either is refused, not turned into a plan that
     only its name tells apart; with sharding.weights (weight streaming) they stand."""
