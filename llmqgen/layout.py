@@ -11,7 +11,7 @@ the schedule and the runtime (which address into the rows) all read one definiti
   the history itself in row stats.amax_history (amax_history floats per activation slot, newest first).
   The descale is a cuBLASLt A/B scale pointer, which must be 16-byte aligned: cuBLASLt on Hopper
   (cuBLAS 13) accepts a misaligned one in the heuristic query and then fails the matmul with
-  NOT_SUPPORTED (DESIGN.md, "Matmuls"). Slots: ACT_SLOTS of every layer, then WEIGHT_SLOTS of every
+  NOT_SUPPORTED (found on the H200). Slots: ACT_SLOTS of every layer, then WEIGHT_SLOTS of every
   layer, then HEAD_SLOTS (an FP8 LM head's input, weight and logit gradient; current scaling always),
   then one sink for amaxes nobody reads.
 - Scalars (row stats.scalars): SCALAR_COUNT fp32 values the CUDA graphs read from device memory, so a

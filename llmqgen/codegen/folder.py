@@ -7,9 +7,11 @@
     kernels.json   the launch rows of the program's kernels
     schedule.json  the operations of init, a micro-step, evaluation and the optimizer step
     program.cubin  the compiled program (compile/cache.py adds it)
+    meta.json      the compile's record: NVRTC options, seconds, the ptxas report (compile/cache.py adds it)
     build.json     the manifest, written last (compile/cache.py, after the CUBIN): format version, arch,
                    NVRTC version and the sha256 of each file the runtime loads; a folder without it, or
                    whose files differ from it, is incomplete
+    gemm_algos.json  each GEMM's cuBLASLt algorithm, chosen by timing at the first run (runtime/gemm_search.py)
 
 compile/build_folder.py reads the folder back and checks it; the runtime computes none of it again.
 """

@@ -6,13 +6,13 @@ picks in a Qwen2.5-0.5B BF16 step, 2.8% in a 7B one, 10-20% less for FP8 with fa
 A rank times its micro-step's GEMMs as it binds them, before anything lives in its arena (runtime/rank.py):
 each GEMM's operands are filled with random values of their dtypes (all-zero operands draw less power and
 would rank the candidates by other clocks than training sees), and its candidates are timed between CUDA
-events (`fastest`). Choices are kept by "<GPU> | cuBLASLt <version>"
+events (`fastest`). Choices are kept by "<GPU> | cuBLASLt <version> | <N> MiB workspace" (runtime/rank.py)
 and the Gemm's label, and looked up in this order before anything is timed:
 
   1. this process (the ranks of one process share them);
   2. the build folder's gemm_algos.json: the build's record, read by a resume, by the other ranks' processes
      and by `bench`, so that another run of the build repeats the first bit for bit;
-  3. the machine's cache, $LLMQGEN_CACHE_DIR/gemm/<GPU and cuBLASLt>/choices.json: other builds on this GPU
+  3. the machine's cache, $LLMQGEN_CACHE_DIR/gemm/<GPU, cuBLASLt and workspace>/choices.json: other builds on this GPU
      model take the same algorithm for the same GEMM, so plans whose arithmetic is the same (recompute and
      offload variants) repeat each other bit for bit, and no build times a GEMM twice.
 

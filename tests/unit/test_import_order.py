@@ -4,9 +4,9 @@ inside a function, goes from a higher layer to a lower one, so that there are no
 Layers, lowest first (a package imports its own modules and those of lower layers, never a package of
 its own layer or above):
   0  llmqgen/__init__.py (the version)
-  1  models, hardware, layout, data: what a model and the GPUs are, where values sit in the memory
+  1  models, hardware, layout, data, cliargs: what a model and the GPUs are, where values sit in the memory
      table's rows (layout.py, a leaf), token data on disk (data: tokenizing, shards, loader; it knows no
-     model, plan or GPU)
+     model, plan or GPU), the command line's argument parsing (cliargs)
   2  metrics: FLOPs, SOL, MFU of a model on a GPU
   3  plan: the plan, its memory table, lifetimes, cost model and solver
   4  codegen, checkpoint: the program of a plan; training state and HF checkpoints of a plan (beside
