@@ -532,7 +532,8 @@ def _run_options(f):
                           "checkpoint (checked after each step; 0: only by --checkpoint-every)."),
         click.option("--keep-last", type=click.IntRange(min=0), default=3, show_default=True,
                      help="Checkpoints kept in the run directory: the newest N, an older one deleted as a new "
-                          "one is written (0: keep all)."),
+                          "one is written (0: keep all). A resumed run keeps its saved --keep-last, "
+                          "--checkpoint-every and --checkpoint-minutes unless they are given again."),
         click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
                      help="Run directory (default: runs/<plan name>); a new run refuses one that holds a run already "
                           "(checkpoints, log.jsonl): resume it, or name another."),
@@ -611,7 +612,9 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     cfg = RunConfig(data=data, out=out_dir, steps=given("steps", steps),
                     lr=given("lr", lr), warmup=given("warmup", warmup), schedule=given("schedule", schedule),
                     weight_decay=given("weight_decay", weight_decay), eval_every=eval_every,
-                    checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, keep_last=keep_last,
+                    checkpoint_every=given("checkpoint_every", checkpoint_every),
+                    checkpoint_minutes=given("checkpoint_minutes", checkpoint_minutes),
+                    keep_last=given("keep_last", keep_last),
                     seed=given("seed", seed), resume=resume, change=changes,
                     max_bad_steps=max_bad_steps, init_from=init_from)
     try:

@@ -7,7 +7,8 @@ log.jsonl. `steps` beyond a finished run's end extends it at the schedule's fina
 Steps whose loss or gradient norm is not finite are skipped (no update, the LR position stays); after
 `max_bad_steps` of them in a row the run checkpoints and stops. SIGINT and SIGTERM finish the step,
 checkpoint and export. Checkpoints are written every `checkpoint_every` steps, once `checkpoint_minutes` of
-wall time have passed since the last one, and at the end; the newest `keep_last` are kept.
+wall time have passed since the last one, and at the end; the newest `keep_last` are kept (KEEPING: saved in
+each checkpoint, kept by a resume unless given).
 """
 from __future__ import annotations
 
@@ -41,6 +42,9 @@ from .trainer import AdamW, Trainer
 DEFAULTS = {"steps": 300, "lr": 3e-4, "warmup": 20, "schedule": "cosine", "final_fraction": 0.1,
             "weight_decay": 0.1, "max_norm": 1.0, "seed": 0}
 CHANGEABLE = ("steps", "lr", "warmup", "schedule", "final_fraction", "weight_decay", "max_norm")
+# How a run keeps its state: saved in each checkpoint and kept by a resume unless given again (a resume of a
+# run that keeps every checkpoint must not delete them at its first save); any value may be given.
+KEEPING = {"checkpoint_every": 0, "checkpoint_minutes": 60.0, "keep_last": 3}
 _clock = time.perf_counter      # step timing (tests stand a fake clock in)
 _wall = time.monotonic          # seconds between checkpoints (tests stand a fake clock in)
 logger = logging.getLogger(__name__)
@@ -59,9 +63,10 @@ class RunConfig:
     max_norm: float | None = None
     eval_every: int = 0
     eval_batches: int = 4
-    checkpoint_every: int = 0          # steps between checkpoints (0: none but the last)
-    checkpoint_minutes: float = 60.0   # also checkpoint once this much wall time passed since the last (0: not)
-    keep_last: int = 3                 # checkpoints kept, the newest (0: all)
+    # KEEPING (None: a new run's default, a resumed run's saved value)
+    checkpoint_every: int | None = None      # steps between checkpoints (0: none but the last)
+    checkpoint_minutes: float | None = None  # also checkpoint once this much wall time passed since the last (0: not)
+    keep_last: int | None = None             # checkpoints kept, the newest (0: all)
     seed: int | None = None
     resume: str | None = None
     change: tuple[str, ...] = ()       # saved settings this resume may change (CHANGEABLE), each logged
@@ -179,7 +184,9 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
         state = ck.state_tensors()
     else:
         check_new_run(cfg.out)
-    cfg = replace(cfg, data=run_dataset(cfg.data, ck))
+    saved = ck.state.get("keeping", {}) if ck is not None else {}
+    cfg = replace(cfg, data=run_dataset(cfg.data, ck),
+                  **{k: saved.get(k, d) if getattr(cfg, k) is None else getattr(cfg, k) for k, d in KEEPING.items()})
     s, lines, changes = settle(cfg, ck)
     check_dataset(cfg.data, plan.model)
     if cfg.eval_every:      # an eval split too small for one evaluation: said now, not at the first one
@@ -315,6 +322,6 @@ def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, s: dict, step: int, loa
     if not main:
         return None
     state = {"step": step, "loader": loader.cursor, "seed": s["seed"],
-             "run": {**s, "data": str(cfg.data)}}
+             "run": {**s, "data": str(cfg.data)}, "keeping": {k: getattr(cfg, k) for k in KEEPING}}
     return save_checkpoint(cfg.out / CHECKPOINTS, step, tensors, state, plan.to_json(),
                            keep_last=cfg.keep_last)

@@ -243,6 +243,17 @@ def test_cli_keep_last(run, data, tmp_path, plan_file, keep, kept):
     assert steps_kept(out) == kept
 
 
+def test_a_resume_keeps_the_runs_keeping_settings(run, data, tmp_path):
+    """A run that keeps every checkpoint (--keep-last 0), resumed without it: the saved 0 stands, so its
+    first save deletes nothing (it fell back to 3 and deleted steps 1 and 2); given again, a value wins."""
+    out = tmp_path / "r"
+    train(run, data, out, steps=6, warmup=1, checkpoint_every=1, keep_last=0, stop_after=3)
+    train(run, data, out, steps=6, warmup=1, resume="latest", stop_after=5)
+    assert steps_kept(out) == [1, 2, 3, 4, 5]
+    train(run, data, out, steps=6, warmup=1, resume="latest", keep_last=2)
+    assert steps_kept(out) == [5, 6]
+
+
 def test_the_disk_full_hint_names_an_option_that_exists(tmp_path, monkeypatch):
     import errno
 
