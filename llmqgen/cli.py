@@ -580,12 +580,13 @@ def _train(p, data, steps, lr, warmup, schedule, weight_decay, eval_every, check
     if data is not None or not resume:  # the inputs first: without a GPU the runtime's import fails
         _check_data(data, p.model)      # (a resumed run's own dataset is checked once it is read)
     out_dir = out_dir or Path("runs") / p.name
-    from .runtime.rundir import CHECKPOINTS, check_new_run
+    from .runtime.rundir import CHECKPOINTS, check_new_run, check_resume_step
     if resume:                          # the checkpoint exists (its hashes are checked when it is read)
         from .checkpoint.store import CheckpointError, resolve
         try:
-            resolve(out_dir / CHECKPOINTS, int(resume) if resume.isdigit() else resume, deep=False)
-        except CheckpointError as e:
+            check_resume_step(out_dir, resolve(out_dir / CHECKPOINTS, int(resume) if resume.isdigit() else resume,
+                                               deep=False))
+        except (CheckpointError, ValueError) as e:
             _fail(str(e))
     else:                               # a new run: not over an earlier one
         try:

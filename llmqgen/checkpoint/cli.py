@@ -40,8 +40,11 @@ def export(checkpoint, out_dir, step, dtype, shard_size, force) -> None:
     except (CheckpointError, HFCheckpointError, SafetensorsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except OSError as e:
-        click.echo(f"error: cannot write {out_dir}: {e.strerror or e}", err=True)
+    except OSError as e:        # reading the checkpoint (its files are memory-mapped) or writing the export
+        file = Path(e.filename).resolve() if e.filename else None
+        out = Path(out_dir).resolve()
+        what = f"cannot read {e.filename}" if file and out != file and out not in file.parents else f"cannot write {out_dir}"
+        click.echo(f"error: {what}: {e.strerror or e}", err=True)
         sys.exit(2)
     click.echo(f"exported {spec.name} at step {ck.step} from {ck.path} ({dtype}, {len(files)} files) "
                f"-> {out_dir}")

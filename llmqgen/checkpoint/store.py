@@ -171,6 +171,9 @@ def verify(path: Path, deep: bool = True) -> Optional[str]:
         state = json.loads((path / STATE).read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             return f"{STATE} holds no step"
+        named = _STEP.match(path.name)      # state.json carries no hash of its own: its step must be the folder's
+        if named and int(named.group(1)) != state["step"]:
+            return f"{STATE} says step {state['step']}, the folder is step {int(named.group(1))}"
     except FileNotFoundError:
         return f"{STATE} is missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

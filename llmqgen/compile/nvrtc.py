@@ -111,12 +111,13 @@ def toolkit_include_dirs(env: Mapping[str, str] = os.environ) -> list[str]:
     except ImportError:
         pass
     candidates.append(SYSTEM_CUDA_INCLUDE)
-    for inc in candidates:
-        if (inc / "cuda_fp8.h").is_file():
-            return [str(inc)] + ([str(inc / "cccl")] if (inc / "cccl").is_dir() else [])
+    for inc in candidates:      # the templates include CCCL's <cuda/std/...> too: a bare cudart folder lacks it
+        cccl = [d for d in (inc, inc / "cccl") if (d / "cuda" / "std" / "cstdint").is_file()]
+        if (inc / "cuda_fp8.h").is_file() and cccl:
+            return [str(inc)] + ([str(inc / "cccl")] if cccl[-1] != inc else [])
     tried = ", ".join(str(c) for c in candidates)
     raise NvrtcUnavailable(f"NVRTC {'.'.join(map(str, nvrtc_version()))} has no bundled CUDA headers and no "
-                           f"toolkit include folder was found (tried {tried}): pip install "
+                           f"toolkit include folder with cuda_fp8.h and CCCL's cuda/std was found (tried {tried}): pip install "
                            f"'nvidia-cuda-nvrtc>=13.3', or set CUDA_HOME to a CUDA toolkit")
 
 

@@ -12,16 +12,17 @@ class GpuSpec(BaseModel):
     name: str                     # catalog key, lower case: "4090", "h200", "4060ti"
     display_name: str             # "NVIDIA GeForce RTX 4090"
     compute_capability: tuple[int, int]
-    sm_count: int
+    # rates and sizes are positive: the cost model divides by them (a hand-edited plan file is checked too)
+    sm_count: int = Field(gt=0)
     memory_bytes: int = Field(gt=0)   # usable device memory as the driver reports its total
-    bf16_tflops: float            # dense tensor rate, FP32 accumulation
-    fp8_tflops: Optional[float]   # dense E4M3 rate with FP32 accumulation; None: no FP8 tensor cores
-    mem_bandwidth_gbs: float      # DRAM bandwidth, GB/s
-    l2_bytes: int
-    max_smem_per_block: int       # opt-in dynamic shared memory per block, bytes
-    pcie_gen: int
-    pcie_lanes: int
-    nvlink_gbs: float = 0.0       # per direction per GPU; 0 when there is no NVLink
+    bf16_tflops: float = Field(gt=0)  # dense tensor rate, FP32 accumulation
+    fp8_tflops: Optional[float] = Field(gt=0)   # dense E4M3 rate with FP32 accumulation; None: no FP8 tensor cores
+    mem_bandwidth_gbs: float = Field(gt=0)      # DRAM bandwidth, GB/s
+    l2_bytes: int = Field(ge=0)
+    max_smem_per_block: int = Field(gt=0)       # opt-in dynamic shared memory per block, bytes
+    pcie_gen: Literal[3, 4, 5]
+    pcie_lanes: int = Field(gt=0)
+    nvlink_gbs: float = Field(default=0.0, ge=0)   # per direction per GPU; 0 when there is no NVLink
     peer_access: bool = False     # P2P over PCIe/NVLink allowed by the driver (GeForce: usually not)
     consumer: bool = False        # GeForce/consumer part
 

@@ -232,6 +232,11 @@ class Plan(_Frozen):
         if self.batch.micro_batch % self.attn_bwd_chunks:
             raise ValueError(f"attn_bwd_chunks {self.attn_bwd_chunks} must divide the micro-batch "
                              f"{self.batch.micro_batch}: the attention backward runs over equal parts of it")
+        s = self.sharding
+        if self.inventory.count * self.inventory.nodes == 1 and (s.optimizer or s.gradients) and not s.weights:
+            raise ValueError("sharding.optimizer or sharding.gradients on one GPU: ZeRO-1 and ZeRO-2 have nothing to "
+                             "shard over there: leave them false (on one GPU, sharding.weights streams the weights "
+                             "from host memory)")
         if self.inventory.nodes > 1 and self.collectives != "nccl":
             raise ValueError(f"{self.inventory.nodes} machines need collectives=nccl: copy engines reach only "
                              f"the GPUs of one machine")

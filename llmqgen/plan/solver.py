@@ -422,12 +422,6 @@ def solve(model: ModelSpec, inventory: Inventory, *, seq_len: int = 1024,
     if pins.get("peer_copies") and not gpu.peer_access:
         raise ValueError(f"--set peer_copies=true: {gpu.display_name} has no peer access (GPUs of its kind cannot "
                          f"copy to each other directly): drop it, the copies go through pinned host memory")
-    if inventory.count * inventory.nodes == 1 and not pins.get("sharding.weights"):
-        for key in ("sharding.optimizer", "sharding.gradients"):
-            if pins.get(key):
-                raise ValueError(f"--set {key}=true: one GPU has no other to share it with (ZeRO-1 and ZeRO-2 "
-                                 f"change nothing on one GPU): drop it (sharding.weights=true streams the "
-                                 f"weights from host memory)")
     fp8_asked = [(o.field, o.what) for o in FP8_OPTIONS if pins.get(f"precision.{o.field}") == o.on]
     if not fp8 and fp8_asked:
         field, what = fp8_asked[0]
@@ -876,6 +870,15 @@ def _fit_hints(inv: Inventory, again: dict, fp8: bool, chunks: Optional[int]) ->
         return None if base is not None and gib >= base else f" --host-mem {gib}G"
 
     hints = []
+    pins = again.get("pins") or {}
+    if "batch.micro_batch" in pins:     # the user's micro-batch: the cheapest change, where another fits
+        free = {k: v for k, v in pins.items() if k not in ("batch.micro_batch", "batch.grad_accum")}
+        try:
+            mb = solve(inventory=inv, _hints=False, runners_up=0, **{**again, "pins": free}).batch.micro_batch
+            hints.append(f"{'a smaller' if mb < pins['batch.micro_batch'] else 'another'} micro-batch "
+                         f"(--micro-batch {mb})")
+        except ValueError:
+            pass
     if base is not None and base * K.GiB > inv.host_mem_bytes:
         hints.append(f"more host RAM (--host-mem {base}G)")
     N = inv.count * inv.nodes

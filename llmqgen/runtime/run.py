@@ -31,7 +31,7 @@ from ..plan.schema import Plan
 from . import driver
 from .log import StepLogger, StepRecord, step_rates
 from .lr import LRSchedule
-from .rundir import CHECKPOINTS, LOG, MODEL, check_new_run
+from .rundir import CHECKPOINTS, LOG, MODEL, check_new_run, check_resume_step
 from .devmem import DeviceMemory, ranks_on_first_gpu
 from .dist import dist_env, is_rank_zero
 from .standin import RunningOn
@@ -181,6 +181,8 @@ def train(plan: Plan, cfg: RunConfig) -> Path:
     if cfg.resume:
         which = int(cfg.resume) if cfg.resume.isdigit() else cfg.resume
         ck = read_checkpoint(cfg.out / CHECKPOINTS, which, expect=plan.model)
+        if which != "latest":           # latest passes over damaged newer ones, which may look intact by size
+            check_resume_step(cfg.out, ck.path)
         state = ck.state_tensors()
     else:
         check_new_run(cfg.out)
@@ -322,6 +324,6 @@ def _checkpoint(tr: Trainer, plan: Plan, cfg: RunConfig, s: dict, step: int, loa
     if not main:
         return None
     state = {"step": step, "loader": loader.cursor, "seed": s["seed"],
-             "run": {**s, "data": str(cfg.data)}, "keeping": {k: getattr(cfg, k) for k in KEEPING}}
+             "run": {**s, "data": str(Path(cfg.data).resolve())}, "keeping": {k: getattr(cfg, k) for k in KEEPING}}
     return save_checkpoint(cfg.out / CHECKPOINTS, step, tensors, state, plan.to_json(),
                            keep_last=cfg.keep_last)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..checkpoint.store import step_dirs
+from ..checkpoint.store import step_dirs, verify
 
 CHECKPOINTS, LOG, MODEL = "checkpoints", "log.jsonl", "model"
 
@@ -29,3 +29,16 @@ def check_new_run(out: Path) -> None:
     if held:
         raise ValueError(f"{out} already holds a run ({' and '.join(held)}, no checkpoint to resume from): "
                          f"move it away, or give --out <folder> for a new run")
+
+
+def check_resume_step(out: Path, checkpoint: Path) -> None:
+    """Refuse to resume `out`'s run from `checkpoint` (a step-NNNNNN folder of it) when an intact checkpoint
+    of a later step exists: the resumed run would write over the later ones (and --keep-last delete the
+    rest). Raises ValueError saying what to do; reads names and sizes only. (A resume of "latest" starts
+    from the newest intact checkpoint: nothing later is intact.)"""
+    step = int(checkpoint.name.rsplit("-", 1)[-1])
+    later = [s for s, p in step_dirs(out / CHECKPOINTS) if s > step and verify(p, deep=False) is None]
+    if later:
+        raise ValueError(f"resuming {out} at step {step} would write over its later checkpoints (steps "
+                         f"{', '.join(map(str, later))}): resume latest, or move those step folders out of "
+                         f"{out / CHECKPOINTS} first (to keep them)")

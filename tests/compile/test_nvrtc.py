@@ -43,10 +43,26 @@ def test_cubin_for_each_arch(arch):
 
 def test_toolkit_headers_from_cuda_home(tmp_path):
     inc = tmp_path / "cuda" / "include"
-    (inc / "cccl").mkdir(parents=True)
+    (inc / "cccl" / "cuda" / "std").mkdir(parents=True)
+    (inc / "cccl" / "cuda" / "std" / "cstdint").write_text("")
     (inc / "cuda_fp8.h").write_text("")
     opts = nvrtc.header_options((13, 0), {"CUDA_HOME": str(tmp_path / "cuda")})
     assert opts == [f"-I{inc}", f"-I{inc / 'cccl'}"]
+    (inc / "cccl").rename(tmp_path / "away")          # CUDA 12's layout: cuda/std beside cuda_fp8.h
+    (tmp_path / "away" / "cuda").rename(inc / "cuda")
+    assert nvrtc.header_options((13, 0), {"CUDA_HOME": str(tmp_path / "cuda")}) == [f"-I{inc}"]
+
+
+def test_a_header_folder_without_cccl_is_passed_over(tmp_path, monkeypatch):
+    """A bare cudart include folder (e.g. one a PyTorch wheel brings) has cuda_fp8.h but not CCCL's
+    cuda/std: every build would then fail on <cuda/std/cstdint>; the search goes on, then says what to do."""
+    pathfinder = pytest.importorskip("cuda.pathfinder")
+    monkeypatch.setattr(pathfinder, "locate_nvidia_header_directory", lambda name: None)
+    monkeypatch.setattr(nvrtc, "SYSTEM_CUDA_INCLUDE", tmp_path / "none")
+    (tmp_path / "cudart" / "include").mkdir(parents=True)
+    (tmp_path / "cudart" / "include" / "cuda_fp8.h").write_text("")
+    with pytest.raises(nvrtc.NvrtcUnavailable, match="cuda_fp8.h and CCCL's cuda/std.*nvidia-cuda-nvrtc>=13.3"):
+        nvrtc.header_options((13, 0), {"CUDA_HOME": str(tmp_path / "cudart")})
     assert nvrtc.header_options((13, 3), {"LLMQGEN_CACHE_DIR": str(tmp_path)}) == [
         f"--use-bundled-headers={tmp_path / 'nvrtc-headers' / '13.3'}"]
 

@@ -169,6 +169,14 @@ def test_files_recorded_and_damage_found(tmp_path, caplog):
         load_checkpoint(tmp_path)
 
 
+def test_a_state_whose_step_is_not_its_folders_is_damaged(tmp_path):
+    """state.json has no hash of its own: an edited step (4 -> 5 in step-000004) is caught by the folder's name."""
+    path = save_checkpoint(tmp_path, 4, tensors(4), state(4), plan_json())
+    st = json.loads((path / store.STATE).read_text())
+    (path / store.STATE).write_text(json.dumps({**st, "step": 5}))
+    assert store.verify(path) == f"{store.STATE} says step 5, the folder is step 4"
+
+
 def test_old_checkpoint_without_recorded_files_is_checked_by_header(tmp_path):
     save_checkpoint(tmp_path, 1, tensors(1), state(1), plan_json())
     path = tmp_path / "step-000001"
@@ -185,3 +193,20 @@ def test_export_needs_a_checkpoint(tmp_path):
     res = CliRunner().invoke(export, [str(tmp_path / "nothing"), str(tmp_path / "x")])
     assert res.exit_code == 2 and res.output.startswith("error: ") and "no checkpoint found" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("where, said", [("checkpoint", "cannot read {ck}/tensors.safetensors: Permission denied"),
+                                         ("export", "cannot write {out}: No space left on device")])
+def test_export_names_the_side_an_os_error_came_from(tmp_path, monkeypatch, where, said):
+    """A checkpoint that cannot be read is not blamed on OUT_DIR (a fresh user's chmod 000 said 'cannot
+    write OUT_DIR')."""
+    import llmqgen.checkpoint.cli as cli
+    ck, out = tmp_path / "run" / "checkpoints" / "step-000004", tmp_path / "out"
+
+    def fail(*a, **k):
+        if where == "checkpoint":
+            raise PermissionError(errno.EACCES, "Permission denied", str(ck / "tensors.safetensors"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "model.safetensors"))
+    monkeypatch.setattr(cli, "read_checkpoint", fail)
+    res = CliRunner().invoke(export, [str(tmp_path / "run"), str(out)])
+    assert res.exit_code == 2 and res.output.strip() == "error: " + said.format(ck=ck, out=out), res.output

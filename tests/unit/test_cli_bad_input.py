@@ -160,6 +160,13 @@ def test_a_plan_file_edited_out_of_step_with_its_estimate(no_driver_runtime, tmp
              "is not a valid llmqgen plan (inventory.gpu.memory_bytes")
     our_line(invoke("plan", "--show", edited("dirs", lambda e: e.update(name="../../etc/x"))),
              "plan name '../../etc/x' must be a plain file name")
+    # the cost model divides by the GPU's rates; ZeRO-1/2 on one GPU is no plan the planner makes
+    for field, value, said in (("bf16_tflops", 0, "should be greater than 0"), ("pcie_gen", 7, "should be 3, 4 or 5"),
+                               ("mem_bandwidth_gbs", -1, "should be greater than 0")):
+        our_line(invoke("plan", "--show", edited(field, lambda e: e["inventory"]["gpu"].update({field: value}))),
+                 f"inventory.gpu.{field}: Input {said}")
+    our_line(invoke("build", "--plan", edited("zero2", lambda e: e["sharding"].update(gradients=True)),
+                    "--out", tmp_path / "b"), "ZeRO-1 and ZeRO-2 have nothing to shard over there")
 
 
 def test_plan_show_of_what_is_not_a_plan(tmp_path, plan_file):

@@ -254,6 +254,23 @@ def test_a_resume_keeps_the_runs_keeping_settings(run, data, tmp_path):
     assert steps_kept(out) == [5, 6]
 
 
+def test_a_resume_from_an_earlier_step_does_not_write_over_later_checkpoints(run, data, tmp_path, plan_file):
+    """Resuming step 2 of a run with steps 1-6 overwrote steps 3-6 (and --keep-last deleted the rest): it is
+    refused, by the library and by the CLI before the GPU is needed, until they are moved away."""
+    out = tmp_path / "r"
+    train(run, data, out, steps=6, warmup=1, checkpoint_every=1, keep_last=0)
+    before = snapshot(out)
+    with pytest.raises(ValueError, match=r"at step 2 would write over its later checkpoints \(steps 3, 4, 5, 6\)"):
+        train(run, data, out, steps=6, warmup=1, resume="2", change=("lr",), lr=1e-4)
+    line = one_line(CliRunner().invoke(main, ["run", "--plan", str(plan_file), "--out", str(out), "--resume", "2"]))
+    assert "would write over its later checkpoints (steps 3, 4, 5, 6): resume latest, or move" in line
+    assert snapshot(out) == before
+    for s in (3, 4, 5, 6):
+        (out / "checkpoints" / f"step-{s:06d}").rename(tmp_path / f"kept-{s}")
+    train(run, data, out, steps=6, warmup=1, resume="2")
+    assert steps_kept(out) == [1, 2, 3, 4, 5, 6]
+
+
 def test_the_disk_full_hint_names_an_option_that_exists(tmp_path, monkeypatch):
     import errno
 

@@ -1,5 +1,6 @@
 """The solver: the issue's must-fit cases, pins, determinism and the no-fit message."""
 import json
+import re
 
 import pytest
 
@@ -86,11 +87,22 @@ def test_no_fit_hints_are_solved_with_the_users_pins():
     assert "more host RAM (--host-mem" in str(e.value), str(e.value)
 
 
+def test_a_pinned_micro_batch_too_large_gets_a_smaller_one_as_hint():
+    """0.5B fits a 4090 by default: with --micro-batch 512 the first hint is a micro-batch that fits."""
+    with pytest.raises(NoFitError) as e:
+        solve(resolve_model("0.5b"), inv("4090", 1, host_gib=128),
+              pins={"batch.micro_batch": 512, "recompute.block": False, "offload.residual": False})
+    hint = re.search(r"a smaller micro-batch \(--micro-batch (\d+)\)", str(e.value))
+    assert hint, str(e.value)
+    solve(resolve_model("0.5b"), inv("4090", 1, host_gib=128),
+          pins={"batch.micro_batch": int(hint.group(1)), "recompute.block": False, "offload.residual": False})
+
+
 def test_zero_1_or_2_on_one_gpu_is_refused():
     """On one GPU ZeRO-1 and -2 shard over nothing: a pin of either is refused, not turned into a plan that
     only its name tells apart; with sharding.weights (weight streaming) they stand."""
     for key in ("sharding.optimizer", "sharding.gradients"):
-        with pytest.raises(ValueError, match=f"--set {key}=true: one GPU has no other to share it with"):
+        with pytest.raises(ValueError, match="ZeRO-1 and ZeRO-2 have nothing to shard over there"):
             solve(resolve_model("0.5b"), inv("h200"), pins={key: True})
     assert solve(resolve_model("0.5b"), inv("h200", 2), pins={"sharding.optimizer": True}).sharding.optimizer
     streamed = solve(resolve_model("0.5b"), inv("h200"), pins={"sharding.optimizer": True, "sharding.weights": True})
