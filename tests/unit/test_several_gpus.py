@@ -83,7 +83,11 @@ def _collectives(p):
 def test_schedule_collectives_per_zero_level(zero, want, awaits):
     got, got_awaits = _collectives(plan(zero=zero))
     assert got == want and got_awaits == awaits
-    assert _collectives(plan(zero=zero, gpus=1)) == ([], [])     # one GPU: nothing to exchange
+    if zero in (1, 2):      # one GPU: ZeRO-1/2 shard over nothing, no plan; ZeRO-3 streams weights from host
+        with pytest.raises(ValueError, match="ZeRO-1 and ZeRO-2 have nothing to shard over there"):
+            plan(zero=zero, gpus=1)
+    else:
+        assert _collectives(plan(zero=zero, gpus=1)) == ([], [])     # one GPU: nothing to exchange
 
 
 def test_sharded_optimizer_updates_shards_and_zeroes_whole_gradients():
