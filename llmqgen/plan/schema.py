@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
 
 from ..hardware.spec import Inventory
 from ..models.spec import ModelSpec
@@ -40,7 +40,7 @@ class Precision(_Frozen):
     # `amax_history` micro-steps' amaxes, as Transformer Engine's DelayedScaling: producers write fp8 in one
     # pass and record the amax for later; values beyond the scale saturate). Weights: current scaling always.
     scaling: Scaling = "current"
-    amax_history: int = Field(default=16, ge=1, le=1024)
+    amax_history: StrictInt = Field(default=16, ge=1, le=1024)
     # The LM head's three GEMMs: "bf16" (the usual choice: DeepSeek-V3's FP8 recipe keeps the output head in
     # BF16) or "fp8": e4m3 input and weight, an e5m2 logit gradient whatever `gradient` says (its
     # probabilities reach far below e4m3's range), each scaled per tensor by its current amax (the logit
@@ -83,9 +83,9 @@ class Precision(_Frozen):
 
 
 class Batch(_Frozen):
-    micro_batch: int = Field(ge=1)     # sequences per GPU per micro-step
-    seq_len: int = Field(ge=16)
-    grad_accum: int = Field(ge=1)      # micro-steps per optimizer step
+    micro_batch: StrictInt = Field(ge=1)     # sequences per GPU per micro-step
+    seq_len: StrictInt = Field(ge=16)
+    grad_accum: StrictInt = Field(ge=1)      # micro-steps per optimizer step
 
 
 class Recompute(_Frozen):
@@ -209,8 +209,9 @@ class Plan(_Frozen):
     recompute: Recompute = Recompute()
     offload: Offload = Offload()
     sharding: Sharding = Sharding()
-    lm_head_chunks: int = Field(default=1, ge=1)
-    attn_bwd_chunks: int = Field(default=1, ge=1)
+    # counts are integers in a plan file, not true (pydantic's lax mode reads true as 1) or 2.0
+    lm_head_chunks: StrictInt = Field(default=1, ge=1)
+    attn_bwd_chunks: StrictInt = Field(default=1, ge=1)
     # copy_engine: one process drives every GPU of the machine, collectives are cuMemcpyAsync (peer
     # copies when peer_copies, else staged through pinned host memory); nccl: one process per GPU
     collectives: Literal["copy_engine", "nccl"] = "copy_engine"

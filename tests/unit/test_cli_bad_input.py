@@ -129,6 +129,8 @@ def _bad_files(tmp_path, plan_file):
                      "is not a valid llmqgen plan (precision.fast_accum: Input should be a valid boolean"),
         "number flag": (good.replace('"cuda_graphs": true', '"cuda_graphs": 1'),
                         "is not a valid llmqgen plan (cuda_graphs: Input should be a valid boolean"),
+        "flag count": (good.replace('"lm_head_chunks": 1', '"lm_head_chunks": true'),
+                       "is not a valid llmqgen plan (lm_head_chunks: Input should be a valid integer"),
     }
     for name, (text, needle) in files.items():
         (tmp_path / f"{name}.json").write_text(text)
