@@ -111,10 +111,11 @@ def toolkit_include_dirs(env: Mapping[str, str] = os.environ) -> list[str]:
     except ImportError:
         pass
     candidates.append(SYSTEM_CUDA_INCLUDE)
-    for inc in candidates:      # the templates include CCCL's <cuda/std/...> too: a bare cudart folder lacks it
-        cccl = [d for d in (inc, inc / "cccl") if (d / "cuda" / "std" / "cstdint").is_file()]
-        if (inc / "cuda_fp8.h").is_file() and cccl:
-            return [str(inc)] + ([str(inc / "cccl")] if cccl[-1] != inc else [])
+    def has_cccl(d: Path) -> bool:      # the templates include CCCL's <cuda/std/...>: a bare cudart folder lacks it
+        return (d / "cuda" / "std" / "cstdint").is_file()
+    for inc in candidates:
+        if (inc / "cuda_fp8.h").is_file() and (has_cccl(inc) or has_cccl(inc / "cccl")):
+            return [str(inc)] + ([str(inc / "cccl")] if has_cccl(inc / "cccl") else [])
     tried = ", ".join(str(c) for c in candidates)
     raise NvrtcUnavailable(f"NVRTC {'.'.join(map(str, nvrtc_version()))} has no bundled CUDA headers and no "
                            f"toolkit include folder with cuda_fp8.h and CCCL's cuda/std was found (tried {tried}): pip install "
